@@ -1,0 +1,14 @@
+"""pos_swap: swap the positional mechanism of a pretrained transformers model at run time.
+
+    patch = pos_swap.patch(model, "yarn", factor=4.0)   # in place; returns a handle
+    patch.remove()                                       # bit-identical to before
+"""
+
+from .engine import Patch, __version__, describe, export_hf, from_pretrained, patch, patched, unpatch
+from .errors import PosSwapError
+from .registry import get_scheme, schemes
+
+__all__ = [
+    "Patch", "PosSwapError", "__version__", "describe", "export_hf", "from_pretrained", "get_scheme", "patch",
+    "patched", "schemes", "unpatch",
+]  # fmt: skip

@@ -1,0 +1,130 @@
+"""The architecture map: per ``model_type``, where a model keeps its positional mechanism.
+
+This is the only module that names model types or module paths. Schemes ask it for "the rotary tables" or
+"the attention modules" and never look inside a model themselves.
+"""
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+ROTARY, LEARNED = "rotary", "learned"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one architecture keeps its positions. Paths are relative to ``model.base_model``; ``*`` walks a
+    ``ModuleList``."""
+
+    family: str  # the positional mechanism the checkpoint was trained with
+    attention: str  # the attention modules, e.g. "layers.*.self_attn"
+    rotary: str | None = None  # the rotary module that computes (cos, sin) once per forward
+    scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
+    table: str | None = None  # the learned absolute position table
+    table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
+    causal: bool = True
+
+
+_DECODER_ROPE = ArchSpec(family=ROTARY, attention="layers.*.self_attn", rotary="rotary_emb")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _DECODER_ROPE,
+    "mistral": _DECODER_ROPE,
+    "qwen2": _DECODER_ROPE,
+    "qwen3": _DECODER_ROPE,
+    "gemma": _DECODER_ROPE,
+    "gemma2": _DECODER_ROPE,
+    "gemma3_text": ArchSpec(
+        family=ROTARY, attention="layers.*.self_attn", rotary="rotary_emb", scaled_layer_types=("full_attention",)
+    ),
+    "phi3": _DECODER_ROPE,
+    "gpt_neox": ArchSpec(family=ROTARY, attention="layers.*.attention", rotary="rotary_emb"),
+    "gpt2": ArchSpec(family=LEARNED, attention="h.*.attn", table="wpe"),
+    "opt": ArchSpec(family=LEARNED, attention="decoder.layers.*.self_attn", table="decoder.embed_positions", table_offset=2),
+    "bert": ArchSpec(
+        family=LEARNED, attention="encoder.layer.*.attention.self", table="embeddings.position_embeddings", causal=False
+    ),
+}
+
+
+def lookup(model: nn.Module) -> ArchSpec:
+    """The map entry for ``model``, or an error that lists what is supported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedArchitectureError(
+            f"pos_swap does not know where a '{model_type}' model keeps its positions. Supported model types: "
+            f"{supported}. To add one, describe it with an ArchSpec in pos_swap/archs.py."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def find_modules(model: nn.Module, path: str) -> list[nn.Module]:
+    """The modules at a dotted ``path`` under ``model.base_model``; ``*`` expands every child."""
+    found = [model.base_model]
+    for part in path.split("."):
+        found = [child for module in found for child in (module.children() if part == "*" else [getattr(module, part)])]
+    return found
+
+
+@dataclass
+class RotarySlot:
+    """One table of a rotary module: its inverse frequencies and attention scaling (Gemma 3 keeps one per layer
+    type, under the prefix ``"{layer_type}_"``)."""
+
+    module: nn.Module
+    layer_type: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.layer_type}_" if self.layer_type else ""
+
+    @property
+    def inv_freq(self):
+        return getattr(self.module, self.prefix + "inv_freq")
+
+    @property
+    def attention_scaling(self) -> float:
+        return getattr(self.module, self.prefix + "attention_scaling")
+
+    @property
+    def dim(self) -> int:
+        """Number of rotated features per head (less than head_dim under partial rotary)."""
+        return 2 * self.inv_freq.shape[-1]
+
+    def rope_parameters(self, config) -> dict:
+        params = config.rope_parameters
+        return params[self.layer_type] if self.layer_type else params
+
+
+def rotary_slots(model: nn.Module) -> list[RotarySlot]:
+    """The rotary tables a RoPE-scaling scheme rescales."""
+    spec = lookup(model)
+    if spec.rotary is None:
+        return []
+    (module,) = find_modules(model, spec.rotary)
+    return [RotarySlot(module, layer_type) for layer_type in spec.scaled_layer_types or (None,)]
+
+
+def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
+    """The attention modules, optionally only those of one layer type (Gemma 3's ``full_attention``)."""
+    modules = find_modules(model, lookup(model).attention)
+    if layer_type is not None:
+        modules = [m for m in modules if getattr(m, "layer_type", None) == layer_type]
+    return modules
+
+
+def trained_context(config) -> int:
+    """The context length the checkpoint was trained for."""
+    params = getattr(config, "rope_parameters", None) or {}
+    flat = [params] if "rope_type" in params else list(params.values())
+    originals = [p["original_max_position_embeddings"] for p in flat if p.get("original_max_position_embeddings")]
+    return originals[0] if originals else config.max_position_embeddings
+
+
+def attention_backends(model: nn.Module) -> list[str]:
+    """Attention backends the model class supports (from transformers' class flags)."""
+    flags = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention_2": "_supports_flash_attn"}
+    return ["eager"] + [name for name, flag in flags.items() if getattr(model, flag, False)]

@@ -1,0 +1,222 @@
+"""The patch engine: put a scheme on one model instance, record every change, take it off exactly.
+
+A :class:`Patch` is a stack of undo steps. Schemes change a model only through it (``set``, ``set_rotary``,
+``route_attention``, ``hook_attention``), so ``remove()`` restores the very objects that were there before and
+the model's outputs are bit-identical. The model first gets its own copy of its config, so a patch never
+reaches another model that shared the config object.
+"""
+
+import contextlib
+import copy
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from . import archs
+from .attention import HOOK, routed_name
+from .errors import AlreadyPatchedError, NotPatchedError, PosSwapError
+from .registry import Scheme, get_scheme
+
+PATCH_ATTR = "_pos_swap_patch"  # the model attribute holding the live Patch
+RECORD_KEY = "pos_swap"  # the config key that save_pretrained writes the patch under
+_MISSING = object()
+
+try:
+    __version__ = version("pos-swap")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+
+def _owns(obj, name: str) -> bool:
+    """Whether ``name`` is set on ``obj`` itself (or is a property of its class), not a class default."""
+    stores = [vars(obj)] + [getattr(obj, s) for s in ("_buffers", "_parameters", "_modules") if hasattr(obj, s)]
+    return any(name in store for store in stores) or isinstance(getattr(type(obj), name, None), property)
+
+
+class Patch:
+    """A live patch on one model: the scheme with its parameters, and the undo steps of its changes."""
+
+    def __init__(self, model: torch.nn.Module, scheme: Scheme):
+        self.model = model
+        self.scheme = scheme
+        self._undo: list[tuple[object, str, object]] = []
+
+    # -- the changes a scheme may make ---------------------------------------------------------------------
+    def set(self, obj, name: str, value) -> None:
+        """``setattr(obj, name, value)``, remembering what to put back."""
+        self._undo.append((obj, name, getattr(obj, name) if _owns(obj, name) else _MISSING))
+        setattr(obj, name, value)
+
+    def set_rotary(self, slot: archs.RotarySlot, inv_freq: torch.Tensor, attention_scaling: float) -> None:
+        """Make a rotary table produce ``(cos, sin) * attention_scaling`` from ``inv_freq``, statically."""
+        current = slot.inv_freq
+        inv_freq = inv_freq.to(device=current.device, dtype=current.dtype)
+        module, prefix = slot.module, slot.prefix
+        self.set(module, prefix + "inv_freq", inv_freq)
+        if _owns(module, prefix + "original_inv_freq"):
+            self.set(module, prefix + "original_inv_freq", inv_freq.clone())
+        self.set(module, prefix + "attention_scaling", float(attention_scaling))
+        # "default" keeps transformers' dynamic_rope_update from recomputing the frequencies we set
+        rope_type = module.rope_type
+        self.set(module, "rope_type", {**rope_type, slot.layer_type: "default"} if isinstance(rope_type, dict) else "default")
+
+    def route_attention(self) -> None:
+        """Send the model's attention through pos_swap's function for its current backend."""
+        config = self.model.config
+        self.set(config, "_attn_implementation", routed_name(config))
+
+    def hook_attention(self, modules, hook) -> None:
+        """Attach ``hook`` to attention ``modules``; pos_swap's attention function calls it for them."""
+        self.route_attention()
+        for module in modules:
+            self.set(module, HOOK, hook)
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+    @property
+    def record(self) -> dict:
+        """What ``save_pretrained`` writes and ``pos_swap.from_pretrained`` re-applies."""
+        return {"scheme": self.scheme.name, "params": self.params, "version": __version__}
+
+    @property
+    def params(self) -> dict:
+        return copy.deepcopy(vars(self.scheme.config))
+
+    def _apply(self) -> None:
+        model = self.model
+        shared, own = model.config, copy.deepcopy(model.config)
+        for module in model.modules():
+            if getattr(module, "config", None) is shared:
+                self.set(module, "config", own)
+        self.scheme.apply(self)
+        self.set(model.config, RECORD_KEY, self.record)
+        self.set(model, PATCH_ATTR, self)
+
+    @property
+    def active(self) -> bool:
+        return self.model.__dict__.get(PATCH_ATTR) is self
+
+    def remove(self) -> None:
+        """Undo every change in reverse order; the model is then exactly as before the patch."""
+        if not self._undo:
+            raise NotPatchedError("This patch was already removed.")
+        while self._undo:
+            obj, name, old = self._undo.pop()
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        state = "" if self.active else " (removed)"
+        return f"<pos_swap.Patch {self.scheme.name}({params}) on {type(self.model).__name__}{state}>"
+
+
+def current_patch(model: torch.nn.Module) -> Patch | None:
+    return model.__dict__.get(PATCH_ATTR)
+
+
+def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **params) -> Patch:
+    """Put ``scheme`` on ``model`` in place and return the handle; ``handle.remove()`` undoes it.
+
+    Everything is validated before the model is touched. A model carries one patch at a time: patching again
+    raises unless ``replace=True``.
+    """
+    scheme_class = get_scheme(scheme)
+    scheme_class.check_family(model, archs.lookup(model).family)
+    configured = scheme_class.configure(model, params)
+    previous = current_patch(model)
+    if previous is not None and not replace:
+        raise AlreadyPatchedError(
+            f"This model already carries pos_swap scheme '{previous.scheme.name}'. Remove it first "
+            f"(pos_swap.unpatch(model)) or pass replace=True."
+        )
+    if previous is not None:
+        previous.remove()
+    handle = Patch(model, configured)
+    try:
+        handle._apply()
+    except BaseException:
+        handle.remove()
+        if previous is not None:
+            patch(model, previous.scheme.name, **previous.params)
+        raise
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove the model's patch; its outputs are then bit-identical to before."""
+    handle = current_patch(model)
+    if handle is None:
+        raise NotPatchedError("This model carries no pos_swap patch; nothing to remove.")
+    handle.remove()
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, scheme: str, **params):
+    """``with pos_swap.patched(model, "dynamic", factor=2.0):`` the patch holds inside the block only."""
+    handle = patch(model, scheme, **params)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def describe(model: torch.nn.Module) -> dict | None:
+    """The model's current patch as ``{"scheme", "params", "version"}``, or None when unpatched."""
+    handle = current_patch(model)
+    return copy.deepcopy(handle.record) if handle else None
+
+
+def _saved_model_class(path):
+    """The class named in the saved config's ``architectures``, else ``AutoModel``."""
+    import transformers
+
+    names = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or [None]
+    return getattr(transformers, names[0] or "AutoModel", None) or transformers.AutoModel
+
+
+def from_pretrained(path, *, auto_class=None, **kwargs) -> torch.nn.Module:
+    """Load a model saved from a patched one and re-apply its patch. ``kwargs`` go to ``from_pretrained``;
+    the model class is the saved ``architectures`` entry unless ``auto_class`` is given."""
+    model = (auto_class or _saved_model_class(path)).from_pretrained(path, **kwargs)
+    record = vars(model.config).pop(RECORD_KEY, None)
+    if record is not None:
+        patch(model, record["scheme"], **record["params"])
+    return model
+
+
+def export_hf(model: torch.nn.Module, out_dir) -> Path:
+    """Save a patched model as plain transformers ``rope_parameters``: it then loads with no plugin installed.
+
+    Raises when the scheme has no transformers equivalent (its patch needs pos_swap at run time).
+    """
+    handle = current_patch(model)
+    if handle is None:
+        raise NotPatchedError("export_hf needs a patched model; patch it first.")
+    config = model.config
+    plain = copy.deepcopy(config)
+    vars(plain).pop(RECORD_KEY, None)
+    plain._attn_implementation = config._attn_implementation.removeprefix("pos_swap_")
+    slots = archs.rotary_slots(model)
+    exported = {slot.layer_type: handle.scheme.hf_rope_parameters(config, slot) for slot in slots}
+    if not slots or None in exported.values():
+        raise PosSwapError(
+            f"Scheme '{handle.scheme.name}' has no plain transformers rope_parameters; save it with "
+            f"model.save_pretrained(...) and load it with pos_swap.from_pretrained(...) instead."
+        )
+    keep = ("rope_theta", "partial_rotary_factor")
+    for slot in slots:
+        native = slot.rope_parameters(config)
+        target = {**{k: native[k] for k in keep if k in native}, **exported[slot.layer_type]}
+        if slot.layer_type:
+            plain.rope_parameters = {**plain.rope_parameters, slot.layer_type: target}
+        else:
+            plain.rope_parameters = target
+    model.config = plain
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        model.config = config
+    return Path(out_dir)

@@ -1,0 +1,159 @@
+"""Rotary position embedding (RoPE) math: inverse frequencies for every scaling rule, and the rotation.
+
+Every rule returns ``(inv_freq, attention_scaling)``, the same pair as transformers' ``ROPE_INIT_FUNCTIONS``:
+``inv_freq`` has ``dim // 2`` float32 entries and ``attention_scaling`` multiplies cos and sin (so the logits by
+its square). The computations follow transformers' float32 order on purpose: a patched model must give the same
+logits as the same weights loaded with the equivalent ``rope_parameters``.
+"""
+
+import math
+
+import torch
+
+
+def default_inv_freq(dim: int, base: float, device=None) -> torch.Tensor:
+    """theta_i = base^(-2i/dim) for i < dim/2 (Su et al. 2021)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (base**exponents)
+
+
+def linear(dim: int, base: float, factor: float, device=None) -> tuple[torch.Tensor, float]:
+    """Position interpolation (Chen et al. 2023): positions divided by ``factor``, i.e. theta_i / factor."""
+    return default_inv_freq(dim, base, device) / factor, 1.0
+
+
+def ntk_base(base: float, factor: float, dim: int) -> float:
+    """NTK-aware base change (bloc97): base * factor^(dim / (dim - 2)) stretches the lowest frequency by ``factor``
+    while leaving the highest one almost untouched."""
+    return base * factor ** (dim / (dim - 2))
+
+
+def ntk(dim: int, base: float, factor: float, device=None) -> tuple[torch.Tensor, float]:
+    """Static NTK-aware scaling: default frequencies with the base from :func:`ntk_base`."""
+    return default_inv_freq(dim, ntk_base(base, factor, dim), device), 1.0
+
+
+def dynamic_ntk(
+    dim: int, base: float, factor: float, original_length: int, seq_len: int, device=None
+) -> tuple[torch.Tensor, float]:
+    """Dynamic NTK (emozilla): native frequencies up to ``original_length``; beyond it the base grows with the
+    length as base * (factor * L / L0 - (factor - 1))^(dim / (dim - 2)), transformers' ``dynamic`` rule."""
+    seq_len = max(seq_len, original_length)
+    grown = base * ((factor * seq_len / original_length) - (factor - 1)) ** (dim / (dim - 2))
+    return default_inv_freq(dim, grown, device), 1.0
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_correction_range(
+    beta_fast: float, beta_slow: float, dim: int, base: float, original_length: int, truncate: bool = True
+) -> tuple[float, float]:
+    """Dimension indices where a frequency makes ``beta_fast`` and ``beta_slow`` turns over ``original_length``:
+    below ``low`` frequencies are kept (extrapolated), above ``high`` they are interpolated."""
+
+    def dim_for(rotations: float) -> float:
+        return (dim * math.log(original_length / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = dim_for(beta_fast), dim_for(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def yarn(
+    dim: int,
+    base: float,
+    factor: float,
+    original_length: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    attention_factor: float | None = None,
+    mscale: float | None = None,
+    mscale_all_dim: float | None = None,
+    truncate: bool = True,
+    device=None,
+) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): a linear ramp between interpolated (theta/s) and original frequencies over the
+    correction range, plus the attention temperature of :func:`yarn_mscale`."""
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    low, high = yarn_correction_range(beta_fast, beta_slow, dim, base, original_length, truncate)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def longrope_attention_factor(factor: float, original_length: int) -> float:
+    """LongRoPE's default scaling sqrt(1 + ln(s) / ln(L0))."""
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original_length))
+
+
+def longrope(
+    dim: int, base: float, rescale: list[float], attention_factor: float, device=None
+) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Ding et al. 2024): one searched rescale factor per frequency, theta_i / lambda_i."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    rescale = torch.tensor(rescale, dtype=torch.float32, device=device)
+    return 1.0 / (rescale * base**exponents), float(attention_factor)
+
+
+def llama3(
+    dim: int,
+    base: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_length: int,
+    device=None,
+) -> tuple[torch.Tensor, float]:
+    """Llama 3.1 scaling: wavelengths above L0/low_freq_factor are divided by ``factor``, those below
+    L0/high_freq_factor kept, and the band between blended smoothly."""
+    inv_freq = default_inv_freq(dim, base, device)
+    low_freq_wavelen = original_length / low_freq_factor
+    high_freq_wavelen = original_length / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_length / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled), 1.0
+
+
+def cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scaling: torch.Tensor | float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables ``(B, L, 2 * len(inv_freq))`` for ``positions (B, L)`` and ``inv_freq`` of shape
+    ``(F,)`` or one row per sequence ``(B, F)``; ``scaling`` is a number or one per sequence ``(B,)``."""
+    if inv_freq.dim() == 1:
+        inv_freq = inv_freq[None]
+    freqs = positions[..., None].float() * inv_freq[:, None, :].float()  # (B, L, F)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    if isinstance(scaling, torch.Tensor):
+        scaling = scaling.view(-1, 1, 1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the last dimension: the pairing LLaMA, GPT-NeoX and Gemma use."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` features of ``x (B, H, L, D)`` with ``cos, sin (B, L, R)``; the
+    remaining features (partial rotary) pass through."""
+    rot_dim = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    rotated = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated

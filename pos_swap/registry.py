@@ -1,0 +1,153 @@
+"""Schemes and their configs: the base classes every positional scheme builds on, and the look-up by name.
+
+A scheme is one class: a ``Config`` dataclass whose fields carry help text and checks, the positional families
+it can patch, and ``apply(patch)`` which makes its changes through the patch handle so they can be undone.
+The table of registered schemes lives in ``pos_swap.schemes``.
+"""
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Callable, ClassVar
+
+from .errors import IncompatibleSchemeError, InvalidParameterError, UnknownSchemeError, did_you_mean
+
+
+def param(default: Any = None, help: str = "", check: Callable[[Any], str | None] | None = None, required=False):
+    """A config field with help text (shown by ``pos-swap schemes``), a check returning an error or None, and
+    whether the user must give it."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check, "required": required})
+
+
+def greater_than(bound: float, why: str = ""):
+    def check(value):
+        return None if value > bound else f"must be > {bound}{why}"
+
+    return check
+
+
+def positive(value):
+    return None if value > 0 else "must be > 0"
+
+
+def all_positive(values):
+    return None if all(v > 0 for v in values) else "must hold only values > 0"
+
+
+@dataclasses.dataclass
+class SchemeConfig:
+    """Base of every scheme's config; subclasses add fields made with :func:`param`."""
+
+    def validate(self, model) -> None:
+        """Cross-field and model-dependent checks; raise :class:`InvalidParameterError`."""
+
+
+def _matches(value, annotation) -> bool:
+    """Whether ``value`` fits a simple annotation (float, int, bool, str, list[float], X | None)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _finite(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+class Scheme:
+    """A positional scheme. Subclasses set ``name``, ``summary``, ``Config``, ``families`` and ``apply``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[SchemeConfig]]
+    families: ClassVar[tuple[str, ...]]  # positional families (archs.ROTARY, ...) this scheme can patch
+
+    def __init__(self, config: SchemeConfig):
+        self.config = config
+
+    @classmethod
+    def defaults(cls, model) -> dict:
+        """Values that depend on the model, used where the user gave none (e.g. the trained context)."""
+        return {}
+
+    @classmethod
+    def check_family(cls, model, family: str) -> None:
+        if family not in cls.families:
+            raise IncompatibleSchemeError(
+                f"Scheme '{cls.name}' works on models with {' or '.join(cls.families)} positions, but this "
+                f"'{model.config.model_type}' model has {family} positions. `pos-swap schemes` lists what fits each."
+            )
+
+    @classmethod
+    def configure(cls, model, params: dict) -> "Scheme":
+        """Validate ``params`` against ``Config`` (names, types, finiteness, ranges) and fill model defaults."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        for key in params:
+            if key not in fields:
+                raise InvalidParameterError(
+                    f"Scheme '{cls.name}' has no parameter '{key}'.{did_you_mean(key, fields)} "
+                    f"Its parameters: {', '.join(fields) or 'none'}."
+                )
+        values = {**cls.defaults(model), **{k: v for k, v in params.items() if v is not None}}
+        for name, field in fields.items():
+            if field.metadata["required"] and values.get(name) is None:
+                raise InvalidParameterError(
+                    f"Scheme '{cls.name}' needs parameter '{name}': {field.metadata['help']}"
+                )
+        hints = typing.get_type_hints(cls.Config)
+        for key, value in values.items():
+            type_name = getattr(hints[key], "__name__", str(hints[key]))
+            if not _matches(value, hints[key]):
+                raise InvalidParameterError(
+                    f"Parameter '{key}' of scheme '{cls.name}' must be {type_name}, got {value!r}."
+                )
+            if not _finite(value):
+                raise InvalidParameterError(f"Parameter '{key}' of scheme '{cls.name}' must be finite, got {value!r}.")
+            problem = value is not None and fields[key].metadata["check"] and fields[key].metadata["check"](value)
+            if problem:
+                raise InvalidParameterError(f"Parameter '{key}' of scheme '{cls.name}' {problem}; got {value!r}.")
+        config = cls.Config(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+        config.validate(model)
+        return cls(config)
+
+    def apply(self, patch) -> None:
+        """Change the model through ``patch`` (``patch.set``, ``patch.set_rotary``, ...) so it can be undone."""
+        raise NotImplementedError
+
+    def hf_rope_parameters(self, config, slot) -> dict | None:
+        """The plain transformers ``rope_parameters`` equal to this patch for one rotary table, or None."""
+        return None
+
+    @classmethod
+    def parameters(cls) -> list[tuple[str, str, Any]]:
+        """(name, help, default) for each parameter."""
+        return [(f.name, f.metadata["help"], f.default) for f in dataclasses.fields(cls.Config)]
+
+
+def get_scheme(name: str) -> type[Scheme]:
+    """The scheme class registered under ``name``, or an error suggesting the closest name."""
+    from .schemes import SCHEMES
+
+    if name not in SCHEMES:
+        raise UnknownSchemeError(
+            f"Unknown scheme '{name}'.{did_you_mean(name, SCHEMES)} Known schemes: {', '.join(SCHEMES)}."
+        )
+    return SCHEMES[name]
+
+
+def schemes() -> list[str]:
+    """Names of every registered scheme."""
+    from .schemes import SCHEMES
+
+    return list(SCHEMES)

@@ -1,0 +1,31 @@
+"""``dynamic``: dynamic NTK, native up to the trained context and a base that grows with the length beyond it.
+
+Keys are rotated at attention time, so a generation that grows past the trained context keeps every cached key
+consistent with the current base (transformers' own ``dynamic`` keeps keys rotated under the old base).
+"""
+
+import dataclasses
+
+from ..functional import rope
+from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
+
+
+@dataclasses.dataclass
+class DynamicConfig(RopeScalingConfig):
+    factor: float = factor_param(2.0)
+
+
+class Dynamic(RopeScaling):
+    name = "dynamic"
+    summary = "dynamic NTK: base grows with the current length past the trained context; cache-consistent"
+    Config = DynamicConfig
+    follows_length = True
+
+    def frequencies(self, dim, base, seq_len=None):
+        return rope.dynamic_ntk(dim, base, self.config.factor, self.original_length, seq_len or self.original_length)
+
+    def hf_rope_parameters(self, config, slot):
+        # transformers measures growth from max_position_embeddings; other originals have no equivalent
+        if self.original_length != config.max_position_embeddings:
+            return None
+        return {"rope_type": "dynamic", "factor": self.config.factor}

@@ -1,0 +1,72 @@
+"""What every RoPE-scaling scheme shares: new frequencies for the model's rotary tables.
+
+A static rule (linear, ntk, yarn, llama3) is written into the rotary module once: zero cost at run time. A rule
+that follows the current length (dynamic, dynamic-yarn, longrope) sets the rotary to the identity and rotates at
+attention time (:class:`~pos_swap.attention.DeferredRotation`), so cached keys never keep stale frequencies.
+"""
+
+import dataclasses
+import functools
+
+import torch
+
+from .. import archs
+from ..attention import DeferredRotation
+from ..registry import Scheme, SchemeConfig, greater_than, param, positive
+
+
+@dataclasses.dataclass
+class RopeScalingConfig(SchemeConfig):
+    original_max_position_embeddings: int = param(
+        None, "context the checkpoint was trained for (default: read from the model)", positive
+    )
+
+
+def factor_param(example: float = 4.0):
+    return param(
+        None,
+        f"context extension factor s > 1 (e.g. {example}: 4x the trained context)",
+        greater_than(1, " (1 leaves the model unchanged)"),
+        required=True,
+    )
+
+
+class RopeScaling(Scheme):
+    """Base of the RoPE-scaling family. Subclasses define :meth:`frequencies`."""
+
+    families = (archs.ROTARY,)
+    follows_length = False  # True: the frequencies depend on the current sequence length
+
+    @classmethod
+    def defaults(cls, model) -> dict:
+        return {"original_max_position_embeddings": archs.trained_context(model.config)}
+
+    def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+        """``(inv_freq, attention_scaling)`` for a rotary of ``dim`` features and ``base``, at ``seq_len``."""
+        raise NotImplementedError
+
+    def apply(self, patch) -> None:
+        model = patch.model
+        for slot in archs.rotary_slots(model):
+            dim, base = slot.dim, slot.rope_parameters(model.config)["rope_theta"]
+            if not self.follows_length:
+                patch.set_rotary(slot, *self.frequencies(dim, base))
+                continue
+            patch.set_rotary(slot, torch.zeros(dim // 2), 1.0)  # identity: keys enter the cache unrotated
+            frequencies = functools.partial(self._per_sequence, dim, base)
+            patch.hook_attention(archs.attention_modules(model, slot.layer_type), DeferredRotation(frequencies))
+
+    def _per_sequence(self, dim: int, base: float, seq_lens: torch.Tensor):
+        """One row of frequencies and one scaling per sequence, from each one's own length ``(B,)``."""
+        lengths = seq_lens.tolist()
+        tables = {length: self.frequencies(dim, base, length) for length in set(lengths)}
+        inv_freq = torch.stack([tables[length][0] for length in lengths]).to(seq_lens.device)
+        scaling = torch.tensor([tables[length][1] for length in lengths], device=seq_lens.device)
+        return inv_freq, scaling
+
+    def hf_rope_parameters(self, config, slot) -> dict | None:
+        return None
+
+    @property
+    def original_length(self) -> int:
+        return self.config.original_max_position_embeddings

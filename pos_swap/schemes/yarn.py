@@ -1,0 +1,72 @@
+"""``yarn`` and ``dynamic-yarn``: YaRN (Peng et al. 2023), frequency-dependent interpolation plus temperature.
+
+``dynamic-yarn`` lets the factor follow the length: native up to the trained context L0, factor L / L0 beyond.
+"""
+
+import dataclasses
+
+from ..errors import InvalidParameterError
+from ..functional import rope
+from ..registry import param, positive
+from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
+
+
+@dataclasses.dataclass
+class YarnRampConfig(RopeScalingConfig):
+    beta_fast: float = param(32.0, "rotations over the trained context above which frequencies are kept", positive)
+    beta_slow: float = param(1.0, "rotations below which frequencies are fully interpolated", positive)
+    truncate: bool = param(True, "round the ramp bounds to whole dimensions, as the paper's code does")
+
+    def validate(self, model):
+        if self.beta_fast <= self.beta_slow:
+            raise InvalidParameterError(
+                f"yarn needs beta_fast > beta_slow (fast rotations are kept, slow ones interpolated); "
+                f"got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}."
+            )
+
+
+@dataclasses.dataclass
+class YarnConfig(YarnRampConfig):
+    factor: float = factor_param()
+    attention_factor: float | None = param(None, "cos/sin multiplier (default: 0.1 ln(factor) + 1)", positive)
+    mscale: float | None = param(None, "DeepSeek-style mscale (with mscale_all_dim)", positive)
+    mscale_all_dim: float | None = param(None, "DeepSeek-style mscale_all_dim (with mscale)", positive)
+
+
+class Yarn(RopeScaling):
+    name = "yarn"
+    summary = "YaRN: ramp between interpolated and original frequencies, plus attention temperature"
+    Config = YarnConfig
+
+    def frequencies(self, dim, base, seq_len=None):
+        c = self.config
+        return rope.yarn(
+            dim, base, c.factor, self.original_length, c.beta_fast, c.beta_slow,
+            c.attention_factor, c.mscale, c.mscale_all_dim, c.truncate,
+        )  # fmt: skip
+
+    def hf_rope_parameters(self, config, slot):
+        optional = ("attention_factor", "mscale", "mscale_all_dim")
+        params = {k: v for k, v in vars(self.config).items() if v is not None or k not in optional}
+        return {"rope_type": "yarn", **params}
+
+
+@dataclasses.dataclass
+class DynamicYarnConfig(YarnRampConfig):
+    max_factor: float | None = param(None, "upper bound for the factor (default: none)", positive)
+
+
+class DynamicYarn(RopeScaling):
+    name = "dynamic-yarn"
+    summary = "YaRN whose factor follows the length: native up to the trained context, L/L0 beyond"
+    Config = DynamicYarnConfig
+    follows_length = True
+
+    def frequencies(self, dim, base, seq_len=None):
+        c = self.config
+        factor = max(1.0, (seq_len or self.original_length) / self.original_length)
+        if c.max_factor is not None:
+            factor = min(factor, c.max_factor)
+        if factor == 1.0:
+            return rope.default_inv_freq(dim, base), 1.0
+        return rope.yarn(dim, base, factor, self.original_length, c.beta_fast, c.beta_slow, truncate=c.truncate)

@@ -117,14 +117,44 @@ def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[n
 
 
 def trained_context(config) -> int:
-    """The context length the checkpoint was trained for."""
+    """The context length the checkpoint was trained for: an ``original_max_position_embeddings`` in its RoPE
+    parameters or config (Phi-3 keeps it there), else ``max_position_embeddings``."""
     params = getattr(config, "rope_parameters", None) or {}
     flat = [params] if "rope_type" in params else list(params.values())
     originals = [p["original_max_position_embeddings"] for p in flat if p.get("original_max_position_embeddings")]
-    return originals[0] if originals else config.max_position_embeddings
+    originals.append(getattr(config, "original_max_position_embeddings", None))
+    return next((length for length in originals if length), config.max_position_embeddings)
 
 
 def attention_backends(model: nn.Module) -> list[str]:
     """Attention backends the model class supports (from transformers' class flags)."""
     flags = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention_2": "_supports_flash_attn"}
     return ["eager"] + [name for name, flag in flags.items() if getattr(model, flag, False)]
+
+
+def summarize(model: nn.Module) -> dict:
+    """What ``pos-swap info`` shows: the architecture, its positional mechanism and trained context."""
+    spec, config = lookup(model), model.config
+    summary = {
+        "model_type": config.model_type,
+        "class": type(model).__name__,
+        "positions": spec.family,
+        "trained_context": trained_context(config),
+        "causal": spec.causal,
+        "attention_backends": attention_backends(model),
+        "attention_implementation": config._attn_implementation,
+    }
+    if spec.rotary:
+        summary["rotary"] = [
+            {
+                "layer_type": slot.layer_type,
+                "rotary_dim": slot.dim,
+                "rope_theta": slot.rope_parameters(config)["rope_theta"],
+                "rope_type": slot.rope_parameters(config).get("rope_type", "default"),
+            }
+            for slot in rotary_slots(model)
+        ]
+    if spec.table:
+        (table,) = find_modules(model, spec.table)
+        summary["table"] = {"path": spec.table, "rows": table.num_embeddings, "offset": spec.table_offset}
+    return summary

@@ -130,9 +130,9 @@ class Scheme:
         return None
 
     @classmethod
-    def parameters(cls) -> list[tuple[str, str, Any]]:
-        """(name, help, default) for each parameter."""
-        return [(f.name, f.metadata["help"], f.default) for f in dataclasses.fields(cls.Config)]
+    def parameters(cls) -> list[tuple[str, str, Any, bool]]:
+        """(name, help, default, required) for each parameter."""
+        return [(f.name, f.metadata["help"], f.default, f.metadata["required"]) for f in dataclasses.fields(cls.Config)]
 
 
 def get_scheme(name: str) -> type[Scheme]:

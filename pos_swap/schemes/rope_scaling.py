@@ -25,7 +25,7 @@ class RopeScalingConfig(SchemeConfig):
 def factor_param(example: float = 4.0):
     return param(
         None,
-        f"context extension factor s > 1 (e.g. {example}: 4x the trained context)",
+        f"context extension factor s > 1 (e.g. {example:g} for {example:g}x the trained context)",
         greater_than(1, " (1 leaves the model unchanged)"),
         required=True,
     )

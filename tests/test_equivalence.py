@@ -1,0 +1,82 @@
+"""Every RoPE-scaling scheme on every RoPE architecture gives transformers' own logits for the same parameters.
+
+The reference rebuilds the model's rotary module with transformers' ROPE_INIT_FUNCTIONS from a config holding
+the scheme's ``rope_parameters`` (what ``from_pretrained(..., rope_parameters=...)`` would do).
+"""
+
+import pytest
+import torch
+
+import pos_swap
+from pos_swap import archs
+from conftest import ROPE_ARCHS, scheme_params, tiny, transformers_reference
+
+HF_EXPRESSIBLE = ["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", list(ROPE_ARCHS))
+@pytest.mark.parametrize("scheme", HF_EXPRESSIBLE)
+@pytest.mark.parametrize("length", [24, 80])  # inside and beyond the 32 trained positions
+def test_patched_model_matches_transformers(arch, scheme, length):
+    model = tiny(arch)
+    ids = torch.randint(3, 100, (2, length), generator=torch.Generator().manual_seed(length))
+    native = logits(model, ids)
+    handle = pos_swap.patch(model, scheme, **scheme_params(scheme, model))
+    exported = {slot.layer_type: handle.scheme.hf_rope_parameters(model.config, slot) for slot in archs.rotary_slots(model)}
+    handle.remove()
+    reference = logits(transformers_reference(model, exported), ids)
+    pos_swap.patch(model, scheme, **scheme_params(scheme, model))
+    patched = logits(model, ids)
+    torch.testing.assert_close(patched, reference, rtol=0, atol=1e-5)
+    if length > 32 or scheme not in ("dynamic", "longrope"):
+        assert (patched - native).abs().max() > 1e-2  # the patch changed the model: the test can fail
+
+
+def test_dynamic_yarn_is_yarn_with_the_length_as_factor():
+    model = tiny("llama")
+    ids = torch.randint(3, 100, (1, 80), generator=torch.Generator().manual_seed(0))
+    native = logits(model, ids[:, :32])
+    with pos_swap.patched(model, "yarn", factor=80 / 32):
+        static = logits(model, ids)
+    with pos_swap.patched(model, "dynamic-yarn"):
+        torch.testing.assert_close(logits(model, ids), static, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(model, ids[:, :32]), native, rtol=0, atol=1e-5)  # native within L0
+    capped = tiny("llama")
+    pos_swap.patch(capped, "yarn", factor=2.0)
+    with pos_swap.patched(model, "dynamic-yarn", max_factor=2.0):
+        torch.testing.assert_close(logits(model, ids), logits(capped, ids), rtol=0, atol=1e-5)
+
+
+def test_gemma3_rescales_only_global_layers():
+    model = tiny("gemma3_text")
+    rotary = model.base_model.rotary_emb
+    sliding, full = rotary.sliding_attention_inv_freq.clone(), rotary.full_attention_inv_freq.clone()
+    with pos_swap.patched(model, "linear", factor=4.0):
+        assert torch.equal(rotary.sliding_attention_inv_freq, sliding)
+        torch.testing.assert_close(rotary.full_attention_inv_freq, full / 4.0)
+
+
+def test_every_attention_backend_gives_the_same_result():
+    ids = torch.randint(3, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("eager", "sdpa"):
+        model = tiny("llama", attn_implementation=backend)
+        for scheme in ("yarn", "dynamic"):
+            with pos_swap.patched(model, scheme, factor=4.0):
+                results[backend, scheme] = logits(model, ids)
+    for scheme in ("yarn", "dynamic"):
+        torch.testing.assert_close(results["eager", scheme], results["sdpa", scheme], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_flex_attention_backend_matches_sdpa():
+    ids = torch.randint(3, 100, (1, 64), generator=torch.Generator().manual_seed(0))
+    flex, sdpa = tiny("llama", attn_implementation="flex_attention"), tiny("llama")
+    for scheme in ("yarn", "dynamic"):
+        with pos_swap.patched(flex, scheme, factor=4.0), pos_swap.patched(sdpa, scheme, factor=4.0):
+            torch.testing.assert_close(logits(flex, ids), logits(sdpa, ids), rtol=0, atol=1e-4)

@@ -4,6 +4,7 @@
     patch.remove()                                       # bit-identical to before
 """
 
+from . import schemes as _scheme_modules  # load the registry first: the function below takes the name
 from .engine import Patch, __version__, describe, export_hf, from_pretrained, patch, patched, unpatch
 from .errors import PosSwapError
 from .registry import get_scheme, schemes

@@ -50,7 +50,9 @@ def tiny(arch: str = "llama", seed: int = 0, **overrides):
     config_class, model_class, extra = ROPE_ARCHS[arch]
     kwargs = {k: v for k, v in {**COMMON, **extra, **overrides}.items() if v is not None}
     torch.manual_seed(seed)
-    return model_class(config_class(**kwargs)).eval()
+    model = model_class(config_class(**kwargs)).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model
 
 
 def scheme_params(scheme: str, model) -> dict:

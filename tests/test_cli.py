@@ -1,0 +1,95 @@
+"""The pos-swap command line, run in-process and once as the installed console script."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pos_swap
+from pos_swap.cli import main
+from conftest import tiny
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "tiny"
+    tiny("llama").save_pretrained(path)
+    return path
+
+
+def test_help_teaches_every_subcommand(capsys):
+    for argv in (["--help"], ["patch", "--help"], ["info", "--help"], ["schemes", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "offline:smollm2" in out and "--factor" in out and "--export" in out and "--beta-fast" in out
+
+
+def test_schemes_lists_names_and_parameters(capsys):
+    assert main(["schemes", "-v"]) == 0
+    out = capsys.readouterr().out
+    for name in pos_swap.schemes():
+        assert name in out
+    assert "--long-factor" in out and "(required)" in out
+
+
+def test_info_describes_the_positional_mechanism(model_dir, capsys):
+    assert main(["info", str(model_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == "llama" and info["positions"] == "rotary"
+    assert info["trained_context"] == 32 and info["rotary"][0]["rotary_dim"] == 16
+    assert info["patch"] is None
+
+
+def test_patch_saves_a_model_that_loads_patched(model_dir, tmp_path, capsys):
+    out = tmp_path / "yarn"
+    assert main(["patch", str(model_dir), "--scheme", "yarn", "--factor", "4", "--beta-fast", "16", "--out", str(out)]) == 0
+    loaded = pos_swap.from_pretrained(out)
+    assert pos_swap.describe(loaded)["params"]["beta_fast"] == 16.0
+    expected = tiny("llama")
+    pos_swap.patch(expected, "yarn", factor=4.0, beta_fast=16.0)
+    ids = torch.randint(3, 100, (1, 50))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["patch"]["scheme"] == "yarn"
+
+
+def test_patch_export_hf_and_list_parameters(model_dir, tmp_path):
+    out = tmp_path / "hf"
+    argv = ["patch", str(model_dir), "--scheme", "longrope", "--factor", "4", "--long-factor", ",".join(["2"] * 8)]
+    assert main(argv + ["--out", str(out), "--export", "hf"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "longrope" and config["rope_parameters"]["long_factor"] == [2.0] * 8
+
+
+def test_patching_a_patched_checkpoint_needs_replace(model_dir, tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["patch", str(model_dir), "--scheme", "yarn", "--factor", "4", "--out", str(first)]) == 0
+    assert main(["patch", str(first), "--scheme", "linear", "--factor", "2", "--out", str(second)]) == 2
+    assert "replace" in capsys.readouterr().err
+    assert main(["patch", str(first), "--scheme", "linear", "--factor", "2", "--out", str(second), "--replace"]) == 0
+    assert pos_swap.describe(pos_swap.from_pretrained(second))["scheme"] == "linear"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--scheme", "yarm", "--factor", "4"], "Did you mean 'yarn'"),
+        (["--scheme", "yarn", "--factor", "0.5"], "must be > 1"),
+        (["--scheme", "yarn"], "needs parameter 'factor'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(model_dir, tmp_path, capsys, argv, message):
+    assert main(["patch", str(model_dir), *argv, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([sys.executable, "-m", "pos_swap.cli", "schemes"], capture_output=True, text=True)
+    assert done.returncode == 0 and "yarn" in done.stdout

@@ -99,13 +99,16 @@ class RotarySlot:
         return params[self.layer_type] if self.layer_type else params
 
 
-def rotary_slots(model: nn.Module) -> list[RotarySlot]:
-    """The rotary tables a RoPE-scaling scheme rescales."""
+def rotary_slots(model: nn.Module, every_layer_type: bool = False) -> list[RotarySlot]:
+    """The rotary tables a RoPE-scaling scheme rescales (or, with ``every_layer_type``, all of them)."""
     spec = lookup(model)
     if spec.rotary is None:
         return []
     (module,) = find_modules(model, spec.rotary)
-    return [RotarySlot(module, layer_type) for layer_type in spec.scaled_layer_types or (None,)]
+    layer_types = spec.scaled_layer_types
+    if layer_types and every_layer_type:
+        layer_types = tuple(module.layer_types)
+    return [RotarySlot(module, layer_type) for layer_type in layer_types or (None,)]
 
 
 def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
@@ -114,6 +117,16 @@ def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[n
     if layer_type is not None:
         modules = [m for m in modules if getattr(m, "layer_type", None) == layer_type]
     return modules
+
+
+def position_table(model: nn.Module) -> nn.Embedding:
+    """The learned absolute position table (GPT-2's ``wpe``, OPT's ``embed_positions``, ...)."""
+    (table,) = find_modules(model, lookup(model).table)
+    return table
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def trained_context(config) -> int:
@@ -155,6 +168,6 @@ def summarize(model: nn.Module) -> dict:
             for slot in rotary_slots(model)
         ]
     if spec.table:
-        (table,) = find_modules(model, spec.table)
-        summary["table"] = {"path": spec.table, "rows": table.num_embeddings, "offset": spec.table_offset}
+        rows = position_table(model).num_embeddings - spec.table_offset
+        summary["table"] = {"path": spec.table, "positions": rows, "offset": spec.table_offset}
     return summary

@@ -3,8 +3,9 @@
 For each transformers backend B (eager, sdpa, flex_attention, flash_attention_*) pos_swap registers
 ``pos_swap_B`` with ``AttentionInterface`` and B's own mask function with ``AttentionMaskInterface``. The name
 keeps B inside it, so transformers prepares masks and inputs exactly as for B. The function looks for a hook on
-the attention module it is called for (``module._pos_swap_hook``) and lets it transform the call; modules without
-a hook go straight to B. State therefore lives on the patched model's own modules, never in a global.
+the attention module it is called for (the submodule ``pos_swap`` that a patch adds) and lets it transform the call;
+modules without a hook go straight to B. State therefore lives on the patched model's own modules, never in a
+global, and ``print(model)`` shows it.
 """
 
 import sys
@@ -16,7 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .functional import rope
 
-HOOK = "_pos_swap_hook"
+HOOK = "pos_swap"  # the submodule name a hook gets on each attention module
 PREFIX = "pos_swap_"
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -31,7 +32,7 @@ def backend_function(module: torch.nn.Module, backend: str):
 def _routed(backend: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         inner = backend_function(module, backend)
-        hook = module.__dict__.get(HOOK)
+        hook = module._modules.get(HOOK)
         if hook is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
         return hook(inner, module, query, key, value, attention_mask, **kwargs)
@@ -45,9 +46,9 @@ for _backend in BACKENDS:
     AttentionMaskInterface.register(PREFIX + _backend, ALL_MASK_ATTENTION_FUNCTIONS[_backend])
 
 
-def routed_name(config) -> str:
-    """The ``pos_swap_*`` implementation name for the backend ``config`` uses now."""
-    current = config._attn_implementation or "eager"
+def routed_name(config, backend: str | None = None) -> str:
+    """The ``pos_swap_*`` implementation name for ``backend`` (default: the one ``config`` uses now)."""
+    current = backend or config._attn_implementation or "eager"
     if current.startswith(PREFIX):
         return current
     if current not in BACKENDS:
@@ -72,7 +73,7 @@ def query_positions(kwargs: dict, batch: int, query_length: int, key_length: int
     return positions.to(device).expand(batch, -1)
 
 
-class DeferredRotation:
+class DeferredRotation(torch.nn.Module):
     """Rotates queries and every cached key at attention time, with frequencies of the *current* length.
 
     The model's own rotary is set to the identity, so keys enter the KV cache unrotated; each call rotates them
@@ -83,6 +84,7 @@ class DeferredRotation:
     """
 
     def __init__(self, frequencies):
+        super().__init__()
         self.frequencies = frequencies  # seq_len (B,) int tensor -> (inv_freq (B, F), scaling (B,))
         self._memo = (None, None)
 
@@ -92,7 +94,7 @@ class DeferredRotation:
             self._memo = (source, self.frequencies(positions.max(dim=-1).values + 1))
         return self._memo[1]
 
-    def __call__(self, inner, module, query, key, value, attention_mask, **kwargs):
+    def forward(self, inner, module, query, key, value, attention_mask, **kwargs):
         batch, _, q_len, _ = query.shape
         k_len = key.shape[2]
         q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
@@ -100,3 +102,56 @@ class DeferredRotation:
         query = rope.rotate(query, *rope.cos_sin(q_pos, inv_freq, scaling, query.dtype))
         key = rope.rotate(key, *rope.cos_sin(key_positions(q_pos, k_len), inv_freq, scaling, key.dtype))
         return inner(module, query, key, value, attention_mask, **kwargs)
+
+
+def additive_mask(attention_mask, module, rows: slice, q_len: int, k_len: int, device) -> torch.Tensor | None:
+    """Rows ``rows`` of the attention mask as an additive float32 tensor ``(B|1, 1, C, Lk)``, or None.
+
+    ``None`` from transformers means "causal, no padding" for a causal module (sdpa's ``is_causal``) and "no
+    mask" otherwise; boolean masks mark allowed keys; float masks are additive already. Disallowed entries get
+    the float32 minimum rather than -inf, so a fully masked padding row stays finite, as in eager attention.
+    """
+    floor = torch.finfo(torch.float32).min
+    if attention_mask is None:
+        if not getattr(module, "is_causal", True) or q_len == 1:
+            return None
+        query_index = torch.arange(rows.start, rows.stop, device=device)[:, None] + (k_len - q_len)
+        allowed = torch.arange(k_len, device=device)[None, :] <= query_index
+        return torch.where(allowed, 0.0, floor)[None, None]
+    mask = attention_mask[:, :, rows, :k_len]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, floor)
+    return mask.float().clamp(min=floor)
+
+
+def chunked_attention(module, query, key, value, attention_mask, scaling, logits, dropout=0.0, budget_mib=64):
+    """Attention whose scores come from ``logits(rows, query_rows, key) -> (B, H, C, Lk)`` (already scaled, in
+    float32), computed over chunks of query rows so that no more than ``budget_mib`` of scores exist at once
+    (never an L x L tensor per head on the long path). Keys and values are repeated for grouped-query heads.
+    Returns ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
+    """
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    groups = heads // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    keep_weights = module.config._attn_implementation == PREFIX + "eager"
+    step = max(1, (budget_mib * 2**20) // (4 * batch * heads * k_len))
+    outputs, weights = [], []
+    for start in range(0, q_len, step):
+        rows = slice(start, min(start + step, q_len))
+        scores = logits(rows, query[:, :, rows], key)
+        mask = additive_mask(attention_mask, module, rows, q_len, k_len, query.device)
+        if mask is not None:
+            scores = scores + mask
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+        outputs.append(probs @ value)
+        if keep_weights:
+            weights.append(probs)
+    output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+    return output, torch.cat(weights, dim=2) if keep_weights else None
+
+
+def backend_of(module) -> str:
+    """The transformers backend pos_swap's attention function wraps for ``module``."""
+    return (module.config._attn_implementation or "eager").removeprefix(PREFIX)

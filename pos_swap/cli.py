@@ -43,6 +43,8 @@ def _parse_value(annotation):
     base = args[0] if typing.get_origin(annotation) not in (list, None) and args else annotation
     if typing.get_origin(base) is list:
         return lambda text: [float(v) for v in text.split(",")]
+    if base is dict:
+        return json.loads
     if base is bool:
         return lambda text: {"true": True, "false": False}[text.lower()]
     return base

@@ -61,16 +61,39 @@ class Patch:
         rope_type = module.rope_type
         self.set(module, "rope_type", {**rope_type, slot.layer_type: "default"} if isinstance(rope_type, dict) else "default")
 
-    def route_attention(self) -> None:
-        """Send the model's attention through pos_swap's function for its current backend."""
+    def route_attention(self, backend: str | None = None) -> None:
+        """Send the model's attention through pos_swap's function, wrapping ``backend`` (default: the current
+        one). The backend also decides which mask transformers builds for the model."""
         config = self.model.config
-        self.set(config, "_attn_implementation", routed_name(config))
+        self.set(config, "_attn_implementation", routed_name(config, backend))
 
-    def hook_attention(self, modules, hook) -> None:
-        """Attach ``hook`` to attention ``modules``; pos_swap's attention function calls it for them."""
-        self.route_attention()
+    def hook_attention(self, modules, hook, backend: str | None = None) -> None:
+        """Attach ``hook`` (one module, or a callable making one per attention module) as the submodule
+        ``pos_swap`` of each attention module; pos_swap's attention function calls it for them."""
+        self.route_attention(backend)
         for module in modules:
-            self.set(module, HOOK, hook)
+            self.set(module, HOOK, hook if isinstance(hook, torch.nn.Module) else hook(module))
+
+    def remove_positions(self) -> None:
+        """Switch the checkpoint's own positional signal off: rotary tables become the identity (cos 1, sin 0),
+        a learned table returns zeros."""
+        if archs.lookup(self.model).family == archs.ROTARY:
+            for slot in archs.rotary_slots(self.model, every_layer_type=True):
+                self.set_rotary(slot, torch.zeros(slot.dim // 2), 1.0)
+        else:
+            weight = archs.position_table(self.model).weight
+            self.replace_table(lambda positions: weight.new_zeros(*positions.shape, weight.shape[-1]))
+
+    def replace_table(self, embed) -> None:
+        """Make the learned position table return ``embed(position_ids)`` instead of its rows. Its weights stay
+        in place (and in the state dict), so saving, loading and removing the patch keep them intact."""
+        table = archs.position_table(self.model)
+
+        def forward(*args, position_ids=None, **kwargs):
+            # GPT-2 and BERT call table(position_ids); OPT calls table(mask, past_length, position_ids=...)
+            return embed(args[0] if position_ids is None else position_ids)
+
+        self.set(table, "forward", forward)
 
     # -- life cycle ----------------------------------------------------------------------------------------
     @property

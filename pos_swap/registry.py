@@ -52,6 +52,8 @@ def _matches(value, annotation) -> bool:
         return value is None
     if origin is list:
         return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if annotation is dict:
+        return isinstance(value, dict)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:

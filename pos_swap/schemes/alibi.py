@@ -1,0 +1,103 @@
+"""``alibi``: linear attention biases (Press et al. 2022) in place of the checkpoint's own positions.
+
+Each head adds -slope * (i - j) to its logits (or -slope * |i - j| for encoders). The bias never exists as an
+L x L tensor per head on the long path: with flex_attention it is a ``score_mod`` inside the kernel; with eager
+or sdpa it is built for a chunk of query rows at a time.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .. import archs
+from ..attention import backend_of, chunked_attention, key_positions, query_positions
+from ..errors import InvalidParameterError
+from ..functional import alibi
+from ..registry import Scheme, SchemeConfig, param, positive
+
+
+@dataclasses.dataclass
+class AlibiConfig(SchemeConfig):
+    slopes: list[float] | None = param(None, "one slope per head (default: the paper's geometric slopes)", None)
+    trainable: bool = param(False, "make the slopes trainable parameters, one set per layer")
+    symmetric: bool | None = param(None, "-slope*|i-j| for both directions (default: True for encoders)")
+    chunk_mib: int = param(64, "memory for the bias of one chunk of query rows (eager / sdpa)", positive)
+
+    def validate(self, model):
+        heads = model.config.num_attention_heads
+        if self.slopes is not None and len(self.slopes) != heads:
+            raise InvalidParameterError(
+                f"alibi needs one slope per attention head: {heads} for this model, got {len(self.slopes)}."
+            )
+        backend = backend_of(model.base_model)
+        if backend.startswith("flash"):
+            raise InvalidParameterError(
+                f"alibi does not run on '{backend}' yet; load the model with attn_implementation='sdpa' "
+                f"(chunked bias) or 'flex_attention' (bias inside the kernel)."
+            )
+
+
+class AlibiBias(nn.Module):
+    """The per-layer attention hook: adds the ALiBi bias on the way to the backend."""
+
+    def __init__(self, slopes: torch.Tensor, trainable: bool, symmetric: bool, chunk_mib: int):
+        super().__init__()
+        if trainable:
+            self.slopes = nn.Parameter(slopes.clone())
+        else:
+            self.register_buffer("slopes", slopes.clone(), persistent=False)
+        self.symmetric, self.chunk_mib = symmetric, chunk_mib
+
+    def extra_repr(self) -> str:
+        return f"heads={self.slopes.numel()}, symmetric={self.symmetric}, trainable={self.slopes.requires_grad}"
+
+    def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        batch, _, q_len, _ = query.shape
+        k_len = key.shape[2]
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if backend_of(module) == "flex_attention":
+            return self._flex(query, key, value, attention_mask, scaling, k_len - q_len)
+        q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
+        k_pos = key_positions(q_pos, k_len)
+
+        def logits(rows, q_rows, keys):
+            scores = (q_rows @ keys.transpose(-1, -2)).float() * scaling
+            return scores + alibi.bias(q_pos[:, rows], k_pos, self.slopes, self.symmetric)
+
+        return chunked_attention(module, query, key, value, attention_mask, scaling, logits, dropout, self.chunk_mib)
+
+    def _flex(self, query, key, value, block_mask, scaling, shift):
+        from transformers.integrations.flex_attention import compile_friendly_flex_attention
+
+        slopes, symmetric = self.slopes.float(), self.symmetric
+        shift = torch.tensor(shift, device=query.device)  # a tensor, so decode steps reuse the compiled kernel
+
+        def score_mod(score, batch_idx, head_idx, q_idx, kv_idx):
+            distance = (q_idx + shift - kv_idx).float()
+            return score - slopes[head_idx] * (distance.abs() if symmetric else distance)
+
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        output = compile_friendly_flex_attention(
+            query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, training=self.training
+        )
+        return output.transpose(1, 2).contiguous(), None
+
+
+class Alibi(Scheme):
+    name = "alibi"
+    summary = "ALiBi: per-head linear distance bias replaces the checkpoint's positions (Press et al. 2022)"
+    Config = AlibiConfig
+    families = (archs.ROTARY, archs.LEARNED)
+
+    def apply(self, patch) -> None:
+        model, c = patch.model, self.config
+        slopes = torch.tensor(c.slopes) if c.slopes else alibi.slopes(model.config.num_attention_heads)
+        symmetric = (not archs.lookup(model).causal) if c.symmetric is None else c.symmetric
+        patch.remove_positions()
+        if c.trainable:
+            make = lambda module: AlibiBias(slopes, True, symmetric, c.chunk_mib)  # noqa: E731 - one set per layer
+        else:
+            make = AlibiBias(slopes, False, symmetric, c.chunk_mib)
+        patch.hook_attention(archs.attention_modules(model), make)

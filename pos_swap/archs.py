@@ -24,6 +24,8 @@ class ArchSpec:
     scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
     table: str | None = None  # the learned absolute position table
     table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
+    # (1, max_positions) buffers of default ids that a longer context must outgrow: path -> "arange" or "zeros"
+    index_buffers: tuple[tuple[str, str], ...] = ()
     causal: bool = True
 
 
@@ -44,7 +46,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(family=LEARNED, attention="h.*.attn", table="wpe"),
     "opt": ArchSpec(family=LEARNED, attention="decoder.layers.*.self_attn", table="decoder.embed_positions", table_offset=2),
     "bert": ArchSpec(
-        family=LEARNED, attention="encoder.layer.*.attention.self", table="embeddings.position_embeddings", causal=False
+        family=LEARNED,
+        attention="encoder.layer.*.attention.self",
+        table="embeddings.position_embeddings",
+        index_buffers=(("embeddings.position_ids", "arange"), ("embeddings.token_type_ids", "zeros")),
+        causal=False,
     ),
 }
 

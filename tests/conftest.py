@@ -33,6 +33,20 @@ ROPE_ARCHS = {
     ),  # fmt: skip
 }
 
+LEARNED_ARCHS = {
+    "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, bos_token_id=1, eos_token_id=2)),
+    "opt": (
+        T.OPTConfig, T.OPTForCausalLM,
+        dict(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, vocab_size=100,
+             max_position_embeddings=32, word_embed_proj_dim=64, init_std=0.1),
+    ),  # fmt: skip
+    "bert": (
+        T.BertConfig, T.BertModel,
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
+             max_position_embeddings=32),
+    ),  # fmt: skip
+}
+
 # one example parameter set per RoPE-scaling scheme, for a tiny model with rotary dim 16 and 32 trained positions
 SCHEME_PARAMS = {
     "linear": dict(factor=4.0),
@@ -46,13 +60,25 @@ SCHEME_PARAMS = {
 
 
 def tiny(arch: str = "llama", seed: int = 0, **overrides):
-    """A tiny random causal LM of ``arch`` in eval mode."""
-    config_class, model_class, extra = ROPE_ARCHS[arch]
-    kwargs = {k: v for k, v in {**COMMON, **extra, **overrides}.items() if v is not None}
+    """A tiny random model of ``arch`` in eval mode (a causal LM, or BERT's encoder), 32 trained positions."""
+    if arch in LEARNED_ARCHS:
+        config_class, model_class, extra = LEARNED_ARCHS[arch]
+        kwargs = {"initializer_range": 0.1, "pad_token_id": 0, **extra, **overrides}
+    else:
+        config_class, model_class, extra = ROPE_ARCHS[arch]
+        kwargs = {k: v for k, v in {**COMMON, **extra, **overrides}.items() if v is not None}
     torch.manual_seed(seed)
     model = model_class(config_class(**kwargs)).eval()
-    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    if model.can_generate():
+        model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     return model
+
+
+def outputs(model, ids, **kwargs):
+    """Logits of a causal LM, or the last hidden state of an encoder, without gradients."""
+    with torch.no_grad():
+        out = model(ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 def scheme_params(scheme: str, model) -> dict:

@@ -124,10 +124,13 @@ def additive_mask(attention_mask, module, rows: slice, q_len: int, k_len: int, d
     return mask.float().clamp(min=floor)
 
 
-def chunked_attention(module, query, key, value, attention_mask, scaling, logits, dropout=0.0, budget_mib=64):
+def chunked_attention(
+    module, query, key, value, attention_mask, scaling, logits, dropout=0.0, softcap=None, budget_mib=64
+):
     """Attention whose scores come from ``logits(rows, query_rows, key) -> (B, H, C, Lk)`` (already scaled, in
     float32), computed over chunks of query rows so that no more than ``budget_mib`` of scores exist at once
-    (never an L x L tensor per head on the long path). Keys and values are repeated for grouped-query heads.
+    (never an L x L tensor per head on the long path). Keys and values are repeated for grouped-query heads;
+    ``softcap`` caps the scores before the mask as Gemma 2 does.
     Returns ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
     """
     batch, heads, q_len, _ = query.shape
@@ -140,6 +143,8 @@ def chunked_attention(module, query, key, value, attention_mask, scaling, logits
     for start in range(0, q_len, step):
         rows = slice(start, min(start + step, q_len))
         scores = logits(rows, query[:, :, rows], key)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         mask = additive_mask(attention_mask, module, rows, q_len, k_len, query.device)
         if mask is not None:
             scores = scores + mask
@@ -155,3 +160,9 @@ def chunked_attention(module, query, key, value, attention_mask, scaling, logits
 def backend_of(module) -> str:
     """The transformers backend pos_swap's attention function wraps for ``module``."""
     return (module.config._attn_implementation or "eager").removeprefix(PREFIX)
+
+
+def chunked_backend(model) -> str:
+    """The backend to route a model whose hooks compute attention with :func:`chunked_attention`: eager stays
+    eager (float masks, attention weights returned); any other gets sdpa's boolean masks, which it reads too."""
+    return "eager" if backend_of(model.base_model) == "eager" else "sdpa"

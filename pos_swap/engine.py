@@ -8,6 +8,7 @@ reaches another model that shared the config object.
 
 import contextlib
 import copy
+import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .registry import Scheme, get_scheme
 PATCH_ATTR = "_pos_swap_patch"  # the model attribute holding the live Patch
 RECORD_KEY = "pos_swap"  # the config key that save_pretrained writes the patch under
 _MISSING = object()
+HUB_KWARGS = ("cache_dir", "revision", "subfolder", "token", "local_files_only")  # kwargs that locate the files
+LONG_CONTEXT = 2**17  # positions that default index buffers cover once a learned table is replaced
 
 try:
     __version__ = version("pos-swap")
@@ -94,6 +97,12 @@ class Patch:
             return embed(args[0] if position_ids is None else position_ids)
 
         self.set(table, "forward", forward)
+        for path, fill in archs.lookup(self.model).index_buffers:
+            owner_path, name = path.rsplit(".", 1)
+            (owner,) = archs.find_modules(self.model, owner_path)
+            old = getattr(owner, name)
+            longer = torch.arange(LONG_CONTEXT, device=old.device) if fill == "arange" else old.new_zeros(LONG_CONTEXT)
+            self.set(owner, name, longer.to(old.dtype)[None])
 
     # -- life cycle ----------------------------------------------------------------------------------------
     @property
@@ -200,6 +209,31 @@ def _saved_model_class(path):
     return getattr(transformers, names[0] or "AutoModel", None) or transformers.AutoModel
 
 
+def _load_patch_state(model, path, hub_kwargs: dict) -> None:
+    """Load the patch's own trained parameters (state-dict keys with ``.pos_swap.``: CoPE tables, trainable ALiBi
+    slopes) from the checkpoint's safetensors files. transformers loaded the model before the patch existed, so it
+    dropped them as unexpected and the re-applied patch starts freshly initialised."""
+    expected = {name for name in model.state_dict() if f".{HOOK}." in name}
+    if not expected:
+        return
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    files = set(json.loads(Path(index).read_text())["weight_map"].values()) if index else {"model.safetensors"}
+    subset = {}
+    for name in sorted(files):
+        with safe_open(cached_file(path, name, **hub_kwargs), framework="pt") as weights:
+            subset.update({key: weights.get_tensor(key) for key in weights.keys() if key in expected})
+    missing = sorted(expected - subset.keys())
+    if missing:
+        raise PosSwapError(
+            f"The checkpoint at '{path}' lacks the trained parameters of its pos_swap patch: {', '.join(missing)}. "
+            f"Save the patched model with model.save_pretrained(...) to store them."
+        )
+    model.load_state_dict(subset, strict=False)
+
+
 def from_pretrained(path, *, auto_class=None, **kwargs) -> torch.nn.Module:
     """Load a model saved from a patched one and re-apply its patch. ``kwargs`` go to ``from_pretrained``;
     the model class is the saved ``architectures`` entry unless ``auto_class`` is given."""
@@ -207,6 +241,7 @@ def from_pretrained(path, *, auto_class=None, **kwargs) -> torch.nn.Module:
     record = vars(model.config).pop(RECORD_KEY, None)
     if record is not None:
         patch(model, record["scheme"], **record["params"])
+        _load_patch_state(model, path, {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
     return model
 
 

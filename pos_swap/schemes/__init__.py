@@ -5,6 +5,7 @@ To add a scheme: write ``schemes/<name>.py`` with a ``Config`` dataclass and a `
 """
 
 from .alibi import Alibi
+from .cope import CoPEScheme
 from .dynamic import Dynamic
 from .learned_interpolate import LearnedInterpolate
 from .linear import Linear
@@ -13,6 +14,7 @@ from .longrope import LongRope
 from .nope import NoPE
 from .ntk import NTK
 from .rope import Rope
+from .self_extend import SelfExtend
 from .sinusoidal import Sinusoidal
 from .yarn import DynamicYarn, Yarn
 
@@ -22,6 +24,6 @@ SCHEMES = {
         # RoPE scaling for RoPE models
         Linear, NTK, Dynamic, Yarn, DynamicYarn, LongRope, Llama3,
         # retrofits that change the kind of positional mechanism
-        Alibi, Sinusoidal, LearnedInterpolate, Rope, NoPE,
+        Alibi, Sinusoidal, LearnedInterpolate, Rope, NoPE, CoPEScheme, SelfExtend,
     )
 }  # fmt: skip

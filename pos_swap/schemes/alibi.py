@@ -65,7 +65,8 @@ class AlibiBias(nn.Module):
             scores = (q_rows @ keys.transpose(-1, -2)).float() * scaling
             return scores + alibi.bias(q_pos[:, rows], k_pos, self.slopes, self.symmetric)
 
-        return chunked_attention(module, query, key, value, attention_mask, scaling, logits, dropout, self.chunk_mib)
+        softcap = kwargs.get("softcap")
+        return chunked_attention(module, query, key, value, attention_mask, scaling, logits, dropout, softcap, self.chunk_mib)
 
     def _flex(self, query, key, value, block_mask, scaling, shift):
         from transformers.integrations.flex_attention import compile_friendly_flex_attention

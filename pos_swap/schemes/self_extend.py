@@ -1,0 +1,90 @@
+"""``self-extend``: training-free grouped attention for RoPE models (Jin et al. 2024, "LLM Maybe LongLM").
+
+Neighbours closer than ``window`` attend with their normal RoPE positions; farther keys attend with grouped
+positions (:mod:`pos_swap.functional.self_extend`), so no relative distance grows past what the model was trained
+on by more than the group factor. The model's rotary becomes the identity, keys enter the KV cache unrotated, and
+each call rotates queries and keys twice (neighbour and grouped positions) and merges the two score matrices.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .. import archs
+from ..attention import chunked_attention, chunked_backend, key_positions, query_positions
+from ..errors import InvalidParameterError
+from ..functional import rope, self_extend
+from ..registry import Scheme, SchemeConfig, greater_than, param, positive
+
+
+@dataclasses.dataclass
+class SelfExtendConfig(SchemeConfig):
+    window: int = param(512, "neighbour window W: keys closer than W keep their normal positions", positive)
+    group: int = param(
+        None,
+        "group size G: positions beyond the window are divided by G (e.g. 4 for about 4x the trained context)",
+        greater_than(1, " (1 leaves the model unchanged)"),
+        required=True,
+    )
+
+    def validate(self, model):
+        if self.window % self.group:
+            raise InvalidParameterError(
+                f"self-extend needs the window divisible by the group so grouped distances continue where the "
+                f"window ends; got window={self.window}, group={self.group}. Use a window that is a multiple of "
+                f"{self.group}, or a group that divides {self.window}."
+            )
+
+
+class GroupedAttention(nn.Module):
+    """The attention hook of one rotary table: rotates queries and cached keys at neighbour and grouped positions
+    and attends with the merged scores (in chunks of query rows, never an L x L tensor per head)."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, window: int, group: int):
+        super().__init__()
+        self.inv_freq = inv_freq  # (F,) float32, the model's own frequencies; a plain tensor so dtype casts skip it
+        self.attention_scaling, self.window, self.group = attention_scaling, window, group
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, group={self.group}, rotary_dim={2 * self.inv_freq.numel()}"
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        inv_freq = self.inv_freq.to(x.device)
+        return rope.rotate(x, *rope.cos_sin(positions, inv_freq, self.attention_scaling, x.dtype))
+
+    def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        batch, heads, q_len, _ = query.shape
+        k_len = key.shape[2]
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)  # (B, Lq)
+        k_pos = key_positions(q_pos, k_len)  # (B, Lk)
+        q_group, k_group = self_extend.grouped_positions(q_pos, k_pos, self.window, self.group)
+        far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
+        far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
+
+        def logits(rows, near_query, near_key):
+            near = near_query @ near_key.transpose(-1, -2)  # (B, H, C, Lk)
+            far = far_query[:, :, rows] @ far_key.transpose(-1, -2)  # (B, H, C, Lk)
+            neighbours = self_extend.in_window(q_pos[:, rows], k_pos, self.window)[:, None]  # (B, 1, C, Lk)
+            return torch.where(neighbours, near, far).float() * scaling
+
+        near_query, near_key = self._rotate(query, q_pos), self._rotate(key, k_pos)  # (B, H, Lq, D), (B, Hkv, Lk, D)
+        return chunked_attention(
+            module, near_query, near_key, value, attention_mask, scaling, logits, dropout, kwargs.get("softcap")
+        )
+
+
+class SelfExtend(Scheme):
+    name = "self-extend"
+    summary = "Self-Extend: normal RoPE within a window, grouped positions beyond it; training-free (Jin et al. 2024)"
+    Config = SelfExtendConfig
+    families = (archs.ROTARY,)
+
+    def apply(self, patch) -> None:
+        model, c = patch.model, self.config
+        backend = chunked_backend(model)
+        for slot in archs.rotary_slots(model):  # Gemma 3's sliding layers keep their native RoPE
+            hook = GroupedAttention(slot.inv_freq.float().clone(), slot.attention_scaling, c.window, c.group)
+            patch.set_rotary(slot, torch.zeros(slot.dim // 2), 1.0)  # identity: keys enter the cache unrotated
+            patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=backend)

@@ -116,6 +116,32 @@ def short(error: BaseException) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
+def plot(rows: list[dict], schemes: list[str], title: str, path: Path) -> None:
+    """Time and memory ratio against length, one line per scheme (log y once the ratios spread past 3x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("time_ratio", "forward time, patched / native", TIME_TARGET),
+              ("memory_ratio", "peak memory, patched / native", MEMORY_TARGET)]  # fmt: skip
+    for ax, (key, name, target) in zip(axes, panels):
+        for scheme in schemes:
+            mine = [r for r in rows if r["scheme"] == scheme and "error" not in r]
+            ax.plot([r["length"] for r in mine], [r[key] for r in mine], marker="o", label=scheme)
+        ratios = [r[key] for r in rows if "error" not in r]
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(target, color="red", lw=0.8, ls="--", label=f"ALiBi target {target}x")
+        log_y = ratios and min(ratios) > 0 and max(ratios) / min(ratios) > 3
+        ax.set(xscale="log", yscale="log" if log_y else "linear", xlabel="sequence length", title=name)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="gpt2 (GPT2Config(), random weights), offline:smollm2, folder")
@@ -251,25 +277,7 @@ def main(argv=None):
                        repeats=args.repeats, native_reference=reference, memory=memory, targets=TARGETS,
                        params={s: params[s] for s in plan}, skipped=skipped, rows=rows)  # fmt: skip
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for scheme in plan:
-            mine = [r for r in rows if r["scheme"] == scheme and "error" not in r]
-            axes[0].plot([r["length"] for r in mine], [r["time_ratio"] for r in mine], marker="o", label=scheme)
-            axes[1].plot([r["length"] for r in mine], [r["memory_ratio"] for r in mine], marker="o", label=scheme)
-        for ax, title, target in zip(axes, ["forward time, patched / native", "peak memory, patched / native"],
-                                     [TIME_TARGET, MEMORY_TARGET]):  # fmt: skip
-            ax.axhline(1.0, color="gray", lw=0.8)
-            ax.axhline(target, color="red", lw=0.8, ls="--", label=f"ALiBi target {target}x")
-            ax.set(xscale="log", xlabel="sequence length", title=title)
-            ax.legend(fontsize="small")
-        fig.suptitle(f"{args.model} on {args.device} ({args.dtype}, {args.attn})")
-        fig.tight_layout()
-        fig.savefig(args.out / "retrofit_cost.png", dpi=120)
+        plot(rows, plan, f"{args.model} on {args.device} ({args.dtype}, {args.attn})", args.out / "retrofit_cost.png")
         print(f"wrote {args.out / 'results.json'} and {args.out / 'retrofit_cost.png'}")
 
 

@@ -11,6 +11,7 @@ global, and ``print(model)`` shows it.
 import sys
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -104,8 +105,8 @@ class DeferredRotation(torch.nn.Module):
         return inner(module, query, key, value, attention_mask, **kwargs)
 
 
-def additive_mask(attention_mask, module, rows: slice, q_len: int, k_len: int, device) -> torch.Tensor | None:
-    """Rows ``rows`` of the attention mask as an additive float32 tensor ``(B|1, 1, C, Lk)``, or None.
+def additive_mask(attention_mask, module, rows: slice, cols: slice, q_len: int, k_len: int, device):
+    """The attention mask's ``rows`` x ``cols`` block as an additive float32 tensor ``(B|1, 1, C, W)``, or None.
 
     ``None`` from transformers means "causal, no padding" for a causal module (sdpa's ``is_causal``) and "no
     mask" otherwise; boolean masks mark allowed keys; float masks are additive already. Disallowed entries get
@@ -116,43 +117,61 @@ def additive_mask(attention_mask, module, rows: slice, q_len: int, k_len: int, d
         if not getattr(module, "is_causal", True) or q_len == 1:
             return None
         query_index = torch.arange(rows.start, rows.stop, device=device)[:, None] + (k_len - q_len)
-        allowed = torch.arange(k_len, device=device)[None, :] <= query_index
+        allowed = torch.arange(cols.start, cols.stop, device=device)[None, :] <= query_index
         return torch.where(allowed, 0.0, floor)[None, None]
-    mask = attention_mask[:, :, rows, :k_len]
+    mask = attention_mask[:, :, rows, cols]
     if mask.dtype == torch.bool:
         return torch.where(mask, 0.0, floor)
     return mask.float().clamp(min=floor)
 
 
 def chunked_attention(
-    module, query, key, value, attention_mask, scaling, logits, dropout=0.0, softcap=None, budget_mib=64
-):
-    """Attention whose scores come from ``logits(rows, query_rows, key) -> (B, H, C, Lk)`` (already scaled, in
-    float32), computed over chunks of query rows so that no more than ``budget_mib`` of scores exist at once
-    (never an L x L tensor per head on the long path). Keys and values are repeated for grouped-query heads;
-    ``softcap`` caps the scores before the mask as Gemma 2 does.
-    Returns ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
+    module, query, key, value, attention_mask, scaling, *, logits=None, bias=None, dropout=0.0, softcap=None,
+    budget_mib=64,
+):  # fmt: skip
+    """Attention computed over chunks of query rows, so that no more than ``budget_mib`` of scores exist at once
+    (never an L x L tensor per head on the long path).
+
+    The scores are either ``logits(rows, cols, query_rows, key_cols) -> (B, H, C, W)`` (float32, already scaled)
+    or the scaled dot product plus ``bias(rows, cols) -> (B|1, H, C, W)``; a bias alone runs fused in SDPA unless
+    eager attention weights or a softcap (Gemma 2) are needed. A causal module reads only the keys up to its
+    chunk's last query (``cols``): the others would be masked, so a prefill does half the work. Keys and values
+    are repeated for grouped-query heads. Returns ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``;
+    weights only when the model chose eager.
     """
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     groups = heads // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     keep_weights = module.config._attn_implementation == PREFIX + "eager"
-    step = max(1, (budget_mib * 2**20) // (4 * batch * heads * k_len))
+    fused = logits is None and not keep_weights and softcap is None
+    causal = getattr(module, "is_causal", True)
+    step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
     outputs, weights = [], []
     for start in range(0, q_len, step):
         rows = slice(start, min(start + step, q_len))
-        scores = logits(rows, query[:, :, rows], key)
+        cols = slice(0, min(k_len, k_len - q_len + rows.stop) if causal else k_len)
+        q_rows, k_cols, v_cols = query[:, :, rows], key[:, :, cols], value[:, :, cols]
+        mask = additive_mask(attention_mask, module, rows, cols, q_len, k_len, query.device)  # (B|1, 1, C, W)
+        if fused:
+            extra = bias(rows, cols) if mask is None else bias(rows, cols) + mask  # (B|1, H, C, W) float32
+            extra = extra.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+            p = dropout if module.training else 0.0
+            outputs.append(F.scaled_dot_product_attention(q_rows, k_cols, v_cols, extra, dropout_p=p, scale=scaling))
+            continue
+        if logits is not None:
+            scores = logits(rows, cols, q_rows, k_cols)
+        else:
+            scores = (q_rows @ k_cols.transpose(-1, -2)).float() * scaling + bias(rows, cols)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        mask = additive_mask(attention_mask, module, rows, q_len, k_len, query.device)
         if mask is not None:
             scores = scores + mask
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-        outputs.append(probs @ value)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)  # (B, H, C, W)
+        probs = F.dropout(probs, p=dropout, training=module.training)
+        outputs.append(probs @ v_cols)
         if keep_weights:
-            weights.append(probs)
+            weights.append(F.pad(probs, (0, k_len - cols.stop)))
     output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
     return output, torch.cat(weights, dim=2) if keep_weights else None
 

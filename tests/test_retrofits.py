@@ -83,14 +83,18 @@ def test_chunked_attention_is_exact_whatever_the_chunk():
     module = tiny("llama").model.layers[0].self_attn
     q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
 
-    def logits(rows, q_rows, keys):
+    def logits(rows, cols, q_rows, keys):
         return (q_rows @ keys.transpose(-1, -2)).float() * 0.25
 
-    whole, _ = chunked_attention(module, q, k, v, None, 0.25, logits, budget_mib=64)
-    pieces, _ = chunked_attention(module, q, k, v, None, 0.25, logits, budget_mib=1e-4)  # one row at a time
+    def bias(rows, cols):
+        return torch.zeros(1, 4, rows.stop - rows.start, cols.stop)
+
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
-    torch.testing.assert_close(whole, reference.transpose(1, 2), rtol=0, atol=1e-5)
-    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
+    for scores in (dict(logits=logits), dict(bias=bias)):  # computed here, or fused in SDPA
+        whole, _ = chunked_attention(module, q, k, v, None, 0.25, budget_mib=64, **scores)
+        pieces, _ = chunked_attention(module, q, k, v, None, 0.25, budget_mib=1e-4, **scores)  # one row at a time
+        torch.testing.assert_close(whole, reference.transpose(1, 2), rtol=0, atol=1e-5)
+        torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-5)
 
 
 # -- retrofits on models -------------------------------------------------------------------------------------

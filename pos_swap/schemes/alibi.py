@@ -61,12 +61,13 @@ class AlibiBias(nn.Module):
         q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
         k_pos = key_positions(q_pos, k_len)
 
-        def logits(rows, q_rows, keys):
-            scores = (q_rows @ keys.transpose(-1, -2)).float() * scaling
-            return scores + alibi.bias(q_pos[:, rows], k_pos, self.slopes, self.symmetric)
+        def bias(rows, cols):
+            return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric)  # (B, H, C, W)
 
-        softcap = kwargs.get("softcap")
-        return chunked_attention(module, query, key, value, attention_mask, scaling, logits, dropout, softcap, self.chunk_mib)
+        return chunked_attention(
+            module, query, key, value, attention_mask, scaling, bias=bias, dropout=dropout,
+            softcap=kwargs.get("softcap"), budget_mib=self.chunk_mib,
+        )  # fmt: skip
 
     def _flex(self, query, key, value, block_mask, scaling, shift):
         from transformers.integrations.flex_attention import compile_friendly_flex_attention

@@ -51,13 +51,14 @@ class CoPE(nn.Module):
         q_len, k_len = query.shape[2], key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
 
-        def logits(rows, q_rows, keys):
-            mask = additive_mask(attention_mask, module, rows, q_len, k_len, query.device)  # gates of masked keys: 0
-            return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, Lk)
+        def logits(rows, cols, q_rows, keys):
+            mask = additive_mask(attention_mask, module, rows, cols, q_len, k_len, query.device)  # masked gates: 0
+            return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, W)
 
         return chunked_attention(
-            module, query, key, value, attention_mask, scaling, logits, dropout, kwargs.get("softcap")
-        )
+            module, query, key, value, attention_mask, scaling, logits=logits, dropout=dropout,
+            softcap=kwargs.get("softcap"),
+        )  # fmt: skip
 
 
 class CoPEScheme(Scheme):

@@ -63,16 +63,17 @@ class GroupedAttention(nn.Module):
         far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
         far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
 
-        def logits(rows, near_query, near_key):
-            near = near_query @ near_key.transpose(-1, -2)  # (B, H, C, Lk)
-            far = far_query[:, :, rows] @ far_key.transpose(-1, -2)  # (B, H, C, Lk)
-            neighbours = self_extend.in_window(q_pos[:, rows], k_pos, self.window)[:, None]  # (B, 1, C, Lk)
+        def logits(rows, cols, near_query, near_key):
+            near = near_query @ near_key.transpose(-1, -2)  # (B, H, C, W)
+            far = far_query[:, :, rows] @ far_key[:, :, cols].transpose(-1, -2)  # (B, H, C, W)
+            neighbours = self_extend.in_window(q_pos[:, rows], k_pos[:, cols], self.window)[:, None]  # (B, 1, C, W)
             return torch.where(neighbours, near, far).float() * scaling
 
         near_query, near_key = self._rotate(query, q_pos), self._rotate(key, k_pos)  # (B, H, Lq, D), (B, Hkv, Lk, D)
         return chunked_attention(
-            module, near_query, near_key, value, attention_mask, scaling, logits, dropout, kwargs.get("softcap")
-        )
+            module, near_query, near_key, value, attention_mask, scaling, logits=logits, dropout=dropout,
+            softcap=kwargs.get("softcap"),
+        )  # fmt: skip
 
 
 class SelfExtend(Scheme):

@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .errors import IncompatibleSchemeError
 from .functional import rope
 
 HOOK = "pos_swap"  # the submodule name a hook gets on each attention module
@@ -53,7 +54,10 @@ def routed_name(config, backend: str | None = None) -> str:
     if current.startswith(PREFIX):
         return current
     if current not in BACKENDS:
-        raise NotImplementedError(f"pos_swap cannot route attention implementation '{current}'; use one of {BACKENDS}.")
+        raise IncompatibleSchemeError(
+            f"This scheme needs pos_swap's attention function, which wraps {', '.join(BACKENDS)}; the model uses "
+            f"'{current}'. Load it with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa'))."
+        )
     return PREFIX + current
 
 
@@ -78,10 +82,10 @@ class DeferredRotation(torch.nn.Module):
     """Rotates queries and every cached key at attention time, with frequencies of the *current* length.
 
     The model's own rotary is set to the identity, so keys enter the KV cache unrotated; each call rotates them
-    with ``frequencies(seq_len)`` where ``seq_len (B,)`` is each sequence's current length. Dynamic schemes thus
-    stay equal to recomputing without a cache when the length (and with it the frequencies) grows, the fix
-    transformers never merged for dynamic NTK (its issue 25104). Frequencies are computed once per forward and
-    shared by all layers.
+    with ``frequencies(seq_len)`` where ``seq_len (B,)`` is each sequence's current length. When the length (and
+    with it the frequencies) grows during generation, every cached key is rotated with the new frequencies, never
+    a mix of old and new: the fix transformers never merged for dynamic NTK (its issue 25104). Frequencies are
+    computed once per forward and shared by all layers.
     """
 
     def __init__(self, frequencies):

@@ -132,6 +132,9 @@ class Patch:
         """Undo every change in reverse order; the model is then exactly as before the patch."""
         if not self._undo:
             raise NotPatchedError("This patch was already removed.")
+        self._undo_all()
+
+    def _undo_all(self) -> None:
         while self._undo:
             obj, name, old = self._undo.pop()
             if old is _MISSING:
@@ -170,7 +173,7 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
     try:
         handle._apply()
     except BaseException:
-        handle.remove()
+        handle._undo_all()
         if previous is not None:
             patch(model, previous.scheme.name, **previous.params)
         raise

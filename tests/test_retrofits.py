@@ -232,13 +232,20 @@ def test_bert_alibi_is_symmetric_and_padding_aware():
     torch.testing.assert_close(outputs(model, padded, attention_mask=mask)[:, :16], outputs(model, ids), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_alibi_eager_and_sdpa_agree(arch):
+@pytest.mark.parametrize(
+    "arch,name,params",
+    [
+        ("gpt2", "alibi", {}), ("llama", "alibi", {}), ("gpt2", "rope", {}), ("gpt2", "sinusoidal", {}),
+        ("llama", "nope", {}), ("llama", "cope", dict(init="normal")), ("gpt2", "cope", dict(init="normal")),
+        ("llama", "self-extend", dict(window=8, group=4)), ("qwen3", "self-extend", dict(window=8, group=2)),
+    ],
+)  # fmt: skip
+def test_eager_and_sdpa_agree(arch, name, params):
     ids = ids_of(40)
     results = []
     for backend in ("eager", "sdpa"):
         model = tiny(arch, attn_implementation=backend)
-        pos_swap.patch(model, "alibi")
+        pos_swap.patch(model, name, **params)
         results.append(outputs(model, ids))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-4)
 

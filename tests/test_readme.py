@@ -35,10 +35,14 @@ def test_benchmark_and_examples_run(tmp_path):
     runs = [
         [ROOT / "benchmarks" / "patch_overhead.py", "--lengths", "64", "--repeats", "1", "--schemes", "yarn", "dynamic",
          "--out", tmp_path / "bench"],
+        [ROOT / "benchmarks" / "retrofit_cost.py", "--lengths", "64", "--repeats", "1", "--schemes", "alibi", "rope",
+         "--out", tmp_path / "retro"],
         [ROOT / "examples" / "quickstart.py"],
+        [ROOT / "examples" / "retrofits.py", "--length", "128"],
         [ROOT / "examples" / "long_context_perplexity.py", "--lengths", "128", "256", "--out", tmp_path / "ppl"],
     ]  # fmt: skip
     for argv in runs:
         done = subprocess.run([sys.executable, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, (argv, done.stderr[-2000:])
-    assert (tmp_path / "bench" / "overhead.png").exists() and (tmp_path / "ppl" / "perplexity.png").exists()
+    for plot in ("bench/overhead.png", "retro/retrofit_cost.png", "ppl/perplexity.png"):
+        assert (tmp_path / plot).exists(), plot

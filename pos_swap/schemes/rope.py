@@ -57,6 +57,6 @@ class Rope(Scheme):
 
     def _frequencies(self, scaling, dim: int, seq_lens: torch.Tensor):
         if scaling is not None:
-            return scaling._per_sequence(dim, self.config.base, seq_lens)
+            return scaling.per_sequence(dim, self.config.base, seq_lens)
         inv_freq = rope.default_inv_freq(dim, self.config.base, seq_lens.device)
         return inv_freq.expand(len(seq_lens), -1), torch.ones(len(seq_lens), device=seq_lens.device)

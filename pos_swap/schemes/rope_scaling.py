@@ -53,19 +53,16 @@ class RopeScaling(Scheme):
                 patch.set_rotary(slot, *self.frequencies(dim, base))
                 continue
             patch.set_rotary(slot, torch.zeros(dim // 2), 1.0)  # identity: keys enter the cache unrotated
-            frequencies = functools.partial(self._per_sequence, dim, base)
+            frequencies = functools.partial(self.per_sequence, dim, base)
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), DeferredRotation(frequencies))
 
-    def _per_sequence(self, dim: int, base: float, seq_lens: torch.Tensor):
+    def per_sequence(self, dim: int, base: float, seq_lens: torch.Tensor):
         """One row of frequencies and one scaling per sequence, from each one's own length ``(B,)``."""
         lengths = seq_lens.tolist()
         tables = {length: self.frequencies(dim, base, length) for length in set(lengths)}
         inv_freq = torch.stack([tables[length][0] for length in lengths]).to(seq_lens.device)
         scaling = torch.tensor([tables[length][1] for length in lengths], device=seq_lens.device)
         return inv_freq, scaling
-
-    def hf_rope_parameters(self, config, slot) -> dict | None:
-        return None
 
     @property
     def original_length(self) -> int:

@@ -104,8 +104,8 @@ class DeferredRotation(torch.nn.Module):
         k_len = key.shape[2]
         q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
         inv_freq, scaling = self._tables(kwargs.get("position_ids"), q_pos)
-        query = rope.rotate(query, *rope.cos_sin(q_pos, inv_freq, scaling, query.dtype))
-        key = rope.rotate(key, *rope.cos_sin(key_positions(q_pos, k_len), inv_freq, scaling, key.dtype))
+        query = rope.rotate_at(query, q_pos, inv_freq, scaling)
+        key = rope.rotate_at(key, key_positions(q_pos, k_len), inv_freq, scaling)
         return inner(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -64,6 +64,11 @@ class Patch:
         rope_type = module.rope_type
         self.set(module, "rope_type", {**rope_type, slot.layer_type: "default"} if isinstance(rope_type, dict) else "default")
 
+    def set_rotary_identity(self, slot: archs.RotarySlot) -> None:
+        """Make a rotary table the identity (cos 1, sin 0): queries and keys, cached ones included, leave the
+        model's attention unrotated, for a hook to rotate at attention time or for no rotation at all."""
+        self.set_rotary(slot, torch.zeros(slot.dim // 2), 1.0)
+
     def route_attention(self, backend: str | None = None) -> None:
         """Send the model's attention through pos_swap's function, wrapping ``backend`` (default: the current
         one). The backend also decides which mask transformers builds for the model."""
@@ -82,7 +87,7 @@ class Patch:
         a learned table returns zeros."""
         if archs.lookup(self.model).family == archs.ROTARY:
             for slot in archs.rotary_slots(self.model, every_layer_type=True):
-                self.set_rotary(slot, torch.zeros(slot.dim // 2), 1.0)
+                self.set_rotary_identity(slot)
         else:
             weight = archs.position_table(self.model).weight
             self.replace_table(lambda positions: weight.new_zeros(*positions.shape, weight.shape[-1]))

@@ -149,6 +149,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Rotate ``x (B, H, L, D)`` to ``positions (B, L)``: :func:`rotate` with the tables of :func:`cos_sin`."""
+    return rotate(x, *cos_sin(positions, inv_freq, scaling, x.dtype))
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` features of ``x (B, H, L, D)`` with ``cos, sin (B, L, R)``; the
     remaining features (partial rotary) pass through."""

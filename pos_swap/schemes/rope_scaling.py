@@ -52,7 +52,7 @@ class RopeScaling(Scheme):
             if not self.follows_length:
                 patch.set_rotary(slot, *self.frequencies(dim, base))
                 continue
-            patch.set_rotary(slot, torch.zeros(dim // 2), 1.0)  # identity: keys enter the cache unrotated
+            patch.set_rotary_identity(slot)  # keys enter the cache unrotated
             frequencies = functools.partial(self.per_sequence, dim, base)
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), DeferredRotation(frequencies))
 

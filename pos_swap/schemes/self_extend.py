@@ -50,8 +50,7 @@ class GroupedAttention(nn.Module):
         return f"window={self.window}, group={self.group}, rotary_dim={2 * self.inv_freq.numel()}"
 
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        inv_freq = self.inv_freq.to(x.device)
-        return rope.rotate(x, *rope.cos_sin(positions, inv_freq, self.attention_scaling, x.dtype))
+        return rope.rotate_at(x, positions, self.inv_freq.to(x.device), self.attention_scaling)
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         batch, heads, q_len, _ = query.shape
@@ -87,5 +86,5 @@ class SelfExtend(Scheme):
         backend = chunked_backend(model)
         for slot in archs.rotary_slots(model):  # Gemma 3's sliding layers keep their native RoPE
             hook = GroupedAttention(slot.inv_freq.float().clone(), slot.attention_scaling, c.window, c.group)
-            patch.set_rotary(slot, torch.zeros(slot.dim // 2), 1.0)  # identity: keys enter the cache unrotated
+            patch.set_rotary_identity(slot)  # keys enter the cache unrotated
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=backend)

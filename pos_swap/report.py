@@ -1,0 +1,201 @@
+"""One writer for everything a run shows a person: a run folder whose ``results.json`` grows cell by cell, terminal
+tables, PNG plots and a self-contained ``report.html``. Evaluation, probing and recovery all write through here.
+
+    run = RunFolder("runs/eval", kind="eval", meta={"model": ...}, resume=args.resume)
+    if not run.done(key):
+        run.add({"key": key, ...})            # results.json rewritten atomically after every cell
+    line_plot(run.path / "ppl.png", {"native": (xs, ys)}, xlabel="tokens", ylabel="perplexity")
+    write_html(run.path / "report.html", "title", [Section("Perplexity", table=..., images=["ppl.png"])])
+"""
+
+import base64
+import contextlib
+import datetime
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PosSwapError
+
+RESULTS = "results.json"
+
+
+class RunFolder:
+    """An output folder holding one run: its settings (``meta``) and the finished cells, written as they finish.
+
+    A folder that holds another run is refused unless ``overwrite`` (start again) or ``resume`` (keep its cells,
+    which ``done`` then reports, so an interrupted run skips them). Resuming with other settings is refused too:
+    the cells would not be comparable.
+    """
+
+    def __init__(self, path, *, kind: str, meta: dict, resume: bool = False, overwrite: bool = False,
+                 results: str = RESULTS):  # fmt: skip
+        self.path = Path(path)
+        self.file = self.path / results
+        self.kind, self.meta = kind, json.loads(json.dumps(meta))  # a JSON-clean copy
+        self.cells: list[dict] = []
+        if self.file.exists() and not overwrite:
+            saved = json.loads(self.file.read_text())
+            if not resume:
+                raise PosSwapError(
+                    f"'{self.path}' already holds a {saved.get('kind', 'pos_swap')} run ({self.file.name}). Pass "
+                    f"--resume to continue it, --overwrite to replace it, or choose another output folder."
+                )
+            if saved.get("kind") != kind or saved.get("meta") != self.meta:
+                changed = sorted(k for k in {**saved.get("meta", {}), **self.meta}
+                                 if saved.get("meta", {}).get(k) != self.meta.get(k))  # fmt: skip
+                raise PosSwapError(
+                    f"Cannot resume '{self.path}': it was made with other settings ({', '.join(changed) or 'kind'} "
+                    f"differ). Use the same settings, or --overwrite to start again."
+                )
+            self.cells = saved.get("cells", [])
+        elif self.path.exists() and not self.path.is_dir():
+            raise PosSwapError(f"Output path '{self.path}' is a file; give a folder.")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._write()
+
+    def done(self, key: str) -> bool:
+        return any(cell.get("key") == key for cell in self.cells)
+
+    def add(self, cell: dict) -> None:
+        """Record one finished cell (a dict with a unique ``key``) and rewrite the results file."""
+        self.cells = [c for c in self.cells if c.get("key") != cell.get("key")] + [json.loads(json.dumps(cell))]
+        self._write()
+
+    def _write(self) -> None:
+        payload = {"kind": self.kind, "meta": self.meta, "cells": self.cells,
+                   "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        temporary = self.file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
+        os.replace(temporary, self.file)
+
+
+def format_table(rows: list[dict], columns: list[str], floats: str = "{:.2f}") -> str:
+    """A plain-text table of ``rows`` (dicts) with ``columns``, for the terminal."""
+    def text(value):
+        if isinstance(value, float):
+            return "nan" if math.isnan(value) else floats.format(value)
+        return "" if value is None else str(value)
+
+    cells = [[text(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@contextlib.contextmanager
+def figure(path, nrows: int = 1, ncols: int = 1, size=(6.4, 4.2), **kwargs):
+    """``with figure("x.png", 1, 2) as (fig, axes):`` draw, then the PNG is written and the figure closed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False, **kwargs)
+    try:
+        yield fig, axes if nrows * ncols > 1 else axes[0, 0]
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", marks: dict | None = None,
+              logx: bool = False, logy: bool = False, bands: dict | None = None) -> Path:  # fmt: skip
+    """One line per entry of ``series`` (name -> (xs, ys)); ``bands`` (name -> (low, high)) shades a spread;
+    ``marks`` (label -> x) draws dashed vertical lines, e.g. the trained context."""
+    with figure(path) as (_, ax):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+            if bands and name in bands:
+                ax.fill_between(xs, *bands[name], alpha=0.2)
+        for label, x in (marks or {}).items():
+            ax.axvline(x, color="gray", lw=0.8, ls="--", label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        if logx:
+            ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return Path(path)
+
+
+def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, yticks=None, vmin=None, vmax=None,
+             cmap: str = "viridis", annotate: bool = False, colorbar: str = "") -> Path:  # fmt: skip
+    """One heatmap per entry of ``panels`` (title -> 2-D array, rows drawn top to bottom), side by side."""
+    import numpy as np
+
+    count = max(1, len(panels))
+    with figure(path, 1, count, size=(min(4.2 * count, 16), 3.8)) as (fig, axes):
+        axes = np.atleast_1d(axes).ravel()
+        for ax, (title, matrix) in zip(axes, panels.items()):
+            matrix = np.asarray(matrix, dtype=float)
+            image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+            if xticks is not None:
+                ax.set_xticks(range(len(xticks)), [str(t) for t in xticks], rotation=45, fontsize=7)
+            if yticks is not None:
+                ax.set_yticks(range(len(yticks)), [str(t) for t in yticks], fontsize=7)
+            if annotate:
+                for (i, j), value in np.ndenumerate(matrix):
+                    ax.text(j, i, "" if np.isnan(value) else f"{value:.2g}", ha="center", va="center", fontsize=7,
+                            color="white" if value < np.nanmean(matrix) else "black")  # fmt: skip
+            fig.colorbar(image, ax=ax, label=colorbar)
+    return Path(path)
+
+
+@dataclass
+class Section:
+    """A part of ``report.html``: a heading, a paragraph, a table (rows, columns) and images (PNG paths)."""
+
+    heading: str
+    text: str = ""
+    table: tuple[list[dict], list[str]] | None = None
+    images: list = field(default_factory=list)
+
+
+def _html_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else html.escape("" if value is None else str(value))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_html(path, title: str, sections: list[Section], meta: dict | None = None) -> Path:
+    """A single self-contained HTML file (PNG images embedded) with the run's settings, tables and plots."""
+    path = Path(path)
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if meta:
+        parts.append(f"<pre>{html.escape(json.dumps(meta, indent=1))}</pre>")
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.heading)}</h2>")
+        if section.text:
+            parts.append(f"<p>{html.escape(section.text)}</p>")
+        if section.table:
+            parts.append(_html_table(*section.table))
+        for image in section.images:
+            image = Path(image) if Path(image).is_absolute() else path.parent / image
+            if image.exists():
+                data = base64.b64encode(image.read_bytes()).decode()
+                parts.append(f'<img alt="{html.escape(image.name)}" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"
+             "pre{background:#f7f7f7;padding:.5em;font-size:12px}")  # fmt: skip
+    document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    path.write_text(document)
+    return path

@@ -41,7 +41,7 @@ class RunFolder:
             saved = json.loads(self.file.read_text())
             if not resume:
                 raise PosSwapError(
-                    f"'{self.path}' already holds a {saved.get('kind', 'pos_swap')} run ({self.file.name}). Pass "
+                    f"'{self.path}' already holds a pos_swap {saved.get('kind', '')} run ({self.file.name}). Pass "
                     f"--resume to continue it, --overwrite to replace it, or choose another output folder."
                 )
             if saved.get("kind") != kind or saved.get("meta") != self.meta:

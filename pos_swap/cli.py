@@ -1,4 +1,5 @@
-"""``pos-swap``: list schemes, inspect a checkpoint's positional mechanism, and save a patched copy.
+"""``pos-swap``: list schemes, inspect a checkpoint's positional mechanism, save a patched copy, and measure
+schemes (perplexity by length, passkey and multi-key retrieval, a recommendation, the one-command demo).
 
 Every scheme parameter is a flag (``--factor 4``, ``--beta-fast 32``, ``--long-factor 1,1.5,2``); each
 scheme uses the ones its ``pos-swap schemes -v`` entry lists.
@@ -10,11 +11,14 @@ import json
 import sys
 import typing
 
-from . import archs, engine, offline
+from . import archs, engine, evaluate, offline, report
 from .errors import PosSwapError
 from .registry import get_scheme, schemes
 
 EPILOG = """examples:
+  pos-swap demo                                         SmolLM2 beyond its 8k context, offline, a few minutes
+  pos-swap eval offline:smollm2 --schemes native,dynamic-yarn,yarn:factor=4 --lengths 2k,8k,16k --tasks ppl,passkey
+  pos-swap recommend offline:smollm2 --length 16k       rank training-free settings measured at 16k
   pos-swap schemes -v                                   every scheme with its parameters
   pos-swap info offline:smollm2                         the packaged SmolLM2 checkpoint (no Hub needed)
   pos-swap patch offline:smollm2 --scheme yarn --factor 4 --out smol-yarn
@@ -104,6 +108,55 @@ def cmd_patch(args) -> None:
     print(f"saved {handle!r} to {args.out} (load it with {how})")
 
 
+def cmd_eval(args) -> None:
+    plan = evaluate.Plan(
+        schemes=evaluate.parse_schemes(args.schemes), lengths=evaluate.parse_lengths(args.lengths),
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        retrieval_lengths=evaluate.parse_lengths(args.retrieval_lengths) if args.retrieval_lengths else None,
+        depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials, windows=args.windows, seed=args.seed,
+    )  # fmt: skip
+    report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
+    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest())
+    run = evaluate.evaluate(model, tokenizer, plan, out=args.out, model_name=args.model, text=args.text,
+                            resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+    evaluate.run.print_sections(evaluate.write_report(run))
+    print(f"\nwrote {run.file}, the PNG plots and {run.path / 'report.html'}")
+
+
+def cmd_recommend(args) -> None:
+    target = evaluate.specs.parse_length(args.length)
+    if args.out:
+        report.check_output(args.out, overwrite=args.overwrite)
+    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=target)
+    result = evaluate.recommend(model, tokenizer, target, text=args.text, windows=args.windows,
+                                tolerance=args.tolerance, out=args.out, overwrite=args.overwrite)  # fmt: skip
+    rows = [{**r, "inside_change": f"{r['inside_change']:+.1%}"} for r in result["ranking"]]
+    trained, length = evaluate.specs.format_length(result["trained"]), evaluate.specs.format_length(target)
+    columns = ["scheme", "target_ppl_tail", "trained_ppl", "inside_change", "keeps_native"]
+    print(f"\nranked by last-quarter perplexity at {length}; trained_ppl: whole-window at the trained {trained}")
+    print(report.format_table(rows, columns))
+    print(f"\nuse:\n    {result['line']}")
+
+
+def cmd_demo(args) -> None:
+    run = evaluate.demo.demo(args.out, full=args.full, resume=args.resume, overwrite=args.overwrite)
+    print(f"\nwrote {run.file}, the PNG plots and {run.path / 'report.html'}")
+
+
+def _add_model_options(p) -> None:
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub name, folder (a saved patch is re-applied) or offline:smollm2")
+    p.add_argument("--text", metavar="FILE", help="text to measure on (default: Python's pydoc topics, ~110k tokens)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--windows", type=int, default=1, help="perplexity windows per length, for mean and spread (default: 1)")
+
+
+def _add_run_options(p, default_out: str | None) -> None:
+    p.add_argument("--out", metavar="DIR", default=default_out, help=f"run folder (default: {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pos-swap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,6 +190,48 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{help_text} [{', '.join(users)}]".replace("%", "%%"),
         )  # fmt: skip
     p.set_defaults(run=cmd_patch)
+
+    p = sub.add_parser(
+        "demo", help="SmolLM2 native vs dynamic-yarn beyond its 8k context, offline (a few minutes on a CPU)",
+        description=evaluate.demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--full", action="store_true", help="the longer version: lengths to 16k, passkey at five depths")
+    _add_run_options(p, "runs/demo")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser(
+        "eval", help="perplexity by length, passkey and multi-key retrieval for several schemes",
+        description="Measure schemes on one model; writes results.json (cell by cell), PNG plots and report.html.",
+        epilog="""examples:
+  pos-swap eval offline:smollm2 --schemes native,dynamic-yarn --lengths 2k,8k,16k
+  pos-swap eval MODEL --schemes native,yarn:factor=4,self-extend:window=1024:group=8 --tasks ppl,passkey,multikey
+  pos-swap eval MODEL --schemes native,dynamic-yarn --lengths 16k --out runs/eval --resume   (after an interruption)
+
+SCHEMES: NAME[:PARAM=VALUE...] comma-separated; 'native' is the model without a patch. LENGTHS: tokens,
+k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _add_model_options(p)
+    p.add_argument("--schemes", default="native,dynamic-yarn", help="schemes to compare (default: native,dynamic-yarn)")
+    p.add_argument("--lengths", default="2k,8k", help="window lengths, e.g. 2k,8k,16k (default: 2k,8k)")
+    p.add_argument("--tasks", default="ppl", help="any of ppl,passkey,multikey (default: ppl)")
+    p.add_argument("--retrieval-lengths", metavar="LENGTHS", help="lengths for passkey/multikey (default: --lengths)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in 0..1 (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--trials", type=int, default=1, help="retrieval prompts per length and depth (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the needles (recorded in results.json)")
+    _add_run_options(p, "runs/eval")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser(
+        "recommend", help="measure training-free settings at a target length and print the one to use",
+        description=evaluate.choose.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _add_model_options(p)
+    p.add_argument("--length", required=True, help="target context length, e.g. 32k")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="allowed change of whole-window perplexity at the trained length (default: 0.01 = 1%%)")
+    p.add_argument("--out", metavar="DIR", help="also write results.json, plots and report.html there")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(run=cmd_recommend)
     return parser
 
 

@@ -28,22 +28,19 @@ class RunFolder:
 
     A folder that holds another run is refused unless ``overwrite`` (start again) or ``resume`` (keep its cells,
     which ``done`` then reports, so an interrupted run skips them). Resuming with other settings is refused too:
-    the cells would not be comparable.
+    the cells would not be comparable. ``path=None`` keeps the cells in memory only.
     """
 
     def __init__(self, path, *, kind: str, meta: dict, resume: bool = False, overwrite: bool = False,
                  results: str = RESULTS):  # fmt: skip
-        self.path = Path(path)
-        self.file = self.path / results
         self.kind, self.meta = kind, json.loads(json.dumps(meta))  # a JSON-clean copy
         self.cells: list[dict] = []
-        if self.file.exists() and not overwrite:
-            saved = json.loads(self.file.read_text())
-            if not resume:
-                raise PosSwapError(
-                    f"'{self.path}' already holds a pos_swap {saved.get('kind', '')} run ({self.file.name}). Pass "
-                    f"--resume to continue it, --overwrite to replace it, or choose another output folder."
-                )
+        self.path = None if path is None else Path(path)
+        if self.path is None:
+            return
+        self.file = self.path / results
+        saved = check_output(self.path, resume=resume, overwrite=overwrite, results=results)
+        if saved is not None:
             if saved.get("kind") != kind or saved.get("meta") != self.meta:
                 changed = sorted(k for k in {**saved.get("meta", {}), **self.meta}
                                  if saved.get("meta", {}).get(k) != self.meta.get(k))  # fmt: skip
@@ -52,8 +49,6 @@ class RunFolder:
                     f"differ). Use the same settings, or --overwrite to start again."
                 )
             self.cells = saved.get("cells", [])
-        elif self.path.exists() and not self.path.is_dir():
-            raise PosSwapError(f"Output path '{self.path}' is a file; give a folder.")
         self.path.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -66,11 +61,31 @@ class RunFolder:
         self._write()
 
     def _write(self) -> None:
+        if self.path is None:
+            return
         payload = {"kind": self.kind, "meta": self.meta, "cells": self.cells,
                    "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
         temporary = self.file.with_suffix(".tmp")
         temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
         os.replace(temporary, self.file)
+
+
+def check_output(path, *, resume: bool = False, overwrite: bool = False, results: str = RESULTS) -> dict | None:
+    """Check an output folder before any work: refuse one holding another run unless ``resume`` or ``overwrite``,
+    and a path that is a file. Returns the saved run when resuming one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PosSwapError(f"Output path '{path}' is a file; give a folder.")
+    file = path / results
+    if not file.exists() or overwrite:
+        return None
+    saved = json.loads(file.read_text())
+    if not resume:
+        raise PosSwapError(
+            f"'{path}' already holds a pos_swap {saved.get('kind', '')} run ({results}). Pass --resume to continue "
+            f"it, --overwrite to replace it, or choose another output folder."
+        )
+    return saved
 
 
 def format_table(rows: list[dict], columns: list[str], floats: str = "{:.2f}") -> str:

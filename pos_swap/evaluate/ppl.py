@@ -1,0 +1,120 @@
+"""Perplexity against context length, without ever holding an L x vocab tensor.
+
+The model runs to its last hidden states; the language-model head and the loss then run over chunks of
+positions, so a 32k window over a 49k vocabulary costs a chunk's logits (e.g. 1024 x 49k), not 6 GB.
+"""
+
+import math
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PosSwapError
+
+TAIL = 0.25  # the share of a window at its end whose tokens need the long context
+
+
+def token_losses(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Negative log-likelihood (float32, shape ``(L - 1,)``) of each token of ``ids (1, L)`` given the tokens
+    before it, in one forward pass of the whole window."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise PosSwapError(
+            f"{type(model).__name__} has no language-model head, so it has no perplexity. Load the model with "
+            f"AutoModelForCausalLM (encoders such as BERT: use the probing tools instead)."
+        )
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    ids = ids.to(head.weight.device)
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (L - 1, hidden)
+        targets = ids[0, 1:]
+        losses = []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = head(hidden[start : start + chunk]).float()  # (chunk, vocab)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            losses.append(torch.nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none"))
+    return torch.cat(losses).cpu()
+
+
+def window_perplexity(losses: torch.Tensor, tail: float = TAIL) -> dict:
+    """Whole-window perplexity and that of the window's last ``tail`` share of tokens (the long-context part)."""
+    count = losses.numel() + 1
+    first_tail = int(count * (1 - tail)) - 1  # losses[i] is the loss of token i + 1
+    return {
+        "ppl": math.exp(losses.double().mean().item()),
+        "ppl_tail": math.exp(losses[first_tail:].double().mean().item()),
+        "tokens": count,
+        "tail_tokens": losses.numel() - first_tail,
+    }
+
+
+def windows(tokens: torch.Tensor, length: int, count: int) -> list[torch.Tensor]:
+    """Up to ``count`` non-overlapping windows of ``length`` tokens from the start of ``tokens (N,)``."""
+    available = tokens.numel() // length
+    if available == 0:
+        raise PosSwapError(
+            f"The text holds {tokens.numel()} tokens, fewer than one {length}-token window. Pass a longer text "
+            f"(--text FILE, or text= in Python) or a shorter length."
+        )
+    return [tokens[i * length : (i + 1) * length][None] for i in range(min(count, available))]
+
+
+def perplexity(model, tokens: torch.Tensor, lengths, *, windows_per_length: int = 1, tail: float = TAIL,
+               chunk: int = 1024, progress: bool = True) -> list[dict]:  # fmt: skip
+    """Perplexity of ``model`` on windows of each length cut from ``tokens`` (a 1-D tensor, or ``(1, N)``).
+
+    Returns one dict per window: ``length``, ``window`` (its index), ``ppl``, ``ppl_tail`` (last ``tail`` share of
+    the window), ``tokens``, ``tail_tokens``. :func:`summarize` gives mean and spread per length.
+    """
+    tokens = tokens.reshape(-1)
+    jobs = [(length, index, ids) for length in lengths for index, ids in
+            enumerate(windows(tokens, length, windows_per_length))]  # fmt: skip
+    rows = []
+    for length, index, ids in tqdm(jobs, desc="perplexity", disable=not progress, leave=False):
+        rows.append({"length": length, "window": index, **window_perplexity(token_losses(model, ids, chunk), tail)})
+    return rows
+
+
+def summarize(rows: list[dict], keys=("ppl", "ppl_tail")) -> dict:
+    """Mean and standard deviation (over windows) of each of ``keys``: ``{"ppl": ..., "ppl_std": ..., ...}``."""
+    summary = {"windows": len(rows)}
+    for key in keys:
+        values = torch.tensor([row[key] for row in rows], dtype=torch.float64)
+        summary[key] = values.mean().item()
+        summary[f"{key}_std"] = values.std().item() if len(rows) > 1 else 0.0
+    return summary
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still use on the CPU (MemAvailable)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 2**62
+
+
+def estimate_memory(config, length: int, dtype_bytes: int = 4, chunk: int = 1024) -> int:
+    """Rough peak bytes of a perplexity forward at ``length`` tokens: weights, a layer's activations (hidden,
+    q/k/v, MLP), the KV of every layer when cached, and a chunk of logits. Eager attention adds its L x L scores."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 768)
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 12)
+    vocab = getattr(config, "vocab_size", 32000)
+    weights = (layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden) * dtype_bytes
+    activations = length * (8 * hidden + 3 * inter) * dtype_bytes
+    scores = heads * length * length * 4 if getattr(config, "_attn_implementation", None) == "eager" else 0
+    logits = chunk * vocab * 4 * 3
+    return weights + activations + scores + logits
+
+
+def check_fits(config, length: int, dtype_bytes: int = 4) -> None:
+    """Fail before loading when a ``length``-token forward cannot fit in this machine's free memory."""
+    need, have = estimate_memory(config, length, dtype_bytes), available_memory()
+    if need > have:
+        raise PosSwapError(
+            f"A {length}-token forward needs about {need / 2**30:.1f} GiB, but about {have / 2**30:.1f} GiB is free. "
+            f"Use shorter lengths, a GPU (--device cuda) or half precision (--dtype bfloat16)."
+        )

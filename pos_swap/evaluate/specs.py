@@ -1,0 +1,119 @@
+"""Parse what users type: lengths such as ``2k,8k,16k`` and scheme lists such as
+``native,dynamic-yarn,yarn:factor=4,self-extend:window=1024:group=8``."""
+
+import ast
+import dataclasses
+import typing
+
+from ..errors import PosSwapError
+from ..registry import get_scheme
+
+NATIVE = "native"  # the model without any pos_swap patch
+SCHEME_FORM = "NAME[:PARAM=VALUE[:PARAM=VALUE...]], comma-separated, e.g. native,yarn:factor=4,self-extend:window=1024:group=8"
+
+
+def parse_length(text) -> int:
+    """``"16k"`` -> 16384 (k = 1024), ``"1500"`` -> 1500, ``"0.5k"`` -> 512."""
+    raw = str(text).strip().lower()
+    try:
+        value = float(raw[:-1]) * 1024 if raw.endswith("k") else float(raw)
+    except ValueError:
+        raise PosSwapError(f"Cannot read length '{text}': give tokens as a number or with a k suffix (16k = 16384).")
+    if value < 1 or value != int(value):
+        raise PosSwapError(f"Length '{text}' must be a whole number of tokens >= 1 (16k = 16384).")
+    return int(value)
+
+
+def parse_lengths(text) -> list[int]:
+    """``"2k,8k,16k"`` (or a list of such items) -> ``[2048, 8192, 16384]``, sorted, without repeats."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    lengths = sorted({parse_length(item) for item in items if str(item).strip()})
+    if not lengths:
+        raise PosSwapError("No lengths given: pass e.g. --lengths 2k,8k,16k.")
+    return lengths
+
+
+def format_length(tokens: int) -> str:
+    """16384 -> ``"16k"``, 1500 -> ``"1500"``."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def parse_value(annotation, text: str):
+    """A parameter value typed on the command line, read as ``annotation`` (float, int, bool, list[float], dict,
+    str, or an optional of those). Lists are comma-separated; dicts are JSON or Python literals."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = options[0] if typing.get_origin(annotation) is not list else annotation
+    if typing.get_origin(base) is list:
+        return [float(v) for v in text.strip("[]").replace(";", ",").split(",")]
+    if base is dict:
+        value = ast.literal_eval(text.replace("true", "True").replace("false", "False"))
+        if not isinstance(value, dict):
+            raise ValueError("expected a dict")
+        return value
+    if base is bool:
+        choices = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if text.lower() not in choices:
+            raise ValueError("expected true or false")
+        return choices[text.lower()]
+    return base(text)
+
+
+def split_outside_brackets(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` where it is not inside (), [] or {} (dict and list values keep theirs)."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == separator and depth == 0:
+            parts.append(text[start:index])
+            start = index + 1
+    return parts + [text[start:]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemeSpec:
+    """One entry of a scheme list: a label for tables, and the scheme name and parameters (None for native)."""
+
+    label: str
+    name: str | None
+    params: dict
+
+
+def parse_scheme(text: str) -> SchemeSpec:
+    """``"yarn:factor=4"`` -> SchemeSpec("yarn:factor=4", "yarn", {"factor": 4.0}); ``"native"`` -> no patch."""
+    label = text.strip()
+    name, *pairs = split_outside_brackets(label, ":")
+    if name == NATIVE:
+        if pairs:
+            raise PosSwapError(f"'native' takes no parameters; got '{label}'. Expected form: {SCHEME_FORM}.")
+        return SchemeSpec(NATIVE, None, {})
+    scheme = get_scheme(name)  # unknown names: an error with the closest name
+    hints = typing.get_type_hints(scheme.Config)
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value:
+            raise PosSwapError(f"Cannot read '{pair}' in '{label}'. Expected form: {SCHEME_FORM}.")
+        if key not in hints:
+            raise PosSwapError(
+                f"Scheme '{name}' has no parameter '{key}' (in '{label}'). Its parameters: {', '.join(hints)}."
+            )
+        try:
+            params[key] = parse_value(hints[key], value)
+        except (ValueError, SyntaxError) as error:
+            raise PosSwapError(f"Cannot read {key}={value!r} in '{label}' ({error}). Expected form: {SCHEME_FORM}.")
+    return SchemeSpec(label, name, params)
+
+
+def parse_schemes(text) -> list[SchemeSpec]:
+    """A comma-separated scheme list (or a list of entries) -> SchemeSpecs. A list-valued parameter takes ``;``
+    between its values (``longrope:long_factor=1;1.5;2``) or brackets (``long_factor=[1,1.5,2]``)."""
+    items = split_outside_brackets(text, ",") if isinstance(text, str) else list(text)
+    items = [item for item in items if str(item).strip()]
+    if not items:
+        raise PosSwapError(f"No schemes given. Expected form: {SCHEME_FORM}.")
+    specs = [parse_scheme(item) for item in items]
+    labels = [spec.label for spec in specs]
+    if len(set(labels)) != len(labels):
+        raise PosSwapError(f"A scheme is listed twice in '{','.join(labels)}'; list each once.")
+    return specs

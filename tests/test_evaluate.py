@@ -1,0 +1,341 @@
+"""pos_swap.evaluate: lengths and scheme lists, chunked perplexity against transformers' own loss, retrieval
+prompts, run folders (cell by cell, resume), reports, recommend, the CLI and its errors. Tiny models carry the
+real SmolLM2 tokenizer so prompts are real text; one short end-to-end run uses the real SmolLM2."""
+
+import json
+import math
+import re
+import random
+
+import pytest
+import torch
+import transformers as T
+
+import pos_swap
+from pos_swap import cli, report
+from pos_swap.errors import PosSwapError
+from pos_swap.evaluate import choose, demo, ppl, retrieval, run, specs
+from tests.conftest import tiny
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return T.AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def tiny_lm(tokenizer, trained=128, seed=0):
+    """A tiny LLaMA over the real SmolLM2 vocabulary, trained context ``trained``."""
+    return tiny("llama", seed=seed, vocab_size=len(tokenizer), max_position_embeddings=trained)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_lm(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# -- parsing -------------------------------------------------------------------------------------------------------
+def test_lengths_take_k_suffixes():
+    assert specs.parse_lengths("2k,8k,16k") == [2048, 8192, 16384]
+    assert specs.parse_lengths("16k, 1500,0.5k,16k") == [512, 1500, 16384]
+    assert specs.format_length(16384) == "16k" and specs.format_length(1500) == "1500"
+    for bad in ("abc", "0", "1.5", "-2k", ""):
+        with pytest.raises(PosSwapError, match="k suffix|whole number|No lengths"):
+            specs.parse_lengths(bad)
+
+
+def test_scheme_lists_parse_with_typed_parameters():
+    parsed = specs.parse_schemes("native,dynamic-yarn,yarn:factor=4,self-extend:window=1024:group=8")
+    assert [(s.label, s.name, s.params) for s in parsed] == [
+        ("native", None, {}), ("dynamic-yarn", "dynamic-yarn", {}), ("yarn:factor=4", "yarn", {"factor": 4.0}),
+        ("self-extend:window=1024:group=8", "self-extend", {"window": 1024, "group": 8}),
+    ]  # fmt: skip
+    assert specs.parse_scheme("yarn:factor=4:truncate=false").params == {"factor": 4.0, "truncate": False}
+    assert specs.parse_scheme("rope:scaling_params={'factor': 2}").params == {"scaling_params": {"factor": 2}}
+    assert specs.parse_scheme("longrope:long_factor=1;1.5").params == {"long_factor": [1.0, 1.5]}
+    both = specs.parse_schemes("rope:scaling=yarn:scaling_params={'factor': 2, 'beta_fast': 16},longrope:long_factor=[1,2]")
+    assert [s.params for s in both] == [{"scaling": "yarn", "scaling_params": {"factor": 2, "beta_fast": 16}},
+                                        {"long_factor": [1.0, 2.0]}]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("yarn:factor", "Expected form"), ("yarn:factor=abc", "Expected form"), ("yarn:fctor=4", "no parameter 'fctor'"),
+     ("yran", "Did you mean 'yarn'"), ("native:factor=2", "takes no parameters"), ("native,native", "twice"),
+     ("", "No schemes")],
+)  # fmt: skip
+def test_malformed_scheme_lists_say_the_expected_form(text, message):
+    with pytest.raises(PosSwapError, match=message):
+        specs.parse_schemes(text)
+
+
+# -- perplexity ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2"])
+def test_chunked_loss_equals_transformers_loss(arch):
+    model = tiny(arch)
+    ids = torch.randint(3, 100, (1, 29))
+    with torch.no_grad():
+        reference = model(ids, labels=ids).loss.double()
+    for chunk in (1, 5, 1024):
+        losses = ppl.token_losses(model, ids, chunk=chunk)
+        assert losses.shape == (28,)
+        assert torch.allclose(losses.double().mean(), reference, atol=1e-5)
+
+
+def test_no_logits_beyond_a_chunk_of_positions():
+    model = tiny("llama")
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-2]))
+    ppl.token_losses(model, torch.randint(3, 100, (1, 30)), chunk=8)
+    assert seen and max(seen) <= 8 and sum(seen) == 29
+
+
+def test_window_and_tail_perplexity_follow_the_definition():
+    losses = torch.rand(99, dtype=torch.float64) * 5  # 100 tokens: 99 predicted
+    result = ppl.window_perplexity(losses)
+    assert result["ppl"] == pytest.approx(math.exp(losses.mean().item()))
+    tail = [losses[i - 1].item() for i in range(75, 100)]  # tokens 75..99, the last quarter
+    assert result["tail_tokens"] == 25 and result["ppl_tail"] == pytest.approx(math.exp(sum(tail) / 25))
+
+
+def test_perplexity_windows_mean_and_spread():
+    model = tiny("llama")
+    tokens = torch.randint(3, 100, (100,))
+    rows = pos_swap.evaluate.perplexity(model, tokens, lengths=[16, 32], windows_per_length=3, progress=False)
+    assert [(r["length"], r["window"]) for r in rows] == [(16, 0), (16, 1), (16, 2), (32, 0), (32, 1), (32, 2)]
+    second = ppl.window_perplexity(ppl.token_losses(model, tokens[16:32][None]))["ppl"]
+    assert rows[1]["ppl"] == pytest.approx(second)
+    summary = ppl.summarize(rows[:3])
+    values = torch.tensor([r["ppl"] for r in rows[:3]], dtype=torch.float64)
+    assert summary["ppl"] == pytest.approx(values.mean().item()) and summary["ppl_std"] == pytest.approx(values.std().item())
+    with pytest.raises(PosSwapError, match="holds 100 tokens"):
+        pos_swap.evaluate.perplexity(model, tokens, lengths=[128], progress=False)
+
+
+def test_an_encoder_has_no_perplexity():
+    with pytest.raises(PosSwapError, match="no language-model head"):
+        ppl.token_losses(tiny("bert"), torch.randint(3, 100, (1, 8)))
+
+
+def test_memory_estimate_fails_before_loading():
+    config = T.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
+    small, large = ppl.estimate_memory(config, 4096), ppl.estimate_memory(config, 2**26)
+    assert small < 2 * 2**30 < large
+    with pytest.raises(PosSwapError, match="GiB is free"):
+        run.load("offline:smollm2", longest=2**26)
+
+
+# -- retrieval -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["passkey", "multikey"])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_prompts_have_the_length_and_hide_the_needle_at_its_depth(tokenizer, task, depth):
+    needle = retrieval.PROMPTS[task](tokenizer, 600, depth, random.Random(3))
+    filler = len(tokenizer(" " + retrieval.FILLER, add_special_tokens=False).input_ids)
+    assert 600 - filler < len(needle.ids) <= 600
+    text = tokenizer.decode(needle.ids)
+    assert text.count(retrieval.FILLER) >= 4
+    where = text.index(needle.answer) / len(text)
+    assert abs(where - depth) < 0.15, where
+    assert text.rstrip().endswith("is")
+
+
+def test_prompts_are_seeded_and_recorded():
+    first = retrieval._rng(0, "passkey", 600, 0.5, 1).random()
+    assert first == retrieval._rng(0, "passkey", 600, 0.5, 1).random() != retrieval._rng(1, "passkey", 600, 0.5, 1).random()
+
+
+def test_answers_are_read_from_the_first_number():
+    assert retrieval.answer_of(" 12345. The grass") == "12345"
+    assert retrieval.answer_of(": 7654321.\n42") == "7654321"
+    assert retrieval.answer_of("no idea") == ""
+
+
+def test_greedy_cached_reply_equals_uncached_recomputation(tokenizer):
+    model = tiny_lm(tokenizer)
+    needle = retrieval.passkey_prompt(tokenizer, 200, 0.5, random.Random(0))
+    reply = retrieval.ask(model, tokenizer, needle.ids, max_new_tokens=6)
+    ids = torch.tensor([needle.ids])
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert reply == tokenizer.decode(ids[0, len(needle.ids) :], skip_special_tokens=True)
+
+
+def test_retrieval_scores_exact_matches(tokenizer, monkeypatch):
+    model = tiny_lm(tokenizer)
+    monkeypatch.setattr(retrieval, "ask", lambda m, t, ids, max_new_tokens=12: "")
+    rows = pos_swap.evaluate.passkey(model, tokenizer, [300], depths=[0.0, 1.0], trials=2, progress=False)
+    assert len(rows) == 4 and not any(r["correct"] for r in rows)
+    answers = iter(r["answer"] for r in rows)
+    monkeypatch.setattr(retrieval, "ask", lambda m, t, ids, max_new_tokens=12: f" {next(answers)}. The grass")
+    rows = pos_swap.evaluate.passkey(model, tokenizer, [300], depths=[0.0, 1.0], trials=2, progress=False)
+    assert all(r["correct"] for r in rows) and len({r["answer"] for r in rows}) == 4
+
+
+def test_too_short_retrieval_length_names_the_minimum(tokenizer):
+    with pytest.raises(PosSwapError, match="at least \\d+ tokens"):
+        retrieval.passkey_prompt(tokenizer, 40, 0.5, random.Random(0))
+    with pytest.raises(PosSwapError, match="outside 0..1"):
+        pos_swap.evaluate.passkey(tiny_lm(tokenizer), tokenizer, [300], depths=[1.5])
+
+
+# -- runs, reports, resume -----------------------------------------------------------------------------------------
+def small_plan(**overrides):
+    settings = dict(schemes=specs.parse_schemes("native,dynamic-yarn,yarn:factor=4"), lengths=[64, 256],
+                    tasks=("ppl", "passkey", "multikey"), retrieval_lengths=[256], depths=(0.0, 1.0), windows=2)  # fmt: skip
+    return run.Plan(**{**settings, **overrides})
+
+
+def test_a_run_writes_every_cell_plots_and_report(tokenizer, tmp_path):
+    model = tiny_lm(tokenizer)
+    plan = small_plan()
+    done = run.evaluate(model, tokenizer, plan, out=tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(saved["cells"]) == len(list(plan.cells())) == 3 * (2 * 2 + 2 + 2)
+    assert saved["meta"]["text"] == "pydoc_data.topics" and saved["meta"]["trained_context"] == 128
+    cell = next(c for c in saved["cells"] if c["scheme"] == "yarn:factor=4" and c["task"] == "ppl")
+    assert cell["patch"]["scheme"] == "yarn" and cell["patch"]["params"]["factor"] == 4.0 and "seed" in cell
+    assert pos_swap.describe(model) is None  # the model is left as it was
+    # the native cell is the plain model's perplexity on the first window
+    tokens, _ = run.text_tokens(tokenizer)
+    native = next(c for c in saved["cells"] if c["key"] == "native|ppl|256|w1")
+    assert native["ppl"] == pytest.approx(ppl.window_perplexity(ppl.token_losses(model, tokens[256:512][None]))["ppl"])
+    sections = run.write_report(done)
+    for name in ("ppl.png", "ppl_tail.png", "passkey.png", "multikey.png", "report.html"):
+        assert (tmp_path / "run" / name).stat().st_size > 1000, name
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "dynamic-yarn" in html
+    assert [s.heading for s in sections][:2] == ["Last-quarter perplexity", "Whole-window perplexity"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tokenizer, tmp_path, monkeypatch):
+    model = tiny_lm(tokenizer)
+    plan = small_plan(tasks=("ppl",))
+    calls, fail_at = [], [5]
+    real = run.token_losses
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at[0]:
+            fail_at[0] = None
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "token_losses", flaky)
+    with pytest.raises(Interrupted):
+        run.evaluate(model, tokenizer, plan, out=tmp_path, progress=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 4
+    with pytest.raises(PosSwapError, match="--resume"):
+        run.evaluate(model, tokenizer, plan, out=tmp_path, progress=False)
+    calls.clear()
+    resumed = run.evaluate(model, tokenizer, plan, out=tmp_path, resume=True, progress=False)
+    assert len(calls) == 12 - 4 and len(resumed.cells) == 12
+    fresh = run.evaluate(model, tokenizer, plan, out=None, progress=False)
+    assert {c["key"]: c["ppl"] for c in resumed.cells} == pytest.approx({c["key"]: c["ppl"] for c in fresh.cells})
+    with pytest.raises(PosSwapError, match="other settings \\(lengths"):
+        run.evaluate(model, tokenizer, small_plan(tasks=("ppl",), lengths=[64]), out=tmp_path, resume=True)
+
+
+def test_output_folder_is_never_overwritten_by_accident(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "probe", "meta": {}, "cells": [1]}))
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(PosSwapError, match="already holds a pos_swap probe run"):
+        report.RunFolder(tmp_path, kind="eval", meta={})
+    assert (tmp_path / "results.json").read_text() == before
+    with pytest.raises(PosSwapError, match="is a file"):
+        report.check_output(tmp_path / "results.json")
+    assert report.RunFolder(tmp_path, kind="eval", meta={}, overwrite=True).cells == []
+
+
+def test_lengths_beyond_the_text_and_empty_texts_are_refused(tokenizer, tmp_path):
+    model = tiny_lm(tokenizer)
+    (tmp_path / "short.txt").write_text("just a few words here")
+    with pytest.raises(PosSwapError, match="holds \\d+ tokens.*--text FILE"):
+        run.evaluate(model, tokenizer, small_plan(tasks=("ppl",)), text=tmp_path / "short.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(PosSwapError, match="is empty"):
+        run.evaluate(model, tokenizer, small_plan(), text=tmp_path / "empty.txt")
+    with pytest.raises(PosSwapError, match="does not exist"):
+        run.evaluate(model, tokenizer, small_plan(), text=tmp_path / "missing.txt")
+    with pytest.raises(PosSwapError, match="Unknown task"):
+        small_plan(tasks=("ppl", "needle"))
+
+
+# -- recommend -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("trained, target", [(8192, 32768), (8192, 16384), (4096, 100000), (128, 512)])
+def test_self_extend_follows_the_longlm_rule(trained, target):
+    for window in (trained // 8, trained // 4):
+        spec = choose.self_extend_setting(trained, target, window)
+        w, g = spec.params["window"], spec.params["group"]
+        assert w % g == 0 and (trained - w) * g + w >= target - g * g
+        assert g == 2 or (trained - window) * (g - 1) + window < target
+
+
+def test_recommend_ranks_by_measurement(tokenizer):
+    model = tiny_lm(tokenizer)
+    result = pos_swap.evaluate.recommend(model, tokenizer, 512, progress=False)
+    labels = [spec.label for spec in choose.grid(128, 512)]
+    assert [r["scheme"] for r in result["ranking"]] != [] and {r["scheme"] for r in result["ranking"]} == set(labels)
+    tails = [r["target_ppl_tail"] for r in result["ranking"]]
+    assert tails == sorted(tails)
+    eligible = [r for r in result["ranking"] if r["keeps_native"]]
+    assert result["best"].label == eligible[0]["scheme"]
+    native = next(r for r in result["ranking"] if r["scheme"] == "native")
+    assert native["keeps_native"] and native["inside_change"] == 0.0
+    assert result["line"].startswith("pos_swap.patch(model, ") or result["best"].name is None
+
+
+def test_python_line_applies_the_setting(tokenizer):
+    spec = specs.parse_scheme("yarn:factor=4")
+    line = choose.python_line(spec)
+    model = tiny_lm(tokenizer)
+    exec(line, {"pos_swap": pos_swap, "model": model})
+    assert pos_swap.describe(model)["params"]["factor"] == 4.0
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+def test_cli_eval_resume_and_errors(tiny_dir, tmp_path, capsys):
+    argv = ["eval", str(tiny_dir), "--schemes", "native,dynamic-yarn", "--lengths", "64,256", "--tasks", "ppl,passkey",
+            "--retrieval-lengths", "256", "--depths", "0,1", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Last-quarter perplexity" in out and "passkey retrieval accuracy" in out and "report.html" in out
+    assert cli.main(argv) == 2 and "--resume" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume"]) == 0
+    assert cli.main(["eval", str(tiny_dir), "--schemes", "yarn:factr=4", "--out", str(tmp_path / "x")]) == 2
+    assert "no parameter 'factr'" in capsys.readouterr().err
+    assert cli.main(["eval", str(tiny_dir), "--lengths", "1M", "--out", str(tmp_path / "y")]) == 2
+    assert "k suffix" in capsys.readouterr().err
+
+
+def test_cli_recommend_prints_the_line(tiny_dir, capsys):
+    assert cli.main(["recommend", str(tiny_dir), "--length", "0.5k"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"ranked by last-quarter perplexity at 512", out)
+    assert re.search(r"use:\n    (pos_swap\.patch\(model, \"[a-z-]+\".*\)|# no patch)", out)
+
+
+def test_cli_folder_without_tokenizer_is_refused(tmp_path, capsys):
+    tiny("llama").save_pretrained(tmp_path)
+    assert cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_the_real_smollm2(tmp_path, monkeypatch, capsys):
+    """The demo's code path on the real checkpoint with short lengths (the real settings run in the README test)."""
+    monkeypatch.setitem(demo.SETTINGS, False, dict(lengths=[512, 1024], retrieval_lengths=[1024], depths=(0.0, 1.0)))
+    done = demo.demo(tmp_path, progress=False)
+    cells = {c["key"]: c for c in done.cells}
+    assert len(cells) == 2 * (2 + 2)
+    # SmolLM2 retrieves a passkey at 1k natively, and dynamic-yarn is native inside the trained context
+    assert cells["native|passkey|1024|d0/t0"]["correct"] and cells["native|passkey|1024|d1/t0"]["correct"]
+    assert cells["dynamic-yarn|ppl|1024|w0"]["ppl"] == pytest.approx(cells["native|ppl|1024|w0"]["ppl"], rel=1e-5)
+    assert 5 < cells["native|ppl|1024|w0"]["ppl"] < 30
+    assert (tmp_path / "report.html").exists() and "Last-quarter perplexity" in capsys.readouterr().out

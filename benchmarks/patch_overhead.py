@@ -34,7 +34,11 @@ def _rss_kib(field: str) -> int:
 
 def measure(model, ids) -> tuple[float, float]:
     """(seconds, peak extra MiB) of one forward without gradients."""
-    device = ids.device
+    return measure_call(lambda: model(ids, use_cache=False), ids.device)
+
+
+def measure_call(fn, device: torch.device) -> tuple[float, float]:
+    """(seconds, peak extra MiB) of ``fn()`` without gradients."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -44,7 +48,7 @@ def measure(model, ids) -> tuple[float, float]:
         before = _rss_kib("VmRSS") * 1024
     start = time.perf_counter()
     with torch.no_grad():
-        model(ids, use_cache=False)
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()

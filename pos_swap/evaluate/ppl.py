@@ -1,7 +1,7 @@
 """Perplexity against context length, without ever holding an L x vocab tensor.
 
 The model runs to its last hidden states; the language-model head and the loss then run over chunks of
-positions, so a 32k window over a 49k vocabulary costs a chunk's logits (e.g. 1024 x 49k), not 6 GB.
+positions, so a 32k window over a 49k vocabulary costs a chunk of logits (32 MiB: 170 positions x 49k), not 6 GB.
 """
 
 import math
@@ -15,9 +15,13 @@ from ..errors import PosSwapError
 TAIL = 0.25  # the share of a window at its end whose tokens need the long context
 
 
-def token_losses(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+LOGITS_MIB = 32  # float32 logits held at once: 170 positions of a 49k vocabulary
+
+
+def token_losses(model, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Negative log-likelihood (float32, shape ``(L - 1,)``) of each token of ``ids (1, L)`` given the tokens
-    before it, in one forward pass of the whole window."""
+    before it, in one forward pass of the whole window; the head runs over ``chunk`` positions at a time
+    (default: as many as fit in LOGITS_MIB of float32 logits)."""
     head = model.get_output_embeddings()
     if head is None:
         raise PosSwapError(
@@ -25,6 +29,7 @@ def token_losses(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
             f"AutoModelForCausalLM (encoders such as BERT: use the probing tools instead)."
         )
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    chunk = chunk or max(16, LOGITS_MIB * 2**20 // (4 * head.weight.shape[0]))
     ids = ids.to(head.weight.device)
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (L - 1, hidden)
@@ -62,7 +67,7 @@ def windows(tokens: torch.Tensor, length: int, count: int) -> list[torch.Tensor]
 
 
 def perplexity(model, tokens: torch.Tensor, lengths, *, windows_per_length: int = 1, tail: float = TAIL,
-               chunk: int = 1024, progress: bool = True) -> list[dict]:  # fmt: skip
+               chunk: int | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
     """Perplexity of ``model`` on windows of each length cut from ``tokens`` (a 1-D tensor, or ``(1, N)``).
 
     Returns one dict per window: ``length``, ``window`` (its index), ``ppl``, ``ppl_tail`` (last ``tail`` share of
@@ -95,7 +100,7 @@ def available_memory() -> int:
         return 2**62
 
 
-def estimate_memory(config, length: int, dtype_bytes: int = 4, chunk: int = 1024) -> int:
+def estimate_memory(config, length: int, dtype_bytes: int = 4) -> int:
     """Rough peak bytes of a perplexity forward at ``length`` tokens: weights, a layer's activations (hidden,
     q/k/v, MLP), the KV of every layer when cached, and a chunk of logits. Eager attention adds its L x L scores."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 768)
@@ -106,7 +111,7 @@ def estimate_memory(config, length: int, dtype_bytes: int = 4, chunk: int = 1024
     weights = (layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden) * dtype_bytes
     activations = length * (8 * hidden + 3 * inter) * dtype_bytes
     scores = heads * length * length * 4 if getattr(config, "_attn_implementation", None) == "eager" else 0
-    logits = chunk * vocab * 4 * 3
+    logits = LOGITS_MIB * 2**20 * 3
     return weights + activations + scores + logits
 
 

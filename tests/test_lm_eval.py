@@ -1,16 +1,13 @@
 """lm-evaluation-harness runs a pos_swap-patched model unchanged: the README's RULER code, run with niah_single_1 on
-the real SmolLM2 and no network."""
+the real SmolLM2 and no network. lm-eval, nltk and datasets are imported inside the tests: they take seconds to
+import, which every collection of the suite would pay otherwise."""
 
 import re
 import socket
 from pathlib import Path
 
-import datasets
-import huggingface_hub
-import nltk
 import pytest
 import transformers as T
-from lm_eval.models.huggingface import HFLM
 
 import pos_swap
 
@@ -41,6 +38,10 @@ def no_network(monkeypatch, tmp_path):
     splits sentences (its haystack is one repeated line), so an empty punkt_tab entry satisfies that look-up; a
     task that did split sentences would raise LookupError on it instead of downloading anything.
     """
+    import datasets
+    import huggingface_hub
+    import nltk
+
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(variable, "1")
         monkeypatch.setattr(datasets.config, variable, True)
@@ -68,6 +69,8 @@ def no_network(monkeypatch, tmp_path):
 
 
 def test_ruler_niah_runs_offline_on_a_patched_model(no_network, smollm2_dir):
+    from lm_eval.models.huggingface import HFLM
+
     model = T.AutoModelForCausalLM.from_pretrained(smollm2_dir, max_position_embeddings=DECLARED_CONTEXT).eval()
     tokenizer = T.AutoTokenizer.from_pretrained(smollm2_dir)
     pos_swap.patch(model, "dynamic-yarn")  # reads the trained length from the config: it scales beyond 512 tokens

@@ -95,3 +95,16 @@ def test_ruler_niah_runs_offline_on_a_patched_model(no_network, smollm2_dir):
     assert sorted(n for n in input_lengths if n > 1) == sorted(prompt_lengths)
     assert min(prompt_lengths) > DECLARED_CONTEXT
     assert HFLM(pretrained=model, tokenizer=tokenizer).max_length == DECLARED_CONTEXT
+
+
+def test_the_network_guard_refuses_and_records(no_network):
+    import nltk
+
+    with pytest.raises(OSError, match="cut off"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: an address off this machine
+    with pytest.raises(OSError, match="cut off"):
+        nltk.download("punkt_tab")
+    assert len(no_network) == 2
+    assert nltk.data.find("tokenizers/punkt_tab")  # the look-up RULER makes on import succeeds...
+    with pytest.raises(LookupError):
+        nltk.sent_tokenize("One sentence. Another one.")  # ...yet nothing can split sentences with the empty entry

@@ -1,0 +1,110 @@
+"""lm-evaluation-harness runs a pos_swap-patched model unchanged: the README's RULER code, run with niah_single_1 on
+the real SmolLM2 and no network. lm-eval, nltk and datasets are imported inside the tests: they take seconds to
+import, which every collection of the suite would pay otherwise."""
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import transformers as T
+
+import pos_swap
+
+pytestmark = pytest.mark.slow
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+# SmolLM2 declared as a 512-token model: 1024-token RULER prompts are then twice its context, as 16k prompts are
+# for the real 8k model, at a cost a CPU test can pay
+DECLARED_CONTEXT = 512
+LENGTH = 1024
+
+
+def readme_ruler_code(length: int, limit: int) -> str:
+    """The README's lm-eval block, with its prompt length and number of samples set for a CPU test."""
+    section = README.split("## Long-context benchmarks with lm-eval (RULER)", 1)[1]
+    code = re.search(r"```py\n(.*?)```", section, re.S).group(1)
+    for old, new in (("length = 16384", f"length = {length}"), ("limit=20", f"limit={limit}")):
+        assert old in code, f"the README's lm-eval block no longer contains {old!r}: update this test"
+        code = code.replace(old, new)
+    return code
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Hub and datasets offline; every connection off this machine and every nltk download recorded and refused.
+
+    lm-eval's RULER module looks for nltk's punkt_tab on import and downloads it when missing. niah_single_1 never
+    splits sentences (its haystack is one repeated line), so an empty punkt_tab entry satisfies that look-up; a
+    task that did split sentences would raise LookupError on it instead of downloading anything.
+    """
+    import datasets
+    import huggingface_hub
+    import nltk
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+        monkeypatch.setattr(datasets.config, variable, True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    attempts = []
+
+    def refuse(what):
+        attempts.append(what)
+        raise OSError(f"the network is cut off in this test: {what}")
+
+    def local_only(original):
+        def connect(sock, address):
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
+                refuse(f"connect to {address}")
+            return original(sock, address)
+
+        return connect
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, local_only(getattr(socket.socket, name)))
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: refuse(f"nltk.download{args}"))
+    (tmp_path / "tokenizers" / "punkt_tab").mkdir(parents=True)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path), *nltk.data.path])
+    return attempts
+
+
+def test_ruler_niah_runs_offline_on_a_patched_model(no_network, smollm2_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    model = T.AutoModelForCausalLM.from_pretrained(smollm2_dir, max_position_embeddings=DECLARED_CONTEXT).eval()
+    tokenizer = T.AutoTokenizer.from_pretrained(smollm2_dir)
+    pos_swap.patch(model, "dynamic-yarn")  # reads the trained length from the config: it scales beyond 512 tokens
+    assert pos_swap.describe(model)["params"]["original_max_position_embeddings"] == DECLARED_CONTEXT
+    input_lengths = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: input_lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+
+    namespace = {"model": model, "tokenizer": tokenizer, "path": smollm2_dir}
+    exec(compile(readme_ruler_code(LENGTH, limit=2), "README.md", "exec"), namespace)
+    results, lm = namespace["results"], namespace["lm"]
+
+    assert no_network == []
+    assert 0.0 <= results["results"]["niah_single_1"][f"{LENGTH},none"] <= 1.0
+    samples = results["samples"]["niah_single_1"]
+    assert len(samples) == 2 and all(sample["doc"]["max_length"] == LENGTH for sample in samples)
+    assert lm.model is model and pos_swap.describe(model)["scheme"] == "dynamic-yarn"
+    # every prompt reached the patched model whole (one prefill each, then one token per step), longer than the
+    # declared context that HFLM would have cut it to without max_length
+    prompt_lengths = [len(lm.tok_encode(sample["arguments"][0][0])) for sample in samples]
+    assert sorted(n for n in input_lengths if n > 1) == sorted(prompt_lengths)
+    assert min(prompt_lengths) > DECLARED_CONTEXT
+    assert HFLM(pretrained=model, tokenizer=tokenizer).max_length == DECLARED_CONTEXT
+
+
+def test_the_network_guard_refuses_and_records(no_network):
+    import nltk
+
+    with pytest.raises(OSError, match="cut off"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: an address off this machine
+    with pytest.raises(OSError, match="cut off"):
+        nltk.download("punkt_tab")
+    assert len(no_network) == 2
+    assert nltk.data.find("tokenizers/punkt_tab")  # the look-up RULER makes on import succeeds...
+    with pytest.raises(LookupError):
+        nltk.sent_tokenize("One sentence. Another one.")  # ...yet nothing can split sentences with the empty entry

@@ -153,8 +153,16 @@ class Patch:
         return f"<pos_swap.Patch {self.scheme.name}({params}) on {type(self.model).__name__}{state}>"
 
 
+def resolve(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model a patch lives on, under any peft wrapper (``PeftModel``, ``LoraModel``, ...): the
+    engine's one look-up, so that patching, describing and removing work before and after ``get_peft_model``."""
+    while type(model).__module__.startswith("peft."):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.model
+    return model
+
+
 def current_patch(model: torch.nn.Module) -> Patch | None:
-    return model.__dict__.get(PATCH_ATTR)
+    return resolve(model).__dict__.get(PATCH_ATTR)
 
 
 def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **params) -> Patch:
@@ -163,6 +171,7 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
     Everything is validated before the model is touched. A model carries one patch at a time: patching again
     raises unless ``replace=True``.
     """
+    model = resolve(model)
     scheme_class = get_scheme(scheme)
     scheme_class.check_family(model, archs.lookup(model).family)
     configured = scheme_class.configure(model, params)
@@ -258,6 +267,7 @@ def export_hf(model: torch.nn.Module, out_dir) -> Path:
 
     Raises when the scheme has no transformers equivalent (its patch needs pos_swap at run time).
     """
+    model = resolve(model)
     handle = current_patch(model)
     if handle is None:
         raise NotPatchedError("export_hf needs a patched model; patch it first.")

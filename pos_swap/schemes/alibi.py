@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import backend_of, chunked_attention, key_positions, query_positions
+from ..attention import backend_of, chunked_attention, first_query_slot, positions
 from ..errors import InvalidParameterError
 from ..functional import alibi
 from ..registry import Scheme, SchemeConfig, param, positive
@@ -53,13 +53,11 @@ class AlibiBias(nn.Module):
         return f"heads={self.slopes.numel()}, symmetric={self.symmetric}, trainable={self.slopes.requires_grad}"
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        batch, _, q_len, _ = query.shape
-        k_len = key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if backend_of(module) == "flex_attention":
-            return self._flex(query, key, value, attention_mask, scaling, k_len - q_len)
-        q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
-        k_pos = key_positions(q_pos, k_len)
+            shift = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+            return self._flex(query, key, value, attention_mask, scaling, shift)
+        q_pos, k_pos = positions(kwargs, query, key, attention_mask)
 
         def bias(rows, cols):
             return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric)  # (B, H, C, W)

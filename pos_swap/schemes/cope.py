@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import additive_mask, chunked_attention, chunked_backend
+from ..attention import chunked_attention, chunked_backend
 from ..errors import InvalidParameterError
 from ..functional import cope
 from ..registry import Scheme, SchemeConfig, param, positive
@@ -48,12 +48,10 @@ class CoPE(nn.Module):
         return f"npos={self.table.shape[0]}, head_dim={self.table.shape[1]}"
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        q_len, k_len = query.shape[2], key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
 
-        def logits(rows, cols, q_rows, keys):
-            mask = additive_mask(attention_mask, module, rows, cols, q_len, k_len, query.device)  # masked gates: 0
-            return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, W)
+        def logits(rows, cols, q_rows, keys, mask):
+            return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, W); masked gates: 0
 
         return chunked_attention(
             module, query, key, value, attention_mask, scaling, logits=logits, dropout=dropout,

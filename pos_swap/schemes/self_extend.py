@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import chunked_attention, chunked_backend, key_positions, query_positions
+from ..attention import chunked_attention, chunked_backend, positions
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
 from ..registry import Scheme, SchemeConfig, greater_than, param, positive
@@ -53,16 +53,14 @@ class GroupedAttention(nn.Module):
         return rope.rotate_at(x, positions, self.inv_freq.to(x.device), self.attention_scaling)
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        batch, heads, q_len, _ = query.shape
-        k_len = key.shape[2]
+        heads = query.shape[1]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)  # (B, Lq)
-        k_pos = key_positions(q_pos, k_len)  # (B, Lk)
+        q_pos, k_pos = positions(kwargs, query, key, attention_mask)  # (B, Lq), (B, Lk)
         q_group, k_group = self_extend.grouped_positions(q_pos, k_pos, self.window, self.group)
         far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
         far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
 
-        def logits(rows, cols, near_query, near_key):
+        def logits(rows, cols, near_query, near_key, mask):
             near = near_query @ near_key.transpose(-1, -2)  # (B, H, C, W)
             far = far_query[:, :, rows] @ far_key[:, :, cols].transpose(-1, -2)  # (B, H, C, W)
             neighbours = self_extend.in_window(q_pos[:, rows], k_pos[:, cols], self.window)[:, None]  # (B, 1, C, W)

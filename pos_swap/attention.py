@@ -107,13 +107,16 @@ class DeferredRotation(torch.nn.Module):
     def __init__(self, frequencies):
         super().__init__()
         self.frequencies = frequencies  # seq_len (B,) int tensor -> (inv_freq (B, F), scaling (B,))
-        self._memo = (None, None)
+        self._memo = (None, None, None)  # (position_ids, its version, frequencies)
 
     def _tables(self, source, positions: torch.Tensor):
-        """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once."""
-        if source is None or self._memo[0] is not source:
-            self._memo = (source, self.frequencies(positions.max(dim=-1).values + 1))
-        return self._memo[1]
+        """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once. The
+        memo holds that object and its version counter, so a tensor changed in place between forwards is seen anew."""
+        fresh = source is not None and self._memo[0] is source and self._memo[1] == source._version
+        if not fresh:
+            version = None if source is None else source._version
+            self._memo = (source, version, self.frequencies(positions.max(dim=-1).values + 1))
+        return self._memo[2]
 
     def forward(self, inner, module, query, key, value, attention_mask, **kwargs):
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)

@@ -21,7 +21,16 @@ from .registry import Scheme, get_scheme
 
 PATCH_ATTR = "_pos_swap_patch"  # the model attribute holding the live Patch
 RECORD_KEY = "pos_swap"  # the config key that save_pretrained writes the patch under
-_MISSING = object()
+
+
+class _Missing:
+    """Marks an attribute that a patch added (undo deletes it). One instance, which copies and pickles keep."""
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 HUB_KWARGS = ("cache_dir", "revision", "subfolder", "token", "local_files_only")  # kwargs that locate the files
 LONG_CONTEXT = 2**17  # positions that default index buffers cover once a learned table is replaced
 
@@ -89,19 +98,15 @@ class Patch:
             for slot in archs.rotary_slots(self.model, every_layer_type=True):
                 self.set_rotary_identity(slot)
         else:
-            weight = archs.position_table(self.model).weight
-            self.replace_table(lambda positions: weight.new_zeros(*positions.shape, weight.shape[-1]))
+            self.replace_table(zero_rows)
 
     def replace_table(self, embed) -> None:
-        """Make the learned position table return ``embed(position_ids)`` instead of its rows. Its weights stay
-        in place (and in the state dict), so saving, loading and removing the patch keep them intact."""
+        """Make the learned position table return ``embed(table, position_ids)`` instead of its rows. Its weights
+        stay in place (and in the state dict), so saving, loading and removing the patch keep them intact.
+        ``embed`` must be picklable (a module-level function or a ``functools.partial`` of one) and reach the
+        table only through its argument, so that copies and pickles of the model read their own table."""
         table = archs.position_table(self.model)
-
-        def forward(*args, position_ids=None, **kwargs):
-            # GPT-2 and BERT call table(position_ids); OPT calls table(mask, past_length, position_ids=...)
-            return embed(args[0] if position_ids is None else position_ids)
-
-        self.set(table, "forward", forward)
+        self.set(table, "forward", TableForward(table, embed))
         for path, fill in archs.lookup(self.model).index_buffers:
             owner_path, name = path.rsplit(".", 1)
             (owner,) = archs.find_modules(self.model, owner_path)
@@ -139,13 +144,23 @@ class Patch:
             raise NotPatchedError("This patch was already removed.")
         self._undo_all()
 
-    def _undo_all(self) -> None:
+    def _undo_all(self) -> list[tuple[object, str, object]]:
+        """Undo every change in reverse order; returns the changes undone, for :meth:`_redo`. A restored tensor
+        follows the dtype and device the model was cast or moved to since (``model.to(...)`` moved the patch's)."""
+        undone = []
         while self._undo:
             obj, name, old = self._undo.pop()
+            undone.append((obj, name, getattr(obj, name)))
             if old is _MISSING:
                 delattr(obj, name)
             else:
-                setattr(obj, name, old)
+                setattr(obj, name, _follow(old, undone[-1][2]))
+        return undone
+
+    def _redo(self, undone: list[tuple[object, str, object]]) -> None:
+        """Put back the very objects :meth:`_undo_all` took off (trained CoPE tables, ALiBi slopes, ...)."""
+        for obj, name, value in reversed(undone):
+            self.set(obj, name, value)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -159,6 +174,31 @@ def resolve(model: torch.nn.Module) -> torch.nn.Module:
     while type(model).__module__.startswith("peft."):
         model = model.get_base_model() if hasattr(model, "get_base_model") else model.model
     return model
+
+
+class TableForward:
+    """The ``forward`` a patched learned table gets: ``embed(table, position_ids)``. A class rather than a closure,
+    so a deep copy reads the copy's own table and ``torch.save(model)`` can pickle it."""
+
+    def __init__(self, table: torch.nn.Module, embed):
+        self.table, self.embed = table, embed
+
+    def __call__(self, *args, position_ids=None, **kwargs):
+        # GPT-2 and BERT call table(position_ids); OPT calls table(mask, past_length, position_ids=...)
+        return self.embed(self.table, args[0] if position_ids is None else position_ids)
+
+
+def zero_rows(table: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """A learned table switched off: zeros ``(*positions.shape, D)``."""
+    return table.weight.new_zeros(*positions.shape, table.weight.shape[-1])
+
+
+def _follow(old, current):
+    """``old`` cast to the floating dtype and moved to the device of ``current`` when both are plain tensors."""
+    if not isinstance(old, torch.Tensor) or not isinstance(current, torch.Tensor) or isinstance(old, torch.nn.Parameter):
+        return old
+    dtype = current.dtype if old.is_floating_point() and current.is_floating_point() else old.dtype
+    return old.to(device=current.device, dtype=dtype)
 
 
 def current_patch(model: torch.nn.Module) -> Patch | None:
@@ -181,15 +221,14 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
             f"This model already carries pos_swap scheme '{previous.scheme.name}'. Remove it first "
             f"(pos_swap.unpatch(model)) or pass replace=True."
         )
-    if previous is not None:
-        previous.remove()
+    undone = previous._undo_all() if previous is not None else []
     handle = Patch(model, configured)
     try:
         handle._apply()
     except BaseException:
         handle._undo_all()
         if previous is not None:
-            patch(model, previous.scheme.name, **previous.params)
+            previous._redo(undone)  # the previous patch's very objects, trained parameters included
         raise
     return handle
 
@@ -204,12 +243,14 @@ def unpatch(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, scheme: str, **params):
-    """``with pos_swap.patched(model, "dynamic", factor=2.0):`` the patch holds inside the block only."""
+    """``with pos_swap.patched(model, "dynamic", factor=2.0):`` the patch holds inside the block only. The block
+    may unpatch or re-patch (``replace=True``) the model itself: on exit, whatever patch it carries is removed."""
     handle = patch(model, scheme, **params)
     try:
         yield handle
     finally:
-        handle.remove()
+        if current_patch(model) is not None:
+            unpatch(model)
 
 
 def describe(model: torch.nn.Module) -> dict | None:

@@ -5,6 +5,7 @@ GPT-2 runs at 4096 with factor 4. The rows stay the model's own parameters (trai
 """
 
 import dataclasses
+import functools
 
 from .. import archs
 from ..functional import learned
@@ -25,7 +26,10 @@ class LearnedInterpolate(Scheme):
     families = (archs.LEARNED,)
 
     def apply(self, patch) -> None:
-        table = archs.position_table(patch.model)
         offset = archs.lookup(patch.model).table_offset
-        # OPT's first rows are not positions: read the positional rows only
-        patch.replace_table(lambda positions: learned.interpolate(table.weight[offset:], positions / self.config.factor))
+        patch.replace_table(functools.partial(stretched_rows, offset=offset, factor=self.config.factor))
+
+
+def stretched_rows(table, positions, offset: int, factor: float):
+    """Rows at ``positions / factor``; OPT's first ``offset`` rows are not positions, so only the rest are read."""
+    return learned.interpolate(table.weight[offset:], positions / factor)

@@ -5,6 +5,7 @@ its scale; ``factor`` > 1 divides positions (an interpolated table).
 """
 
 import dataclasses
+import functools
 
 import torch
 
@@ -35,8 +36,10 @@ class Sinusoidal(Scheme):
             reference = sinusoid.table(torch.arange(weight.shape[0]), dim, c.base)
             scale = (weight.detach().float().pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
 
-        def embed(positions):
-            table = sinusoid.table(positions.to(weight.device) / c.factor, dim, c.base)
-            return (table * scale).to(weight.dtype)
+        patch.replace_table(functools.partial(sinusoid_rows, dim=dim, base=c.base, factor=c.factor, scale=scale))
 
-        patch.replace_table(embed)
+
+def sinusoid_rows(table, positions, dim: int, base: float, factor: float, scale: float):
+    """The fixed table's rows at ``positions / factor``, times ``scale``, in the learned table's dtype."""
+    weight = table.weight
+    return (sinusoid.table(positions.to(weight.device) / factor, dim, base) * scale).to(weight.dtype)

@@ -13,10 +13,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from . import archs
-from .attention import HOOK, routed_name
-from .errors import AlreadyPatchedError, NotPatchedError, PosSwapError
+from .attention import HOOK, PREFIX, routed_name
+from .errors import AlreadyPatchedError, IncompatibleSchemeError, NotPatchedError, PosSwapError
 from .registry import Scheme, get_scheme
 
 PATCH_ATTR = "_pos_swap_patch"  # the model attribute holding the live Patch
@@ -83,6 +84,10 @@ class Patch:
         one). The backend also decides which mask transformers builds for the model."""
         config = self.model.config
         self.set(config, "_attn_implementation", routed_name(config, backend))
+        pinned = PinnedBackend(self.scheme.name, config._attn_implementation)
+        for module in self.model.modules():  # the model and its inner PreTrainedModels share the config
+            if isinstance(module, PreTrainedModel) and not _owns(module, "set_attn_implementation"):
+                self.set(module, "set_attn_implementation", pinned)
 
     def hook_attention(self, modules, hook, backend: str | None = None) -> None:
         """Attach ``hook`` (one module, or a callable making one per attention module) as the submodule
@@ -174,6 +179,24 @@ def resolve(model: torch.nn.Module) -> torch.nn.Module:
     while type(model).__module__.startswith("peft."):
         model = model.get_base_model() if hasattr(model, "get_base_model") else model.model
     return model
+
+
+class PinnedBackend:
+    """Stands in for ``model.set_attn_implementation`` while a patch routes attention through pos_swap: a switch
+    would bypass the patch (the model would silently run without it), so it is refused with the way to do it."""
+
+    def __init__(self, scheme: str, routed: str):
+        self.scheme, self.routed = scheme, routed
+
+    def __call__(self, attn_implementation, *args, **kwargs):
+        wanted = attn_implementation.get("", self.routed) if isinstance(attn_implementation, dict) else attn_implementation
+        if wanted in (self.routed, self.routed.removeprefix(PREFIX)):
+            return  # already the backend the patch wraps
+        raise IncompatibleSchemeError(
+            f"pos_swap scheme '{self.scheme}' routes this model's attention through '{self.routed}'; switching to "
+            f"{wanted!r} now would bypass the patch. Unpatch first (pos_swap.unpatch(model)), switch, and patch "
+            f"again, or load the model with attn_implementation={wanted!r}."
+        )
 
 
 class TableForward:

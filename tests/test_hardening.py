@@ -140,3 +140,22 @@ def test_patched_block_may_unpatch_or_replace_and_keeps_the_users_error():
         pos_swap.patch(model, "alibi", replace=True)
     assert pos_swap.describe(model) is None
     assert torch.equal(outputs(model, ids()), native)
+
+
+# -- attention backend switches while patched --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, scheme, params", [("llama", "alibi", {}), ("llama", "dynamic", dict(factor=2.0)), ("gpt2", "rope", {})])
+def test_backend_switch_while_routed_is_refused_and_the_patch_holds(arch, scheme, params):
+    model = tiny(arch)
+    pos_swap.patch(model, scheme, **params)
+    patched = outputs(model, ids())
+    with pytest.raises(pos_swap.PosSwapError, match="unpatch"):
+        model.set_attn_implementation("eager")
+    with pytest.raises(pos_swap.PosSwapError, match="unpatch"):
+        model.base_model.set_attn_implementation({"": "eager"})  # the inner model shares the config
+    model.set_attn_implementation("sdpa")  # the backend the patch wraps: nothing to do
+    assert torch.equal(outputs(model, ids()), patched) and pos_swap.describe(model)["scheme"] == scheme
+    pos_swap.unpatch(model)
+    model.set_attn_implementation("eager")  # native again: switching is free
+    assert model.config._attn_implementation == "eager"

@@ -59,9 +59,9 @@ def _load(name_or_path: str, *, weights: bool):
     if weights:
         return engine.from_pretrained(path)
     config = transformers.AutoConfig.from_pretrained(path)
-    record = vars(config).pop(engine.RECORD_KEY, None)
+    record = engine.read_record(config)
     with init_empty_weights():
-        model_class = engine._saved_model_class(path)
+        model_class = engine.saved_model_class(config)
         model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     return model, record
 

@@ -9,10 +9,12 @@ reaches another model that shared the config object.
 import contextlib
 import copy
 import json
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from packaging.version import InvalidVersion, Version
 from transformers import PreTrainedModel
 
 from . import archs
@@ -34,6 +36,11 @@ class _Missing:
 _MISSING = _Missing()
 HUB_KWARGS = ("cache_dir", "revision", "subfolder", "token", "local_files_only")  # kwargs that locate the files
 LONG_CONTEXT = 2**17  # positions that default index buffers cover once a learned table is replaced
+SAME_MODEL = "loads the same model: the saved rope_parameters carry the scheme"
+NO_PLAIN_FORM = (
+    "loads the UNPATCHED model: transformers has no form of this scheme. Load the folder with "
+    "pos_swap.from_pretrained(DIR)."
+)
 
 try:
     __version__ = version("pos-swap")
@@ -136,7 +143,12 @@ class Patch:
             if getattr(module, "config", None) is shared:
                 self.set(module, "config", own)
         self.scheme.apply(self)
-        self.set(model.config, RECORD_KEY, self.record)
+        saved = {**self.record, "plain_transformers": NO_PLAIN_FORM}
+        plain = plain_rope_parameters(model, self.scheme)
+        if plain is not None:  # plain transformers then loads the same model from a saved folder
+            saved.update(plain_transformers=SAME_MODEL, native_rope_parameters=copy.deepcopy(model.config.rope_parameters))
+            self.set(model.config, "rope_parameters", plain)
+        self.set(model.config, RECORD_KEY, saved)
         self.set(model, PATCH_ATTR, self)
 
     @property
@@ -231,13 +243,13 @@ def current_patch(model: torch.nn.Module) -> Patch | None:
 def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **params) -> Patch:
     """Put ``scheme`` on ``model`` in place and return the handle; ``handle.remove()`` undoes it.
 
-    Everything is validated before the model is touched. A model carries one patch at a time: patching again
-    raises unless ``replace=True``.
+    Everything is validated before the model is touched: a patch being replaced is taken off first (the new
+    scheme's defaults read the native model) and put back, its very objects, if the new one fails. A model carries
+    one patch at a time: patching again raises unless ``replace=True``.
     """
     model = resolve(model)
     scheme_class = get_scheme(scheme)
     scheme_class.check_family(model, archs.lookup(model).family)
-    configured = scheme_class.configure(model, params)
     previous = current_patch(model)
     if previous is not None and not replace:
         raise AlreadyPatchedError(
@@ -245,11 +257,13 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
             f"(pos_swap.unpatch(model)) or pass replace=True."
         )
     undone = previous._undo_all() if previous is not None else []
-    handle = Patch(model, configured)
+    handle = None
     try:
+        handle = Patch(model, scheme_class.configure(model, params))
         handle._apply()
     except BaseException:
-        handle._undo_all()
+        if handle is not None:
+            handle._undo_all()
         if previous is not None:
             previous._redo(undone)  # the previous patch's very objects, trained parameters included
         raise
@@ -282,12 +296,48 @@ def describe(model: torch.nn.Module) -> dict | None:
     return copy.deepcopy(handle.record) if handle else None
 
 
-def _saved_model_class(path):
-    """The class named in the saved config's ``architectures``, else ``AutoModel``."""
+def saved_model_class(config):
+    """The transformers model class named in the config's ``architectures``; ``AutoModel`` (with a warning) when
+    the name is missing or not a model class."""
     import transformers
 
-    names = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or [None]
-    return getattr(transformers, names[0] or "AutoModel", None) or transformers.AutoModel
+    name = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        return model_class
+    if name is not None:
+        warnings.warn(
+            f"config.json names architecture {name!r}, which is not a transformers model class; loading with "
+            f"AutoModel (the bare model, without a head). Pass auto_class=... to choose the class.",
+            stacklevel=3,
+        )
+    return transformers.AutoModel
+
+
+def read_record(config) -> dict | None:
+    """Take the pos_swap record off a loaded config and check it: ``{"scheme": str, "params": dict, ...}``. A
+    record written by a newer pos_swap loads with a warning."""
+    record = vars(config).pop(RECORD_KEY, None)
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("scheme"), str) and isinstance(record.get("params"), dict)):
+        raise PosSwapError(
+            f"The config's '{RECORD_KEY}' entry is malformed: {record!r}. It should read "
+            f"{{\"scheme\": NAME, \"params\": {{...}}, \"version\": ...}}. Re-save the patched model with "
+            f"model.save_pretrained(DIR), or delete the entry from config.json to load the unpatched model."
+        )
+    saved_version = record.get("version")
+    try:
+        newer = Version(str(saved_version)) > Version(__version__)
+    except InvalidVersion:
+        newer = True
+    if newer:
+        warnings.warn(
+            f"This folder was saved by pos_swap {saved_version}, newer than the installed {__version__}; its patch "
+            f"may not load as it was saved. Upgrade pos_swap (pip install -U pos-swap).",
+            stacklevel=3,
+        )
+    return record
 
 
 def _load_patch_state(model, path, hub_kwargs: dict) -> None:
@@ -318,12 +368,41 @@ def _load_patch_state(model, path, hub_kwargs: dict) -> None:
 def from_pretrained(path, *, auto_class=None, **kwargs) -> torch.nn.Module:
     """Load a model saved from a patched one and re-apply its patch. ``kwargs`` go to ``from_pretrained``;
     the model class is the saved ``architectures`` entry unless ``auto_class`` is given."""
-    model = (auto_class or _saved_model_class(path)).from_pretrained(path, **kwargs)
-    record = vars(model.config).pop(RECORD_KEY, None)
+    import transformers
+
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
+    record = read_record(config)
+    if record is not None and "native_rope_parameters" in record:
+        config.rope_parameters = record["native_rope_parameters"]  # the patch re-applies the scheme on top
+    model = (auto_class or saved_model_class(config)).from_pretrained(path, config=config, **kwargs)
     if record is not None:
         patch(model, record["scheme"], **record["params"])
-        _load_patch_state(model, path, {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        _load_patch_state(model, path, hub_kwargs)
     return model
+
+
+def plain_rope_parameters(model: torch.nn.Module, scheme: Scheme) -> dict | None:
+    """The config ``rope_parameters`` under which plain transformers builds the same model as ``scheme`` does on
+    ``model``, or None when transformers has no such form (or the config class refuses it, as Phi-3's does)."""
+    config = model.config
+    slots = archs.rotary_slots(model)
+    exported = {slot.layer_type: scheme.hf_rope_parameters(config, slot) for slot in slots}
+    if not slots or None in exported.values():
+        return None
+    keep = ("rope_theta", "partial_rotary_factor")
+    params = copy.deepcopy(config.rope_parameters)
+    for slot in slots:
+        native = slot.rope_parameters(config)
+        target = {**{k: native[k] for k in keep if k in native}, **exported[slot.layer_type]}
+        params = {**params, slot.layer_type: target} if slot.layer_type else target
+    probe = copy.copy(config)
+    probe.rope_parameters = params
+    try:
+        probe.validate_rope()
+    except (ValueError, KeyError, TypeError):
+        return None
+    return params
 
 
 def export_hf(model: torch.nn.Module, out_dir) -> Path:
@@ -336,24 +415,14 @@ def export_hf(model: torch.nn.Module, out_dir) -> Path:
     if handle is None:
         raise NotPatchedError("export_hf needs a patched model; patch it first.")
     config = model.config
-    plain = copy.deepcopy(config)
-    vars(plain).pop(RECORD_KEY, None)
-    plain._attn_implementation = config._attn_implementation.removeprefix("pos_swap_")
-    slots = archs.rotary_slots(model)
-    exported = {slot.layer_type: handle.scheme.hf_rope_parameters(config, slot) for slot in slots}
-    if not slots or None in exported.values():
+    if getattr(config, RECORD_KEY)["plain_transformers"] != SAME_MODEL:
         raise PosSwapError(
             f"Scheme '{handle.scheme.name}' has no plain transformers rope_parameters; save it with "
             f"model.save_pretrained(...) and load it with pos_swap.from_pretrained(...) instead."
         )
-    keep = ("rope_theta", "partial_rotary_factor")
-    for slot in slots:
-        native = slot.rope_parameters(config)
-        target = {**{k: native[k] for k in keep if k in native}, **exported[slot.layer_type]}
-        if slot.layer_type:
-            plain.rope_parameters = {**plain.rope_parameters, slot.layer_type: target}
-        else:
-            plain.rope_parameters = target
+    plain = copy.deepcopy(config)
+    vars(plain).pop(RECORD_KEY, None)
+    plain._attn_implementation = config._attn_implementation.removeprefix(PREFIX)
     model.config = plain
     try:
         model.save_pretrained(out_dir)

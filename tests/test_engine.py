@@ -86,7 +86,7 @@ def test_describe_reports_resolved_parameters(model):
     assert record["params"]["factor"] == 4.0
     assert record["params"]["original_max_position_embeddings"] == 32  # read from the model
     assert record["params"]["beta_fast"] == 32.0
-    assert model.config.pos_swap == record  # what save_pretrained writes
+    assert model.config.pos_swap.items() >= record.items()  # what save_pretrained writes (plus how to load it)
 
 
 def test_patching_twice_needs_replace(model, ids):

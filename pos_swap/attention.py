@@ -178,7 +178,7 @@ def chunked_attention(
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)  # (B|1, 1, C, W)
         if fused:
             extra = bias(rows, cols) if mask is None else bias(rows, cols) + mask  # (B|1, H, C, W) float32
-            extra = extra.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+            extra = extra.to(query.dtype).clamp(min=torch.finfo(query.dtype).min)  # fp16: -inf to its finite min
             p = dropout if module.training else 0.0
             outputs.append(F.scaled_dot_product_attention(q_rows, k_cols, v_cols, extra, dropout_p=p, scale=scaling))
             continue

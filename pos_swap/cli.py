@@ -5,13 +5,15 @@ scheme uses the ones its ``pos-swap schemes -v`` entry lists.
 """
 
 import argparse
+import ast
 import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 
 from . import archs, engine, offline
-from .errors import PosSwapError
+from .errors import PosSwapError, did_you_mean
 from .registry import get_scheme, schemes
 
 EPILOG = """examples:
@@ -37,17 +39,54 @@ def _all_parameters() -> dict[str, tuple[type, str, list[str]]]:
     return table
 
 
+def _parse_bool(text: str) -> bool:
+    choices = {"true": True, "false": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return choices[text.lower()]
+
+
+def _parse_dict(text: str) -> dict:
+    """JSON (``{"factor": 4.0}``) or a Python literal (``{'factor': 4.0}``)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a dictionary such as '{{\"factor\": 4.0}}', got {text!r}")
+    return value
+
+
+def _parse_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,1.5,2, got {text!r}") from None
+
+
 def _parse_value(annotation):
     """An argparse ``type`` for a scheme parameter annotation."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if typing.get_origin(annotation) not in (list, None) and args else annotation
     if typing.get_origin(base) is list:
-        return lambda text: [float(v) for v in text.split(",")]
-    if base is dict:
-        return json.loads
-    if base is bool:
-        return lambda text: {"true": True, "false": False}[text.lower()]
-    return base
+        return _parse_list
+    return {dict: _parse_dict, bool: _parse_bool}.get(base, base)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line that names the fix, exit code 2 (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        end = "" if message.endswith((".", "?")) else "."
+        self.exit(2, f"{self.prog}: error: {message}{end} See `{self.prog} --help`.\n")
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return subparsers[0].choices.get(command, parser) if subparsers else parser
 
 
 def _load(name_or_path: str, *, weights: bool):
@@ -56,9 +95,20 @@ def _load(name_or_path: str, *, weights: bool):
     from accelerate import init_empty_weights
 
     path = offline.resolve(name_or_path)
-    if weights:
-        return engine.from_pretrained(path)
-    config = transformers.AutoConfig.from_pretrained(path)
+    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        raise PosSwapError(
+            f"No model folder at '{name_or_path}'. Give an existing folder, a Hub name such as "
+            f"HuggingFaceTB/SmolLM2-135M, or offline:smollm2 / offline:minilm."
+        )
+    try:
+        if weights:
+            return engine.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as error:  # transformers' missing-file, unknown-repo and no-network errors
+        raise PosSwapError(
+            f"Cannot load '{name_or_path}': {str(error).splitlines()[0]} Give a local model folder, a Hub name "
+            f"(needs the network), or offline:smollm2 / offline:minilm."
+        ) from error
     record = engine.read_record(config)
     with init_empty_weights():
         model_class = engine.saved_model_class(config)
@@ -88,7 +138,11 @@ def cmd_info(args) -> None:
 
 def cmd_patch(args) -> None:
     params = {name: getattr(args, name) for name in _all_parameters() if getattr(args, name) is not None}
+    get_scheme(args.scheme)  # an unknown name fails before the checkpoint loads
     model = _load(args.model, weights=True)
+    saved = engine.describe(model)
+    if saved is not None and not args.replace:
+        raise PosSwapError(f"'{args.model}' was saved with pos_swap scheme '{saved['scheme']}'; pass --replace to replace it.")
     handle = engine.patch(model, args.scheme, replace=args.replace, **params)
     if args.export == "hf":
         engine.export_hf(model, args.out)
@@ -105,7 +159,7 @@ def cmd_patch(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="pos-swap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -141,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _subcommand_parser(parser, getattr(args, "command", None))
+        options = [o for action in command._actions for o in action.option_strings]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}.{did_you_mean(unknown[0], options)}")
     try:
         args.run(args)
     except PosSwapError as error:

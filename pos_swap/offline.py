@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import PosSwapError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -71,4 +73,6 @@ def pydoc_text() -> str:
 def resolve(name_or_path: str) -> str:
     """``offline:smollm2`` / ``offline:minilm`` to their local folders; anything else unchanged."""
     aliases = {"offline:smollm2": smollm2, "offline:minilm": minilm}
+    if name_or_path.startswith("offline:") and name_or_path not in aliases:
+        raise PosSwapError(f"Unknown offline checkpoint '{name_or_path}'. Offline checkpoints: {', '.join(aliases)}.")
     return str(aliases[name_or_path]()) if name_or_path in aliases else name_or_path

@@ -159,3 +159,37 @@ def test_backend_switch_while_routed_is_refused_and_the_patch_holds(arch, scheme
     pos_swap.unpatch(model)
     model.set_attn_implementation("eager")  # native again: switching is free
     assert model.config._attn_implementation == "eager"
+
+
+# -- clear errors instead of crashes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, scheme, params",
+    [
+        ("llama", "ntk", dict(factor=1e300)), ("llama", "linear", dict(factor=10**400)),
+        ("llama", "yarn", dict(factor=10**400)), ("llama", "dynamic", dict(factor=10**400)),
+        ("llama", "self-extend", dict(window=2**70, group=2)), ("llama", "cope", dict(npos=10**12)),
+        ("gpt2", "learned-interpolate", dict(factor=10**400)), ("gpt2", "rope", dict(base=1e300)),
+        ("llama", "self-extend", dict(window=8, group=10**30)), ("llama", "alibi", dict(chunk_mib=10**15)),
+    ],
+)  # fmt: skip
+def test_parameters_beyond_what_can_run_are_refused(arch, scheme, params):
+    model = tiny(arch)
+    with pytest.raises(pos_swap.PosSwapError, match="must be at most"):
+        pos_swap.patch(model, scheme, **params)
+    assert pos_swap.describe(model) is None
+
+
+@pytest.mark.parametrize("name, hint", [(["yarn"], "string such as 'yarn'"), ({"yarn": 1}, "string"), ("YaRN", "Did you mean 'yarn'?"), ("Self-Extend", "'self-extend'")])
+def test_scheme_names_must_be_strings_and_suggestions_ignore_case(name, hint):
+    with pytest.raises(pos_swap.PosSwapError, match=hint):
+        pos_swap.patch(tiny("llama"), name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_alibi_on_float64_with_sdpa_matches_eager(arch):
+    sdpa, eager = tiny(arch).double(), tiny(arch, attn_implementation="eager").double()
+    for model in (sdpa, eager):
+        pos_swap.patch(model, "alibi")
+    torch.testing.assert_close(outputs(sdpa, ids()), outputs(eager, ids()), rtol=0, atol=1e-5)  # eager scores: float32

@@ -14,7 +14,7 @@ from .. import archs
 from ..attention import chunked_attention, chunked_backend
 from ..errors import InvalidParameterError
 from ..functional import cope
-from ..registry import Scheme, SchemeConfig, param, positive
+from ..registry import Scheme, SchemeConfig, greater_than, param
 
 INITS = ("zeros", "normal")
 
@@ -25,7 +25,9 @@ def _known_init(value):
 
 @dataclasses.dataclass
 class CoPEConfig(SchemeConfig):
-    npos: int = param(64, "contextual positions counted before clamping (rows of each layer's table)", positive)
+    npos: int = param(
+        64, "contextual positions counted before clamping (rows of each layer's table)", greater_than(0, at_most=2**17)
+    )
     init: str = param("zeros", "table init: 'zeros' (starts as NoPE) or 'normal' (N(0, 0.02))", _known_init)
 
     def validate(self, model):

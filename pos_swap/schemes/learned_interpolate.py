@@ -9,13 +9,14 @@ import functools
 
 from .. import archs
 from ..functional import learned
-from ..registry import Scheme, SchemeConfig, greater_than, param
+from ..registry import MAX_FACTOR, Scheme, SchemeConfig, greater_than, param
 
 
 @dataclasses.dataclass
 class LearnedInterpolateConfig(SchemeConfig):
     factor: float = param(
-        None, "stretch factor s > 1: the table then covers s times its positions", greater_than(1), required=True
+        None, "stretch factor s > 1: the table then covers s times its positions", greater_than(1, at_most=MAX_FACTOR),
+        required=True,
     )
 
 

@@ -7,6 +7,7 @@ each call rotates queries and keys twice (neighbour and grouped positions) and m
 """
 
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
@@ -15,16 +16,18 @@ from .. import archs
 from ..attention import chunked_attention, chunked_backend, positions
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
-from ..registry import Scheme, SchemeConfig, greater_than, param, positive
+from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param
 
 
 @dataclasses.dataclass
 class SelfExtendConfig(SchemeConfig):
-    window: int = param(512, "neighbour window W: keys closer than W keep their normal positions", positive)
+    window: int = param(
+        512, "neighbour window W: keys closer than W keep their normal positions", greater_than(0, at_most=MAX_POSITIONS)
+    )
     group: int = param(
         None,
         "group size G: positions beyond the window are divided by G (e.g. 4 for about 4x the trained context)",
-        greater_than(1, " (1 leaves the model unchanged)"),
+        greater_than(1, " (1 leaves the model unchanged)", at_most=MAX_FACTOR),
         required=True,
     )
 
@@ -34,6 +37,14 @@ class SelfExtendConfig(SchemeConfig):
                 f"self-extend needs the window divisible by the group so grouped distances continue where the "
                 f"window ends; got window={self.window}, group={self.group}. Use a window that is a multiple of "
                 f"{self.group}, or a group that divides {self.window}."
+            )
+        trained = archs.trained_context(model.config)
+        if self.window >= trained:
+            warnings.warn(
+                f"self-extend's window {self.window} covers the whole trained context ({trained}): positions within "
+                f"it are unchanged and no grouping happens before {self.window}. Use a window below {trained}, "
+                f"e.g. {trained // 4 // self.group * self.group or self.group}.",
+                stacklevel=4,
             )
 
 

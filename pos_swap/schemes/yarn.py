@@ -7,7 +7,7 @@ import dataclasses
 
 from ..errors import InvalidParameterError
 from ..functional import rope
-from ..registry import param, positive
+from ..registry import MAX_FACTOR, greater_than, param, positive
 from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
 
 
@@ -53,7 +53,7 @@ class Yarn(RopeScaling):
 
 @dataclasses.dataclass
 class DynamicYarnConfig(YarnRampConfig):
-    max_factor: float | None = param(None, "upper bound for the factor (default: none)", positive)
+    max_factor: float | None = param(None, "upper bound for the factor (default: none)", greater_than(0, at_most=MAX_FACTOR))
 
 
 class DynamicYarn(RopeScaling):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import archs, engine, offline
 from .errors import PosSwapError, did_you_mean
-from .registry import get_scheme, schemes
+from .registry import get_scheme, list_schemes
 
 EPILOG = """examples:
   pos-swap schemes -v                                   every scheme with its parameters
@@ -30,7 +30,7 @@ pos_swap.from_pretrained(DIR); a folder saved with --export hf loads in plain tr
 def _all_parameters() -> dict[str, tuple[type, str, list[str]]]:
     """Every parameter of every scheme: name -> (annotation, help, schemes using it)."""
     table: dict[str, tuple[type, str, list[str]]] = {}
-    for name in schemes():
+    for name in list_schemes():
         config_class = get_scheme(name).Config
         hints = typing.get_type_hints(config_class)
         for field in dataclasses.fields(config_class):
@@ -117,7 +117,7 @@ def _load(name_or_path: str, *, weights: bool):
 
 
 def cmd_schemes(args) -> None:
-    for name in schemes():
+    for name in list_schemes():
         scheme = get_scheme(name)
         print(f"{name:14s} {scheme.summary}  [{', '.join(scheme.families)} models]")
         if args.verbose:
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "patch", help="patch a checkpoint and save it", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("model", metavar="MODEL_OR_DIR")
-    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(schemes())}")
+    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(list_schemes())}")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to save the patched model in")
     p.add_argument(
         "--export", choices=["pos_swap", "hf"], default="pos_swap",

@@ -2,7 +2,7 @@
 
 A scheme is one class: a ``Config`` dataclass whose fields carry help text and checks, the positional families
 it can patch, and ``apply(patch)`` which makes its changes through the patch handle so they can be undone.
-The table of registered schemes lives in ``pos_swap.schemes``.
+Each scheme module registers its class with :func:`register`; importing ``pos_swap.schemes`` loads them all.
 """
 
 import dataclasses
@@ -150,10 +150,19 @@ class Scheme:
         return [(f.name, f.metadata["help"], f.default, f.metadata["required"]) for f in dataclasses.fields(cls.Config)]
 
 
+SCHEMES: dict[str, type[Scheme]] = {}  # name -> scheme class, in registration order
+
+
+def register(scheme: type[Scheme]) -> type[Scheme]:
+    """Class decorator: make ``scheme`` known under ``scheme.name`` (names are unique)."""
+    if scheme.name in SCHEMES and SCHEMES[scheme.name] is not scheme:
+        raise ValueError(f"Two schemes are named '{scheme.name}': {SCHEMES[scheme.name].__name__} and {scheme.__name__}.")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
 def get_scheme(name: str) -> type[Scheme]:
     """The scheme class registered under ``name``, or an error suggesting the closest name."""
-    from .schemes import SCHEMES
-
     if not isinstance(name, str):
         raise UnknownSchemeError(
             f"A scheme is named by a string such as 'yarn'; got {reprlib.repr(name)}. Known schemes: {', '.join(SCHEMES)}."
@@ -165,8 +174,6 @@ def get_scheme(name: str) -> type[Scheme]:
     return SCHEMES[name]
 
 
-def schemes() -> list[str]:
+def list_schemes() -> list[str]:
     """Names of every registered scheme."""
-    from .schemes import SCHEMES
-
     return list(SCHEMES)

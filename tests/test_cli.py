@@ -31,7 +31,7 @@ def test_help_teaches_every_subcommand(capsys):
 def test_schemes_lists_names_and_parameters(capsys):
     assert main(["schemes", "-v"]) == 0
     out = capsys.readouterr().out
-    for name in pos_swap.schemes():
+    for name in pos_swap.list_schemes():
         assert name in out
     assert "--long-factor" in out and "(required)" in out
 

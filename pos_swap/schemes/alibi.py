@@ -14,7 +14,7 @@ from .. import archs
 from ..attention import backend_of, chunked_attention, first_query_slot, positions
 from ..errors import InvalidParameterError
 from ..functional import alibi
-from ..registry import Scheme, SchemeConfig, greater_than, param
+from ..registry import Scheme, SchemeConfig, greater_than, param, register
 
 
 @dataclasses.dataclass
@@ -85,6 +85,7 @@ class AlibiBias(nn.Module):
         return output.transpose(1, 2).contiguous(), None
 
 
+@register
 class Alibi(Scheme):
     name = "alibi"
     summary = "ALiBi: per-head linear distance bias replaces the checkpoint's positions (Press et al. 2022)"

@@ -14,7 +14,7 @@ from .. import archs
 from ..attention import chunked_attention, chunked_backend
 from ..errors import InvalidParameterError
 from ..functional import cope
-from ..registry import Scheme, SchemeConfig, greater_than, param
+from ..registry import Scheme, SchemeConfig, greater_than, param, register
 
 INITS = ("zeros", "normal")
 
@@ -61,6 +61,7 @@ class CoPE(nn.Module):
         )  # fmt: skip
 
 
+@register
 class CoPEScheme(Scheme):
     name = "cope"
     summary = "CoPE: learned contextual positions (gated key counts) replace the checkpoint's (Golovneva et al. 2024)"

@@ -9,7 +9,7 @@ import functools
 
 from .. import archs
 from ..functional import learned
-from ..registry import MAX_FACTOR, Scheme, SchemeConfig, greater_than, param
+from ..registry import MAX_FACTOR, Scheme, SchemeConfig, greater_than, param, register
 
 
 @dataclasses.dataclass
@@ -20,6 +20,7 @@ class LearnedInterpolateConfig(SchemeConfig):
     )
 
 
+@register
 class LearnedInterpolate(Scheme):
     name = "learned-interpolate"
     summary = "stretch a learned position table by linear interpolation (GPT-2 at 4x its n_positions)"

@@ -13,7 +13,7 @@ from .. import archs
 from ..attention import DeferredRotation
 from ..errors import InvalidParameterError
 from ..functional import rope
-from ..registry import Scheme, SchemeConfig, get_scheme, greater_than, param
+from ..registry import Scheme, SchemeConfig, get_scheme, greater_than, param, register
 
 SCALINGS = ("linear", "ntk", "dynamic", "yarn", "dynamic-yarn", "llama3")
 
@@ -42,6 +42,7 @@ def rotary_dim(model, fraction: float) -> int:
     return int(archs.head_dim(model.config) * fraction) // 2 * 2
 
 
+@register
 class Rope(Scheme):
     name = "rope"
     summary = "rotary positions on a learned-position model (table off), optional RoPE scaling on top"

@@ -16,7 +16,7 @@ from .. import archs
 from ..attention import chunked_attention, chunked_backend, positions
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
-from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param
+from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
 
 
 @dataclasses.dataclass
@@ -84,6 +84,7 @@ class GroupedAttention(nn.Module):
         )  # fmt: skip
 
 
+@register
 class SelfExtend(Scheme):
     name = "self-extend"
     summary = "Self-Extend: normal RoPE within a window, grouped positions beyond it; training-free (Jin et al. 2024)"

@@ -11,7 +11,7 @@ import torch
 
 from .. import archs
 from ..functional import sinusoid
-from ..registry import MAX_FACTOR, Scheme, SchemeConfig, greater_than, param
+from ..registry import MAX_FACTOR, Scheme, SchemeConfig, greater_than, param, register
 
 
 @dataclasses.dataclass
@@ -21,6 +21,7 @@ class SinusoidalConfig(SchemeConfig):
     factor: float = param(1.0, "divide positions by this (interpolated variant; 1 = plain)", greater_than(0, at_most=MAX_FACTOR))
 
 
+@register
 class Sinusoidal(Scheme):
     name = "sinusoidal"
     summary = "fixed sin/cos table (Vaswani et al. 2017) for any position, RMS-matched to the learned one"

@@ -118,7 +118,7 @@ class Patch:
         ``embed`` must be picklable (a module-level function or a ``functools.partial`` of one) and reach the
         table only through its argument, so that copies and pickles of the model read their own table."""
         table = archs.position_table(self.model)
-        self.set(table, "forward", TableForward(table, embed))
+        self.set(table, "forward", TableForward(table, embed, archs.lookup(self.model).table_positions_keyword))
         for path, fill in archs.lookup(self.model).index_buffers:
             owner_path, name = path.rsplit(".", 1)
             (owner,) = archs.find_modules(self.model, owner_path)
@@ -215,12 +215,12 @@ class TableForward:
     """The ``forward`` a patched learned table gets: ``embed(table, position_ids)``. A class rather than a closure,
     so a deep copy reads the copy's own table and ``torch.save(model)`` can pickle it."""
 
-    def __init__(self, table: torch.nn.Module, embed):
-        self.table, self.embed = table, embed
+    def __init__(self, table: torch.nn.Module, embed, positions_keyword: str | None):
+        self.table, self.embed, self.positions_keyword = table, embed, positions_keyword
 
-    def __call__(self, *args, position_ids=None, **kwargs):
-        # GPT-2 and BERT call table(position_ids); OPT calls table(mask, past_length, position_ids=...)
-        return self.embed(self.table, args[0] if position_ids is None else position_ids)
+    def __call__(self, *args, **kwargs):
+        positions = kwargs[self.positions_keyword] if self.positions_keyword else args[0]  # archs.ArchSpec says which
+        return self.embed(self.table, positions)
 
 
 def zero_rows(table: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:

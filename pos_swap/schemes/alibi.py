@@ -95,7 +95,7 @@ class Alibi(Scheme):
     def apply(self, patch) -> None:
         model, c = patch.model, self.config
         slopes = torch.tensor(c.slopes) if c.slopes else alibi.slopes(model.config.num_attention_heads)
-        symmetric = (not archs.lookup(model).causal) if c.symmetric is None else c.symmetric
+        symmetric = (not archs.is_causal(model)) if c.symmetric is None else c.symmetric
         patch.remove_positions()
         if c.trainable:
             make = lambda module: AlibiBias(slopes, True, symmetric, c.chunk_mib)  # noqa: E731 - one set per layer

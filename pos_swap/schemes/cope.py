@@ -31,7 +31,7 @@ class CoPEConfig(SchemeConfig):
     init: str = param("zeros", "table init: 'zeros' (starts as NoPE) or 'normal' (N(0, 0.02))", _known_init)
 
     def validate(self, model):
-        if not archs.lookup(model).causal:
+        if not archs.is_causal(model):
             raise InvalidParameterError(
                 f"cope counts positions over the causal past only (Golovneva et al. 2024); this "
                 f"'{model.config.model_type}' model is an encoder. Use alibi, sinusoidal or nope for encoders."

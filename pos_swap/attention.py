@@ -69,14 +69,26 @@ def first_query_slot(attention_mask, query_length: int, key_length: int) -> int:
     a single query see every key (the query last)."""
     if query_length == key_length:
         return 0
-    if attention_mask is None or not isinstance(attention_mask, torch.Tensor):  # flex's BlockMask: keys end with queries
-        return 0 if attention_mask is None and query_length > 1 else key_length - query_length
+    if attention_mask is None:
+        return 0 if query_length > 1 else key_length - query_length
+    if not isinstance(attention_mask, torch.Tensor):  # flex's BlockMask: ask its mask_mod about the last query
+        return _last_query_slot_of_block_mask(attention_mask, query_length, key_length) - (query_length - 1)
     mask = attention_mask[..., -query_length:, :]  # (B, 1|H, Lq, Lk)
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     columns = torch.arange(mask.shape[-1], device=mask.device)
     last_seen = torch.where(allowed, columns, -1).amax(-1)  # (B, 1|H, Lq); rows of padding see nothing: -1
     slot = int((last_seen - torch.arange(query_length, device=mask.device)).amax())
     return slot if slot >= 0 else key_length - query_length
+
+
+def _last_query_slot_of_block_mask(block_mask, query_length: int, key_length: int) -> int:
+    """The last key slot flex's ``block_mask`` lets the last query of the first sequence see: that query's own."""
+    device = block_mask.kv_num_blocks.device
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    last_query = torch.tensor(query_length - 1, device=device)
+    allowed = block_mask.mask_mod(zero, zero, last_query, torch.arange(key_length, device=device))  # (Lk,)
+    seen = torch.nonzero(allowed.expand(key_length))
+    return int(seen.max()) if len(seen) else key_length - 1
 
 
 def positions(kwargs: dict, query: torch.Tensor, key: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

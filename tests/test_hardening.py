@@ -193,3 +193,17 @@ def test_alibi_on_float64_with_sdpa_matches_eager(arch):
     for model in (sdpa, eager):
         pos_swap.patch(model, "alibi")
     torch.testing.assert_close(outputs(sdpa, ids()), outputs(eager, ids()), rtol=0, atol=1e-5)  # eager scores: float32
+
+
+def test_cache_dir_honours_pos_swap_cache_then_xdg(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from pos_swap import offline
+
+    monkeypatch.delenv("POS_SWAP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert offline.cache_dir() == Path.home() / ".cache" / "pos_swap"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert offline.cache_dir() == tmp_path / "xdg" / "pos_swap"
+    monkeypatch.setenv("POS_SWAP_CACHE", str(tmp_path / "mine"))
+    assert offline.cache_dir() == tmp_path / "mine"

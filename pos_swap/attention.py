@@ -142,8 +142,9 @@ def additive_mask(attention_mask, module, rows: slice, cols: slice, first_query:
     """The attention mask's ``rows`` x ``cols`` block as an additive float32 tensor ``(B|1, 1, C, W)``, or None.
 
     ``None`` from transformers means "causal, no padding" for a causal module (sdpa's ``is_causal``, with the
-    first query at key slot ``first_query``) and "no mask" otherwise; boolean masks mark allowed keys; float masks are additive already. Disallowed entries get
-    the float32 minimum rather than -inf, so a fully masked padding row stays finite, as in eager attention.
+    first query at key slot ``first_query``) and "no mask" otherwise; boolean masks mark allowed keys; float masks
+    are additive already. Disallowed entries get the float32 minimum rather than -inf, so a fully masked padding
+    row stays finite, as in eager attention.
     """
     floor = torch.finfo(torch.float32).min
     if attention_mask is None:

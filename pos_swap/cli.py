@@ -142,7 +142,9 @@ def cmd_patch(args) -> None:
     model = _load(args.model, weights=True)
     saved = engine.describe(model)
     if saved is not None and not args.replace:
-        raise PosSwapError(f"'{args.model}' was saved with pos_swap scheme '{saved['scheme']}'; pass --replace to replace it.")
+        raise PosSwapError(
+            f"'{args.model}' was saved with pos_swap scheme '{saved['scheme']}'; pass --replace to replace it."
+        )
     handle = engine.patch(model, args.scheme, replace=args.replace, **params)
     if args.export == "hf":
         engine.export_hf(model, args.out)

@@ -146,7 +146,8 @@ class Patch:
         saved = {**self.record, "plain_transformers": NO_PLAIN_FORM}
         plain = plain_rope_parameters(model, self.scheme)
         if plain is not None:  # plain transformers then loads the same model from a saved folder
-            saved.update(plain_transformers=SAME_MODEL, native_rope_parameters=copy.deepcopy(model.config.rope_parameters))
+            native = copy.deepcopy(model.config.rope_parameters)
+            saved.update(plain_transformers=SAME_MODEL, native_rope_parameters=native)
             self.set(model.config, "rope_parameters", plain)
         self.set(model.config, RECORD_KEY, saved)
         self.set(model, PATCH_ATTR, self)
@@ -201,7 +202,9 @@ class PinnedBackend:
         self.scheme, self.routed = scheme, routed
 
     def __call__(self, attn_implementation, *args, **kwargs):
-        wanted = attn_implementation.get("", self.routed) if isinstance(attn_implementation, dict) else attn_implementation
+        wanted = attn_implementation
+        if isinstance(wanted, dict):  # {"": backend} or per sub-config
+            wanted = wanted.get("", self.routed)
         if wanted in (self.routed, self.routed.removeprefix(PREFIX)):
             return  # already the backend the patch wraps
         raise IncompatibleSchemeError(

@@ -131,7 +131,9 @@ class Scheme:
                 )
             problem = value is not None and fields[key].metadata["check"] and fields[key].metadata["check"](value)
             if problem:
-                raise InvalidParameterError(f"Parameter '{key}' of scheme '{cls.name}' {problem}; got {reprlib.repr(value)}.")
+                raise InvalidParameterError(
+                    f"Parameter '{key}' of scheme '{cls.name}' {problem}; got {reprlib.repr(value)}."
+                )
         config = cls.Config(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
         config.validate(model)
         return cls(config)
@@ -156,7 +158,8 @@ SCHEMES: dict[str, type[Scheme]] = {}  # name -> scheme class, in registration o
 def register(scheme: type[Scheme]) -> type[Scheme]:
     """Class decorator: make ``scheme`` known under ``scheme.name`` (names are unique)."""
     if scheme.name in SCHEMES and SCHEMES[scheme.name] is not scheme:
-        raise ValueError(f"Two schemes are named '{scheme.name}': {SCHEMES[scheme.name].__name__} and {scheme.__name__}.")
+        clash = f"{SCHEMES[scheme.name].__name__} and {scheme.__name__}"
+        raise ValueError(f"Two schemes are named '{scheme.name}': {clash}.")
     SCHEMES[scheme.name] = scheme
     return scheme
 
@@ -165,7 +168,8 @@ def get_scheme(name: str) -> type[Scheme]:
     """The scheme class registered under ``name``, or an error suggesting the closest name."""
     if not isinstance(name, str):
         raise UnknownSchemeError(
-            f"A scheme is named by a string such as 'yarn'; got {reprlib.repr(name)}. Known schemes: {', '.join(SCHEMES)}."
+            f"A scheme is named by a string such as 'yarn'; got {reprlib.repr(name)}. "
+            f"Known schemes: {', '.join(SCHEMES)}."
         )
     if name not in SCHEMES:
         raise UnknownSchemeError(

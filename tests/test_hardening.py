@@ -145,7 +145,10 @@ def test_patched_block_may_unpatch_or_replace_and_keeps_the_users_error():
 # -- attention backend switches while patched --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch, scheme, params", [("llama", "alibi", {}), ("llama", "dynamic", dict(factor=2.0)), ("gpt2", "rope", {})])
+ROUTED = [("llama", "alibi", {}), ("llama", "dynamic", dict(factor=2.0)), ("gpt2", "rope", {})]
+
+
+@pytest.mark.parametrize("arch, scheme, params", ROUTED)
 def test_backend_switch_while_routed_is_refused_and_the_patch_holds(arch, scheme, params):
     model = tiny(arch)
     pos_swap.patch(model, scheme, **params)
@@ -181,7 +184,11 @@ def test_parameters_beyond_what_can_run_are_refused(arch, scheme, params):
     assert pos_swap.describe(model) is None
 
 
-@pytest.mark.parametrize("name, hint", [(["yarn"], "string such as 'yarn'"), ({"yarn": 1}, "string"), ("YaRN", "Did you mean 'yarn'?"), ("Self-Extend", "'self-extend'")])
+@pytest.mark.parametrize(
+    "name, hint",
+    [(["yarn"], "string such as 'yarn'"), ({"yarn": 1}, "string"), ("YaRN", "Did you mean 'yarn'?"),
+     ("Self-Extend", "'self-extend'")],
+)  # fmt: skip
 def test_scheme_names_must_be_strings_and_suggestions_ignore_case(name, hint):
     with pytest.raises(pos_swap.PosSwapError, match=hint):
         pos_swap.patch(tiny("llama"), name)

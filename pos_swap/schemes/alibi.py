@@ -22,7 +22,9 @@ class AlibiConfig(SchemeConfig):
     slopes: list[float] | None = param(None, "one slope per head (default: the paper's geometric slopes)", None)
     trainable: bool = param(False, "make the slopes trainable parameters, one set per layer")
     symmetric: bool | None = param(None, "-slope*|i-j| for both directions (default: True for encoders)")
-    chunk_mib: int = param(64, "memory for the bias of one chunk of query rows (eager / sdpa)", greater_than(0, at_most=2**20))
+    chunk_mib: int = param(
+        64, "memory for the bias of one chunk of query rows (eager / sdpa)", greater_than(0, at_most=2**20)
+    )
 
     def validate(self, model):
         heads = model.config.num_attention_heads

@@ -18,7 +18,9 @@ from ..registry import MAX_FACTOR, Scheme, SchemeConfig, greater_than, param, re
 class SinusoidalConfig(SchemeConfig):
     base: float = param(10000.0, "wavelength base of the table", greater_than(1, at_most=1e12))
     match_rms: bool = param(True, "scale the table to the RMS of the learned table it replaces")
-    factor: float = param(1.0, "divide positions by this (interpolated variant; 1 = plain)", greater_than(0, at_most=MAX_FACTOR))
+    factor: float = param(
+        1.0, "divide positions by this (interpolated variant; 1 = plain)", greater_than(0, at_most=MAX_FACTOR)
+    )
 
 
 @register

@@ -54,7 +54,9 @@ class Yarn(RopeScaling):
 
 @dataclasses.dataclass
 class DynamicYarnConfig(YarnRampConfig):
-    max_factor: float | None = param(None, "upper bound for the factor (default: none)", greater_than(0, at_most=MAX_FACTOR))
+    max_factor: float | None = param(
+        None, "upper bound for the factor (default: none)", greater_than(0, at_most=MAX_FACTOR)
+    )
 
 
 @register

@@ -101,8 +101,8 @@ def stretched_reference(model, length: int):
 
 def why_skip(model, scheme: str, params: dict) -> str | None:
     """None when ``scheme`` can patch ``model`` with ``params``; otherwise why not (nothing is changed)."""
-    if scheme not in pos_swap.schemes():
-        return f"not registered in this pos_swap (registered: {', '.join(pos_swap.schemes())})"
+    if scheme not in pos_swap.list_schemes():
+        return f"not registered in this pos_swap (registered: {', '.join(pos_swap.list_schemes())})"
     scheme_class = pos_swap.get_scheme(scheme)
     try:
         scheme_class.check_family(model, archs.lookup(model).family)

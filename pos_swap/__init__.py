@@ -4,12 +4,12 @@
     patch.remove()                                       # bit-identical to before
 """
 
-from . import schemes as _scheme_modules  # load the registry first: the function below takes the name
+from . import schemes  # the subpackage: importing it registers every scheme
 from .engine import Patch, __version__, describe, export_hf, from_pretrained, patch, patched, unpatch
 from .errors import PosSwapError
-from .registry import get_scheme, schemes
+from .registry import get_scheme, list_schemes
 
 __all__ = [
-    "Patch", "PosSwapError", "__version__", "describe", "export_hf", "from_pretrained", "get_scheme", "patch",
-    "patched", "schemes", "unpatch",
+    "Patch", "PosSwapError", "__version__", "describe", "export_hf", "from_pretrained", "get_scheme", "list_schemes",
+    "patch", "patched", "schemes", "unpatch",
 ]  # fmt: skip

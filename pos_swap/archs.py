@@ -26,7 +26,9 @@ class ArchSpec:
     table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
     # (1, max_positions) buffers of default ids that a longer context must outgrow: path -> "arange" or "zeros"
     index_buffers: tuple[tuple[str, str], ...] = ()
-    causal: bool = True
+    # how the model calls its table: table(position_ids), or with the ids under this keyword (OPT calls
+    # table(mask, past_length, position_ids=...))
+    table_positions_keyword: str | None = None
 
 
 _DECODER_ROPE = ArchSpec(family=ROTARY, attention="layers.*.self_attn", rotary="rotary_emb")
@@ -44,13 +46,15 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "phi3": _DECODER_ROPE,
     "gpt_neox": ArchSpec(family=ROTARY, attention="layers.*.attention", rotary="rotary_emb"),
     "gpt2": ArchSpec(family=LEARNED, attention="h.*.attn", table="wpe"),
-    "opt": ArchSpec(family=LEARNED, attention="decoder.layers.*.self_attn", table="decoder.embed_positions", table_offset=2),
+    "opt": ArchSpec(
+        family=LEARNED, attention="decoder.layers.*.self_attn", table="decoder.embed_positions", table_offset=2,
+        table_positions_keyword="position_ids",
+    ),  # fmt: skip
     "bert": ArchSpec(
         family=LEARNED,
         attention="encoder.layer.*.attention.self",
         table="embeddings.position_embeddings",
         index_buffers=(("embeddings.position_ids", "arange"), ("embeddings.token_type_ids", "zeros")),
-        causal=False,
     ),
 }
 
@@ -125,6 +129,12 @@ def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[n
     return modules
 
 
+def is_causal(model: nn.Module) -> bool:
+    """Whether the model's attention is causal, as its attention modules say (transformers' ``is_causal``, the
+    flag pos_swap's attention function reads too): one source for the whole package."""
+    return all(getattr(module, "is_causal", True) for module in attention_modules(model))
+
+
 def position_table(model: nn.Module) -> nn.Embedding:
     """The learned absolute position table (GPT-2's ``wpe``, OPT's ``embed_positions``, ...)."""
     (table,) = find_modules(model, lookup(model).table)
@@ -159,7 +169,7 @@ def summarize(model: nn.Module) -> dict:
         "class": type(model).__name__,
         "positions": spec.family,
         "trained_context": trained_context(config),
-        "causal": spec.causal,
+        "causal": is_causal(model),
         "attention_backends": attention_backends(model),
         "attention_implementation": config._attn_implementation,
     }

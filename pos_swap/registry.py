@@ -2,11 +2,12 @@
 
 A scheme is one class: a ``Config`` dataclass whose fields carry help text and checks, the positional families
 it can patch, and ``apply(patch)`` which makes its changes through the patch handle so they can be undone.
-The table of registered schemes lives in ``pos_swap.schemes``.
+Each scheme module registers its class with :func:`register`; importing ``pos_swap.schemes`` loads them all.
 """
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from typing import Any, Callable, ClassVar
@@ -20,9 +21,19 @@ def param(default: Any = None, help: str = "", check: Callable[[Any], str | None
     return dataclasses.field(default=default, metadata={"help": help, "check": check, "required": required})
 
 
-def greater_than(bound: float, why: str = ""):
+MAX_FACTOR = 2**16  # a context extension beyond this leaves float32 frequencies and positions meaningless
+MAX_POSITIONS = 2**24  # positions (contexts, windows) one run can hold
+
+
+def greater_than(bound: float, why: str = "", at_most: float | None = None):
+    """A check for ``bound < value`` (and ``value <= at_most``: every parameter is bounded to what can run)."""
+
     def check(value):
-        return None if value > bound else f"must be > {bound}{why}"
+        if not value > bound:
+            return f"must be > {bound}{why}"
+        if at_most is not None and value > at_most:
+            return f"must be at most {at_most:.12g} (larger values cannot run)"
+        return None
 
     return check
 
@@ -112,13 +123,17 @@ class Scheme:
             type_name = getattr(hints[key], "__name__", str(hints[key]))
             if not _matches(value, hints[key]):
                 raise InvalidParameterError(
-                    f"Parameter '{key}' of scheme '{cls.name}' must be {type_name}, got {value!r}."
+                    f"Parameter '{key}' of scheme '{cls.name}' must be {type_name}, got {reprlib.repr(value)}."
                 )
             if not _finite(value):
-                raise InvalidParameterError(f"Parameter '{key}' of scheme '{cls.name}' must be finite, got {value!r}.")
+                raise InvalidParameterError(
+                    f"Parameter '{key}' of scheme '{cls.name}' must be finite, got {reprlib.repr(value)}."
+                )
             problem = value is not None and fields[key].metadata["check"] and fields[key].metadata["check"](value)
             if problem:
-                raise InvalidParameterError(f"Parameter '{key}' of scheme '{cls.name}' {problem}; got {value!r}.")
+                raise InvalidParameterError(
+                    f"Parameter '{key}' of scheme '{cls.name}' {problem}; got {reprlib.repr(value)}."
+                )
         config = cls.Config(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
         config.validate(model)
         return cls(config)
@@ -137,10 +152,25 @@ class Scheme:
         return [(f.name, f.metadata["help"], f.default, f.metadata["required"]) for f in dataclasses.fields(cls.Config)]
 
 
+SCHEMES: dict[str, type[Scheme]] = {}  # name -> scheme class, in registration order
+
+
+def register(scheme: type[Scheme]) -> type[Scheme]:
+    """Class decorator: make ``scheme`` known under ``scheme.name`` (names are unique)."""
+    if scheme.name in SCHEMES and SCHEMES[scheme.name] is not scheme:
+        clash = f"{SCHEMES[scheme.name].__name__} and {scheme.__name__}"
+        raise ValueError(f"Two schemes are named '{scheme.name}': {clash}.")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
 def get_scheme(name: str) -> type[Scheme]:
     """The scheme class registered under ``name``, or an error suggesting the closest name."""
-    from .schemes import SCHEMES
-
+    if not isinstance(name, str):
+        raise UnknownSchemeError(
+            f"A scheme is named by a string such as 'yarn'; got {reprlib.repr(name)}. "
+            f"Known schemes: {', '.join(SCHEMES)}."
+        )
     if name not in SCHEMES:
         raise UnknownSchemeError(
             f"Unknown scheme '{name}'.{did_you_mean(name, SCHEMES)} Known schemes: {', '.join(SCHEMES)}."
@@ -148,8 +178,6 @@ def get_scheme(name: str) -> type[Scheme]:
     return SCHEMES[name]
 
 
-def schemes() -> list[str]:
+def list_schemes() -> list[str]:
     """Names of every registered scheme."""
-    from .schemes import SCHEMES
-
     return list(SCHEMES)

@@ -31,7 +31,7 @@ def test_help_teaches_every_subcommand(capsys):
 def test_schemes_lists_names_and_parameters(capsys):
     assert main(["schemes", "-v"]) == 0
     out = capsys.readouterr().out
-    for name in pos_swap.schemes():
+    for name in pos_swap.list_schemes():
         assert name in out
     assert "--long-factor" in out and "(required)" in out
 
@@ -93,3 +93,42 @@ def test_bad_input_is_a_clear_error(model_dir, tmp_path, capsys, argv, message):
 def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "pos_swap.cli", "schemes"], capture_output=True, text=True)
     assert done.returncode == 0 and "yarn" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/nonexistent"], "No model folder at '/nonexistent'"),
+        (["patch", "./no-such-model", "--scheme", "yarn", "--factor", "4", "--out", "x"], "No model folder"),
+        (["info", "offline:smollm3"], "Unknown offline checkpoint 'offline:smollm3'"),
+        (["patch", "MODEL", "--scheme", "yarn", "--factor", "4", "--truncate", "maybe", "--out", "x"], "expected true or false"),
+        (["patch", "MODEL", "--scheme", "yarn", "--factr", "4", "--out", "x"], "Did you mean '--factor'?"),
+        (["patch", "MODEL", "--scheme", "yarn", "--factor", "abc", "--out", "x"], "expected float, got 'abc'"),
+        (["patch", "MODEL", "--scheme", "rope", "--scaling-params", "[1]", "--out", "x"], "expected a dictionary"),
+        (["patch", "MODEL", "--scheme", "YaRN", "--factor", "4", "--out", "x"], "Did you mean 'yarn'?"),
+        (["patch", "MODEL", "--scheme", "ntk", "--factor", "1e300", "--out", "x"], "must be at most 65536"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_naming_the_fix(model_dir, tmp_path, capsys, argv, message):
+    argv = [str(model_dir) if a == "MODEL" else str(tmp_path / a) if a == "x" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as done:
+        code = done.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("pos-swap")]  # besides loading progress bars
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_scaling_params_accept_json_and_python_literals(tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    tiny("gpt2").save_pretrained(gpt2)
+    for text in ('{"factor": 4.0}', "{'factor': 4.0}"):
+        out = tmp_path / f"out{len(text)}"
+        assert main(["patch", str(gpt2), "--scheme", "rope", "--scaling", "linear", "--scaling-params", text, "--out", str(out)]) == 0
+        assert pos_swap.describe(pos_swap.from_pretrained(out))["params"]["scaling_params"] == {"factor": 4.0}
+
+
+def test_self_extend_window_over_the_trained_context_warns(model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="covers the whole trained context"):
+        main(["patch", str(model_dir), "--scheme", "self-extend", "--group", "4", "--window", "64", "--out", str(tmp_path / "x")])

@@ -27,8 +27,8 @@ def test_patched_model_matches_transformers(arch, scheme, length):
     ids = torch.randint(3, 100, (2, length), generator=torch.Generator().manual_seed(length))
     native = logits(model, ids)
     handle = pos_swap.patch(model, scheme, **scheme_params(scheme, model))
+    handle.remove()  # the patched config carries the exported rope_parameters already: export from the native one
     exported = {slot.layer_type: handle.scheme.hf_rope_parameters(model.config, slot) for slot in archs.rotary_slots(model)}
-    handle.remove()
     reference = logits(transformers_reference(model, exported), ids)
     pos_swap.patch(model, scheme, **scheme_params(scheme, model))
     patched = logits(model, ids)

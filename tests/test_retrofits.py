@@ -83,7 +83,7 @@ def test_chunked_attention_is_exact_whatever_the_chunk():
     module = tiny("llama").model.layers[0].self_attn
     q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
 
-    def logits(rows, cols, q_rows, keys):
+    def logits(rows, cols, q_rows, keys, mask):
         return (q_rows @ keys.transpose(-1, -2)).float() * 0.25
 
     def bias(rows, cols):

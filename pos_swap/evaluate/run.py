@@ -13,7 +13,7 @@ from .. import archs, engine, offline, report
 from ..errors import PosSwapError
 from .ppl import check_fits, token_losses, window_perplexity, windows
 from .retrieval import DEPTHS, PROMPTS, _rng, retrieval_trial
-from .specs import NATIVE, SchemeSpec, format_length, parse_scheme
+from .specs import SchemeSpec, format_length
 
 TASKS = ("ppl", "passkey", "multikey")
 

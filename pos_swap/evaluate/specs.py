@@ -3,6 +3,7 @@
 
 import ast
 import dataclasses
+import json
 import typing
 
 from ..errors import PosSwapError
@@ -39,23 +40,36 @@ def format_length(tokens: int) -> str:
 
 
 def parse_value(annotation, text: str):
-    """A parameter value typed on the command line, read as ``annotation`` (float, int, bool, list[float], dict,
-    str, or an optional of those). Lists are comma-separated; dicts are JSON or Python literals."""
+    """A parameter value typed by a user, read as ``annotation`` (float, int, bool, list[float], dict, str, or an
+    optional of those). Lists take commas or ``;`` (``1,1.5,2``); dicts are JSON or Python literals. Raises
+    ValueError saying what was expected."""
     options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     base = options[0] if typing.get_origin(annotation) is not list else annotation
     if typing.get_origin(base) is list:
-        return [float(v) for v in text.strip("[]").replace(";", ",").split(",")]
+        try:
+            return [float(v) for v in text.strip("[]").replace(";", ",").split(",")]
+        except ValueError:
+            raise ValueError(f"expected comma-separated numbers such as 1,1.5,2, got {text!r}") from None
     if base is dict:
-        value = ast.literal_eval(text.replace("true", "True").replace("false", "False"))
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = None
         if not isinstance(value, dict):
-            raise ValueError("expected a dict")
+            raise ValueError(f"expected a dictionary such as '{{\"factor\": 4.0}}', got {text!r}")
         return value
     if base is bool:
-        choices = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        choices = {"true": True, "false": False}
         if text.lower() not in choices:
-            raise ValueError("expected true or false")
+            raise ValueError(f"expected true or false, got {text!r}")
         return choices[text.lower()]
-    return base(text)
+    try:
+        return base(text)
+    except ValueError:
+        raise ValueError(f"expected {getattr(base, '__name__', base)}, got {text!r}") from None
 
 
 def split_outside_brackets(text: str, separator: str) -> list[str]:

@@ -1,29 +1,11 @@
-"""The registry of positional schemes: one module per scheme, one entry here per scheme.
+"""The positional schemes: one module per scheme, each registering its class with ``registry.register``.
 
-To add a scheme: write ``schemes/<name>.py`` with a ``Config`` dataclass and a ``Scheme`` subclass (see
-``linear.py`` for the smallest one), then add its class below.
+To add a scheme: write ``schemes/<name>.py`` with a ``Config`` dataclass and a ``@register``-ed ``Scheme`` subclass
+(see ``linear.py`` for the smallest one), then import the module below. The import order is the listing order.
 """
 
-from .alibi import Alibi
-from .cope import CoPEScheme
-from .dynamic import Dynamic
-from .learned_interpolate import LearnedInterpolate
-from .linear import Linear
-from .llama3 import Llama3
-from .longrope import LongRope
-from .nope import NoPE
-from .ntk import NTK
-from .rope import Rope
-from .self_extend import SelfExtend
-from .sinusoidal import Sinusoidal
-from .yarn import DynamicYarn, Yarn
+# RoPE scaling for RoPE models
+from . import linear, ntk, dynamic, yarn, longrope, llama3  # noqa: F401, I001
 
-SCHEMES = {
-    scheme.name: scheme
-    for scheme in (
-        # RoPE scaling for RoPE models
-        Linear, NTK, Dynamic, Yarn, DynamicYarn, LongRope, Llama3,
-        # retrofits that change the kind of positional mechanism
-        Alibi, Sinusoidal, LearnedInterpolate, Rope, NoPE, CoPEScheme, SelfExtend,
-    )
-}  # fmt: skip
+# retrofits that change the kind of positional mechanism
+from . import alibi, sinusoidal, learned_interpolate, rope, nope, cope, self_extend  # noqa: F401, I001

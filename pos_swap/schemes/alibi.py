@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import backend_of, chunked_attention, key_positions, query_positions
+from ..attention import backend_of, chunked_attention, first_query_slot, positions
 from ..errors import InvalidParameterError
 from ..functional import alibi
-from ..registry import Scheme, SchemeConfig, param, positive
+from ..registry import Scheme, SchemeConfig, greater_than, param, register
 
 
 @dataclasses.dataclass
@@ -22,7 +22,9 @@ class AlibiConfig(SchemeConfig):
     slopes: list[float] | None = param(None, "one slope per head (default: the paper's geometric slopes)", None)
     trainable: bool = param(False, "make the slopes trainable parameters, one set per layer")
     symmetric: bool | None = param(None, "-slope*|i-j| for both directions (default: True for encoders)")
-    chunk_mib: int = param(64, "memory for the bias of one chunk of query rows (eager / sdpa)", positive)
+    chunk_mib: int = param(
+        64, "memory for the bias of one chunk of query rows (eager / sdpa)", greater_than(0, at_most=2**20)
+    )
 
     def validate(self, model):
         heads = model.config.num_attention_heads
@@ -53,13 +55,11 @@ class AlibiBias(nn.Module):
         return f"heads={self.slopes.numel()}, symmetric={self.symmetric}, trainable={self.slopes.requires_grad}"
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        batch, _, q_len, _ = query.shape
-        k_len = key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if backend_of(module) == "flex_attention":
-            return self._flex(query, key, value, attention_mask, scaling, k_len - q_len)
-        q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
-        k_pos = key_positions(q_pos, k_len)
+            shift = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+            return self._flex(query, key, value, attention_mask, scaling, shift)
+        q_pos, k_pos = positions(kwargs, query, key, attention_mask)
 
         def bias(rows, cols):
             return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric)  # (B, H, C, W)
@@ -87,6 +87,7 @@ class AlibiBias(nn.Module):
         return output.transpose(1, 2).contiguous(), None
 
 
+@register
 class Alibi(Scheme):
     name = "alibi"
     summary = "ALiBi: per-head linear distance bias replaces the checkpoint's positions (Press et al. 2022)"
@@ -96,7 +97,7 @@ class Alibi(Scheme):
     def apply(self, patch) -> None:
         model, c = patch.model, self.config
         slopes = torch.tensor(c.slopes) if c.slopes else alibi.slopes(model.config.num_attention_heads)
-        symmetric = (not archs.lookup(model).causal) if c.symmetric is None else c.symmetric
+        symmetric = (not archs.is_causal(model)) if c.symmetric is None else c.symmetric
         patch.remove_positions()
         if c.trainable:
             make = lambda module: AlibiBias(slopes, True, symmetric, c.chunk_mib)  # noqa: E731 - one set per layer

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import additive_mask, chunked_attention, chunked_backend
+from ..attention import chunked_attention, chunked_backend
 from ..errors import InvalidParameterError
 from ..functional import cope
-from ..registry import Scheme, SchemeConfig, param, positive
+from ..registry import Scheme, SchemeConfig, greater_than, param, register
 
 INITS = ("zeros", "normal")
 
@@ -25,11 +25,13 @@ def _known_init(value):
 
 @dataclasses.dataclass
 class CoPEConfig(SchemeConfig):
-    npos: int = param(64, "contextual positions counted before clamping (rows of each layer's table)", positive)
+    npos: int = param(
+        64, "contextual positions counted before clamping (rows of each layer's table)", greater_than(0, at_most=2**17)
+    )
     init: str = param("zeros", "table init: 'zeros' (starts as NoPE) or 'normal' (N(0, 0.02))", _known_init)
 
     def validate(self, model):
-        if not archs.lookup(model).causal:
+        if not archs.is_causal(model):
             raise InvalidParameterError(
                 f"cope counts positions over the causal past only (Golovneva et al. 2024); this "
                 f"'{model.config.model_type}' model is an encoder. Use alibi, sinusoidal or nope for encoders."
@@ -48,12 +50,10 @@ class CoPE(nn.Module):
         return f"npos={self.table.shape[0]}, head_dim={self.table.shape[1]}"
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        q_len, k_len = query.shape[2], key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
 
-        def logits(rows, cols, q_rows, keys):
-            mask = additive_mask(attention_mask, module, rows, cols, q_len, k_len, query.device)  # masked gates: 0
-            return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, W)
+        def logits(rows, cols, q_rows, keys, mask):
+            return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, W); masked gates: 0
 
         return chunked_attention(
             module, query, key, value, attention_mask, scaling, logits=logits, dropout=dropout,
@@ -61,6 +61,7 @@ class CoPE(nn.Module):
         )  # fmt: skip
 
 
+@register
 class CoPEScheme(Scheme):
     name = "cope"
     summary = "CoPE: learned contextual positions (gated key counts) replace the checkpoint's (Golovneva et al. 2024)"

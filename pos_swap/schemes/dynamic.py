@@ -7,6 +7,7 @@ consistent with the current base (transformers' own ``dynamic`` keeps keys rotat
 import dataclasses
 
 from ..functional import rope
+from ..registry import register
 from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
 
 
@@ -15,6 +16,7 @@ class DynamicConfig(RopeScalingConfig):
     factor: float = factor_param(2.0)
 
 
+@register
 class Dynamic(RopeScaling):
     name = "dynamic"
     summary = "dynamic NTK: base grows with the current length past the trained context; cache-consistent"

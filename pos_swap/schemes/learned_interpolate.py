@@ -5,19 +5,22 @@ GPT-2 runs at 4096 with factor 4. The rows stay the model's own parameters (trai
 """
 
 import dataclasses
+import functools
 
 from .. import archs
 from ..functional import learned
-from ..registry import Scheme, SchemeConfig, greater_than, param
+from ..registry import MAX_FACTOR, Scheme, SchemeConfig, greater_than, param, register
 
 
 @dataclasses.dataclass
 class LearnedInterpolateConfig(SchemeConfig):
     factor: float = param(
-        None, "stretch factor s > 1: the table then covers s times its positions", greater_than(1), required=True
+        None, "stretch factor s > 1: the table then covers s times its positions", greater_than(1, at_most=MAX_FACTOR),
+        required=True,
     )
 
 
+@register
 class LearnedInterpolate(Scheme):
     name = "learned-interpolate"
     summary = "stretch a learned position table by linear interpolation (GPT-2 at 4x its n_positions)"
@@ -25,7 +28,10 @@ class LearnedInterpolate(Scheme):
     families = (archs.LEARNED,)
 
     def apply(self, patch) -> None:
-        table = archs.position_table(patch.model)
         offset = archs.lookup(patch.model).table_offset
-        # OPT's first rows are not positions: read the positional rows only
-        patch.replace_table(lambda positions: learned.interpolate(table.weight[offset:], positions / self.config.factor))
+        patch.replace_table(functools.partial(stretched_rows, offset=offset, factor=self.config.factor))
+
+
+def stretched_rows(table, positions, offset: int, factor: float):
+    """Rows at ``positions / factor``; OPT's first ``offset`` rows are not positions, so only the rest are read."""
+    return learned.interpolate(table.weight[offset:], positions / factor)

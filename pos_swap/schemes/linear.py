@@ -3,6 +3,7 @@
 import dataclasses
 
 from ..functional import rope
+from ..registry import register
 from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
 
 
@@ -11,6 +12,7 @@ class LinearConfig(RopeScalingConfig):
     factor: float = factor_param()
 
 
+@register
 class Linear(RopeScaling):
     name = "linear"
     summary = "position interpolation: positions / factor (Chen et al. 2023)"

@@ -4,7 +4,7 @@ import dataclasses
 
 from ..errors import InvalidParameterError
 from ..functional import rope
-from ..registry import param, positive
+from ..registry import param, positive, register
 from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
 
 
@@ -21,6 +21,7 @@ class Llama3Config(RopeScalingConfig):
             )
 
 
+@register
 class Llama3(RopeScaling):
     name = "llama3"
     summary = "Llama 3.1 scaling: low-frequency band interpolated, high band kept, smooth in between"

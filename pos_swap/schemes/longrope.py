@@ -9,7 +9,7 @@ import dataclasses
 from .. import archs
 from ..errors import InvalidParameterError
 from ..functional import rope
-from ..registry import all_positive, param, positive
+from ..registry import all_positive, param, positive, register
 from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
 
 
@@ -33,6 +33,7 @@ class LongRopeConfig(RopeScalingConfig):
                 )
 
 
+@register
 class LongRope(RopeScaling):
     name = "longrope"
     summary = "LongRoPE: searched per-frequency factors, short within the trained context and long beyond"

@@ -3,7 +3,7 @@
 import dataclasses
 
 from .. import archs
-from ..registry import Scheme, SchemeConfig
+from ..registry import Scheme, SchemeConfig, register
 
 
 @dataclasses.dataclass
@@ -11,6 +11,7 @@ class NoPEConfig(SchemeConfig):
     pass
 
 
+@register
 class NoPE(Scheme):
     name = "nope"
     summary = "no positions: rotary set to the identity or learned table zeroed (NoPE baseline)"

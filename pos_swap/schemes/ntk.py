@@ -3,6 +3,7 @@
 import dataclasses
 
 from ..functional import rope
+from ..registry import register
 from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
 
 
@@ -11,6 +12,7 @@ class NTKConfig(RopeScalingConfig):
     factor: float = factor_param()
 
 
+@register
 class NTK(RopeScaling):
     name = "ntk"
     summary = "NTK-aware base change: base * factor^(d/(d-2)), no fine-tuning needed (bloc97)"

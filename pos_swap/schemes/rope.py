@@ -13,7 +13,7 @@ from .. import archs
 from ..attention import DeferredRotation
 from ..errors import InvalidParameterError
 from ..functional import rope
-from ..registry import Scheme, SchemeConfig, get_scheme, greater_than, param
+from ..registry import Scheme, SchemeConfig, get_scheme, greater_than, param, register
 
 SCALINGS = ("linear", "ntk", "dynamic", "yarn", "dynamic-yarn", "llama3")
 
@@ -24,10 +24,10 @@ def _fraction(value):
 
 @dataclasses.dataclass
 class RopeConfig(SchemeConfig):
-    base: float = param(10000.0, "RoPE base theta", greater_than(1))
+    base: float = param(10000.0, "RoPE base theta", greater_than(1, at_most=1e12))
     fraction: float = param(1.0, "share of each head's features that rotate (GPT-NeoX style partial rotary)", _fraction)
     scaling: str | None = param(None, f"a RoPE-scaling rule on top: one of {', '.join(SCALINGS)}")
-    scaling_params: dict | None = param(None, "parameters of that rule, e.g. {'factor': 4.0}")
+    scaling_params: dict | None = param(None, 'parameters of that rule, e.g. {"factor": 4.0}')
 
     def validate(self, model):
         if self.scaling is not None and self.scaling not in SCALINGS:
@@ -42,6 +42,7 @@ def rotary_dim(model, fraction: float) -> int:
     return int(archs.head_dim(model.config) * fraction) // 2 * 2
 
 
+@register
 class Rope(Scheme):
     name = "rope"
     summary = "rotary positions on a learned-position model (table off), optional RoPE scaling on top"

@@ -12,13 +12,14 @@ import torch
 
 from .. import archs
 from ..attention import DeferredRotation
-from ..registry import Scheme, SchemeConfig, greater_than, param, positive
+from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param
 
 
 @dataclasses.dataclass
 class RopeScalingConfig(SchemeConfig):
     original_max_position_embeddings: int = param(
-        None, "context the checkpoint was trained for (default: read from the model)", positive
+        None, "context the checkpoint was trained for (default: read from the model)",
+        greater_than(0, at_most=MAX_POSITIONS),
     )
 
 
@@ -26,7 +27,7 @@ def factor_param(example: float = 4.0):
     return param(
         None,
         f"context extension factor s > 1 (e.g. {example:g} for {example:g}x the trained context)",
-        greater_than(1, " (1 leaves the model unchanged)"),
+        greater_than(1, " (1 leaves the model unchanged)", at_most=MAX_FACTOR),
         required=True,
     )
 

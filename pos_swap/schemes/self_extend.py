@@ -7,24 +7,27 @@ each call rotates queries and keys twice (neighbour and grouped positions) and m
 """
 
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
 
 from .. import archs
-from ..attention import chunked_attention, chunked_backend, key_positions, query_positions
+from ..attention import chunked_attention, chunked_backend, positions
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
-from ..registry import Scheme, SchemeConfig, greater_than, param, positive
+from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
 
 
 @dataclasses.dataclass
 class SelfExtendConfig(SchemeConfig):
-    window: int = param(512, "neighbour window W: keys closer than W keep their normal positions", positive)
+    window: int = param(
+        512, "neighbour window W: keys closer than W keep their normal positions", greater_than(0, at_most=MAX_POSITIONS)
+    )
     group: int = param(
         None,
         "group size G: positions beyond the window are divided by G (e.g. 4 for about 4x the trained context)",
-        greater_than(1, " (1 leaves the model unchanged)"),
+        greater_than(1, " (1 leaves the model unchanged)", at_most=MAX_FACTOR),
         required=True,
     )
 
@@ -34,6 +37,14 @@ class SelfExtendConfig(SchemeConfig):
                 f"self-extend needs the window divisible by the group so grouped distances continue where the "
                 f"window ends; got window={self.window}, group={self.group}. Use a window that is a multiple of "
                 f"{self.group}, or a group that divides {self.window}."
+            )
+        trained = archs.trained_context(model.config)
+        if self.window >= trained:
+            warnings.warn(
+                f"self-extend's window {self.window} covers the whole trained context ({trained}): positions within "
+                f"it are unchanged and no grouping happens before {self.window}. Use a window below {trained}, "
+                f"e.g. {trained // 4 // self.group * self.group or self.group}.",
+                stacklevel=4,
             )
 
 
@@ -53,16 +64,14 @@ class GroupedAttention(nn.Module):
         return rope.rotate_at(x, positions, self.inv_freq.to(x.device), self.attention_scaling)
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        batch, heads, q_len, _ = query.shape
-        k_len = key.shape[2]
+        heads = query.shape[1]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)  # (B, Lq)
-        k_pos = key_positions(q_pos, k_len)  # (B, Lk)
+        q_pos, k_pos = positions(kwargs, query, key, attention_mask)  # (B, Lq), (B, Lk)
         q_group, k_group = self_extend.grouped_positions(q_pos, k_pos, self.window, self.group)
         far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
         far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
 
-        def logits(rows, cols, near_query, near_key):
+        def logits(rows, cols, near_query, near_key, mask):
             near = near_query @ near_key.transpose(-1, -2)  # (B, H, C, W)
             far = far_query[:, :, rows] @ far_key[:, :, cols].transpose(-1, -2)  # (B, H, C, W)
             neighbours = self_extend.in_window(q_pos[:, rows], k_pos[:, cols], self.window)[:, None]  # (B, 1, C, W)
@@ -75,6 +84,7 @@ class GroupedAttention(nn.Module):
         )  # fmt: skip
 
 
+@register
 class SelfExtend(Scheme):
     name = "self-extend"
     summary = "Self-Extend: normal RoPE within a window, grouped positions beyond it; training-free (Jin et al. 2024)"

@@ -7,7 +7,7 @@ import dataclasses
 
 from ..errors import InvalidParameterError
 from ..functional import rope
-from ..registry import param, positive
+from ..registry import MAX_FACTOR, greater_than, param, positive, register
 from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
 
 
@@ -33,6 +33,7 @@ class YarnConfig(YarnRampConfig):
     mscale_all_dim: float | None = param(None, "DeepSeek-style mscale_all_dim (with mscale)", positive)
 
 
+@register
 class Yarn(RopeScaling):
     name = "yarn"
     summary = "YaRN: ramp between interpolated and original frequencies, plus attention temperature"
@@ -53,9 +54,12 @@ class Yarn(RopeScaling):
 
 @dataclasses.dataclass
 class DynamicYarnConfig(YarnRampConfig):
-    max_factor: float | None = param(None, "upper bound for the factor (default: none)", positive)
+    max_factor: float | None = param(
+        None, "upper bound for the factor (default: none)", greater_than(0, at_most=MAX_FACTOR)
+    )
 
 
+@register
 class DynamicYarn(RopeScaling):
     name = "dynamic-yarn"
     summary = "YaRN whose factor follows the length: native up to the trained context, L/L0 beyond"

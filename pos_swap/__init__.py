@@ -5,11 +5,11 @@
 """
 
 from . import schemes as _scheme_modules  # load the registry first: the function below takes the name
-from .engine import Patch, __version__, describe, export_hf, from_pretrained, patch, patched, unpatch
+from .engine import Patch, __version__, describe, export_hf, from_pretrained, observe, patch, patched, unpatch
 from .errors import PosSwapError
 from .registry import get_scheme, schemes
 
 __all__ = [
-    "Patch", "PosSwapError", "__version__", "describe", "export_hf", "from_pretrained", "get_scheme", "patch",
+    "Patch", "PosSwapError", "__version__", "describe", "export_hf", "from_pretrained", "get_scheme", "observe", "patch",
     "patched", "schemes", "unpatch",
 ]  # fmt: skip

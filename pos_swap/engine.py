@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import archs
-from .attention import HOOK, routed_name
+from .attention import HOOK, OBSERVERS, observers_of, routed_name
 from .errors import AlreadyPatchedError, NotPatchedError, PosSwapError
 from .registry import Scheme, get_scheme
 
@@ -119,12 +119,16 @@ class Patch:
     def params(self) -> dict:
         return copy.deepcopy(vars(self.scheme.config))
 
-    def _apply(self) -> None:
-        model = self.model
-        shared, own = model.config, copy.deepcopy(model.config)
-        for module in model.modules():
+    def own_config(self) -> None:
+        """Give the model its own copy of its config, so changes to it never reach a model that shared it."""
+        shared, own = self.model.config, copy.deepcopy(self.model.config)
+        for module in self.model.modules():
             if getattr(module, "config", None) is shared:
                 self.set(module, "config", own)
+
+    def _apply(self) -> None:
+        model = self.model
+        self.own_config()
         self.scheme.apply(self)
         self.set(model.config, RECORD_KEY, self.record)
         self.set(model, PATCH_ATTR, self)
@@ -201,6 +205,28 @@ def patched(model: torch.nn.Module, scheme: str, **params):
         yield handle
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def observe(model: torch.nn.Module, *observers):
+    """``with pos_swap.observe(model, observer):`` every attention module shows ``observer`` the attention it really
+    computes, under the model's patch (ALiBi's bias, a dynamic rotation, Self-Extend's grouped positions) and
+    backend (eager or sdpa), without storing an L x L matrix and without changing any output.
+
+    An observer has ``queries_keys(module, query, key)`` (the final, rotated queries and keys of one call) and
+    ``probabilities(module, probs, rows, cols, (Lq, Lk))`` (float32 probabilities ``(B, H, C, W)`` of a block
+    of query rows). An unpatched model is routed through pos_swap's attention function as a pass-through; a patch is
+    left as it is. Everything is undone on exit, also on error; do not patch or unpatch inside the block.
+    """
+    changes = Patch(model, scheme=None)  # an undo stack only
+    try:
+        changes.own_config()
+        changes.route_attention()
+        for module in archs.attention_modules(model):
+            changes.set(module, OBSERVERS, observers_of(module) + observers)
+        yield
+    finally:
+        changes._undo_all()
 
 
 def describe(model: torch.nn.Module) -> dict | None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import backend_of, chunked_attention, key_positions, query_positions
+from ..attention import backend_of, chunked_attention, key_positions, observers_of, query_positions
 from ..errors import InvalidParameterError
 from ..functional import alibi
 from ..registry import Scheme, SchemeConfig, param, positive
@@ -56,7 +56,7 @@ class AlibiBias(nn.Module):
         batch, _, q_len, _ = query.shape
         k_len = key.shape[2]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if backend_of(module) == "flex_attention":
+        if backend_of(module) == "flex_attention" and not observers_of(module):  # observers need the chunked path
             return self._flex(query, key, value, attention_mask, scaling, k_len - q_len)
         q_pos = query_positions(kwargs, batch, q_len, k_len, query.device)
         k_pos = key_positions(q_pos, k_len)

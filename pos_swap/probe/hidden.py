@@ -26,7 +26,7 @@ def text_windows(tokenizer, text: str, window: int, windows: int) -> torch.Tenso
 
 
 def hidden_state_probe(model, tokenizer, text: str, window: int = 512, windows: int = 4, folds: int = 5,
-                       seeds: int = 3, ridge: float = 1e-3, progress: bool = True) -> dict:  # fmt: skip
+                       seeds: int = 3, ridge: float = 1e-2, progress: bool = True) -> dict:  # fmt: skip
     """Per layer (0 = embeddings), the absolute-position probe on the hidden states: ``absolute_mae`` and
     ``absolute_mae_std`` lists, with ``chance_mae`` (predicting the mean position) for scale."""
     ids = text_windows(tokenizer, text, window, windows).to(model.device)

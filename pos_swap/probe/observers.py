@@ -17,11 +17,15 @@ them, under the model's patch and backend, and reduces each block at once: memor
 * ``query_frequency_norms`` / ``key_frequency_norms`` (rotary models): mean norm of q and k in each rotary plane,
   [layers, heads, rotary_dim / 2], highest frequency first (Barbero et al. 2024).
 * ``patterns`` (``keep_patterns=True``, short inputs only): the full probabilities of the last call per layer.
+
+The profile, sink and previous-token score come from one running sum over keys per block and are always recorded;
+``statistics`` selects which of the others (``mean_distance``, ``entropy``, ``frequency_norms``) to compute.
 """
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from .. import archs, engine
 from ..errors import PosSwapError
@@ -31,12 +35,6 @@ MAX_BIN = 24  # offsets up to 2^24 - 1 tokens
 MAX_PATTERN_KEYS = 4096  # keep_patterns stores B x H x L x L floats per layer: short inputs only
 
 
-def distance_bin(distance: torch.Tensor) -> torch.Tensor:
-    """Signed log2 bin of integer offsets: 0 -> 0, +-[2^(b-1), 2^b - 1] -> +-b (the exponent of frexp)."""
-    exponent = torch.frexp(distance.abs().float()).exponent  # 0 for 0, b for 2^(b-1) <= |d| < 2^b
-    return exponent * distance.sign()
-
-
 def bin_edges(low: int, high: int) -> list[tuple[int, int]]:
     """Inclusive offset ranges ``(first, last)`` of the signed bins ``low .. high``."""
     def edge(b):
@@ -44,6 +42,9 @@ def bin_edges(low: int, high: int) -> list[tuple[int, int]]:
         return (first, last) if b >= 0 else (-last, -first)
 
     return [edge(b) for b in range(low, high + 1)]
+
+
+BIN_EDGES = torch.tensor(bin_edges(-MAX_BIN, MAX_BIN))  # (bins, 2): first and last offset of every signed bin
 
 
 class AttentionStats:
@@ -63,10 +64,9 @@ class AttentionStats:
         zeros = lambda *shape: torch.zeros(len(modules), *shape, dtype=torch.float64)  # noqa: E731
         self.rows = zeros()  # query rows seen (batch x length) per layer
         self.histogram = zeros(heads, 2 * MAX_BIN + 1)  # mass per signed bin, bin 0 at index MAX_BIN
-        self.distance, self.entropy, self.sink, self.previous = zeros(heads), zeros(heads), zeros(heads), zeros(heads)
+        self.distance, self.entropy, self.sink = zeros(heads), zeros(heads), zeros(heads)
         self.tokens = zeros(2)  # query and key vectors seen (for the frequency norms)
         self.plane_norms = zeros(2, heads, self.rotary_dim // 2)  # summed plane norms of queries and keys
-        self.bins_seen = [0, 0]  # lowest and highest signed bin with any key
         self.patterns: dict[int, torch.Tensor] = {}
 
     # -- the observer protocol of pos_swap.observe ----------------------------------------------------------------
@@ -90,28 +90,23 @@ class AttentionStats:
     def probabilities(self, module, probs: torch.Tensor, rows: slice, cols: slice, shape: tuple[int, int]) -> None:
         layer = self.layers[module]
         q_len, k_len = shape
+        width = cols.stop  # blocks always start at key 0
         query_at = torch.arange(rows.start, rows.stop, device=probs.device) + (k_len - q_len)  # (C,) key index
-        distance = query_at[:, None] - torch.arange(cols.start, cols.stop, device=probs.device)[None]  # (C, W)
-        mass = probs.sum(dim=0)  # (H, C, W)
+        mass = probs[0] if probs.shape[0] == 1 else probs.sum(dim=0)  # (H, C, W), summed over the batch
+        heads = mass.shape[0]
         self.rows[layer] += probs.shape[0] * probs.shape[2]
-        if "distance_profile" in self.statistics:
-            bins = distance_bin(distance)  # (C, W)
-            seen = bins[(mass > 0).any(dim=0)]  # bins of keys some head attends (masked keys get exactly 0)
-            self.bins_seen = [min(self.bins_seen[0], int(seen.min())), max(self.bins_seen[1], int(seen.max()))]
-            index = (bins + MAX_BIN).flatten().expand(mass.shape[0], -1)  # (H, C*W)
-            self.histogram[layer] += torch.zeros(self.histogram.shape[1:]).scatter_add_(1, index, mass.flatten(1)).double()
+        # mass per offset bin from a running sum over keys: bin [first, last] holds keys q - last .. q - first
+        running = F.pad(mass.cumsum(dim=-1), (1, 0))  # (H, C, W + 1)
+        edges = BIN_EDGES.to(probs.device)
+        start = (query_at[:, None] - edges[:, 1]).clamp(0, width).expand(heads, -1, -1)  # (H, C, bins)
+        stop = (query_at[:, None] - edges[:, 0] + 1).clamp(0, width).expand(heads, -1, -1)
+        self.histogram[layer] += (running.gather(2, stop) - running.gather(2, start)).sum(dim=1).double()
+        self.sink[layer] += mass[:, :, 0].sum(dim=1).double()
         if "mean_distance" in self.statistics:
-            self.distance[layer] += (mass * distance.abs()).sum(dim=(1, 2)).double()
+            distance = (query_at[:, None] - torch.arange(width, device=probs.device)[None]).abs().float()  # (C, W)
+            self.distance[layer] += torch.einsum("hcw,cw->h", mass, distance).double()
         if "entropy" in self.statistics:
             self.entropy[layer] += torch.special.entr(probs).sum(dim=(0, 2, 3)).double()
-        if "sink_mass" in self.statistics:
-            self.sink[layer] += mass[:, :, 0].sum(dim=1).double()
-        if "previous_token" in self.statistics:
-            previous = query_at - 1  # (C,)
-            valid = (previous >= cols.start) & (previous < cols.stop)
-            column = (previous.clamp(cols.start, cols.stop - 1) - cols.start)[None, :, None]  # (1, C, 1)
-            picked = mass.gather(2, column.expand(mass.shape[0], -1, 1))[..., 0]  # (H, C)
-            self.previous[layer] += (picked * valid).sum(dim=1).double()
         if self.keep_patterns:
             self.patterns[layer][:, :, rows, cols] = probs.detach().cpu()
 
@@ -122,17 +117,18 @@ class AttentionStats:
             raise PosSwapError("No attention was recorded: run the model inside `with attention_stats(model) as stats:`.")
         rows = self.rows.view(-1, 1)
         out = {"layers": len(self.layers), "query_rows": self.rows.numpy()}
-        if "distance_profile" in self.statistics:
-            low, high = self.bins_seen
-            out["distance_bins"] = bin_edges(low, high)
-            out["distance_profile"] = (self.histogram[:, :, MAX_BIN + low : MAX_BIN + high + 1] / rows[..., None]).numpy()
-        for name, total in (("mean_distance", self.distance), ("entropy", self.entropy), ("previous_token", self.previous)):
+        profile = self.histogram / rows[..., None]  # (layers, H, bins)
+        used = profile.sum(dim=(0, 1)).nonzero()[:, 0]  # bins some key fell in (masked keys carry exactly 0)
+        low, high = int(used.min()), int(used.max())
+        out["distance_bins"] = bin_edges(low - MAX_BIN, high - MAX_BIN)
+        out["distance_profile"] = profile[:, :, low : high + 1].numpy()
+        out["previous_token"] = profile[:, :, MAX_BIN + 1].numpy()  # bin +1 holds offset 1 exactly
+        out["sink_mass"] = (self.sink / rows).numpy()
+        out["sink_heads"] = out["sink_mass"] > self.sink_threshold
+        out["sink_rate"] = float(out["sink_heads"].mean())
+        for name, total in (("mean_distance", self.distance), ("entropy", self.entropy)):
             if name in self.statistics:
                 out[name] = (total / rows).numpy()
-        if "sink_mass" in self.statistics:
-            out["sink_mass"] = (self.sink / rows).numpy()
-            out["sink_heads"] = out["sink_mass"] > self.sink_threshold
-            out["sink_rate"] = float(out["sink_heads"].mean())
         if self.rotary_dim:
             means = self.plane_norms / self.tokens[..., None, None]
             out["query_frequency_norms"], out["key_frequency_norms"] = means[:, 0].numpy(), means[:, 1].numpy()

@@ -11,13 +11,15 @@ from ..errors import PosSwapError
 
 
 def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0):
-    """``(w, b)`` minimising |x w + b - y|^2 + ridge |w|^2 for ``x (N, D)``, ``y (N,)``: x and y are centred (the
-    intercept) and the minimum-norm solution is taken when D >= N (``LinearRegression``'s ``lstsq``)."""
+    """``(w, b)`` minimising |x w + b - y|^2 + lambda |w|^2 for ``x (N, D)``, ``y (N,)``: x and y are centred (the
+    intercept). ``ridge`` = 0 is ``LinearRegression`` (the minimum-norm solution when D >= N); otherwise
+    lambda = ridge * trace(X'X) / D, a penalty relative to the features' scale (hidden states differ per layer)."""
     x, y = x.double(), y.double()
     x_mean, y_mean = x.mean(dim=0), y.mean()
     xc, yc = x - x_mean, y - y_mean
     if ridge > 0:
-        gram = xc.T @ xc + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+        gram = xc.T @ xc
+        gram = gram + ridge * gram.trace() / x.shape[1] * torch.eye(x.shape[1], dtype=x.dtype)
         w = torch.linalg.solve(gram, xc.T @ yc)
     else:
         w = torch.linalg.lstsq(xc, yc[:, None], driver="gelsd").solution[:, 0]

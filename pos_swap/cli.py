@@ -114,7 +114,7 @@ def cmd_patch(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    from .probe.run import run_probe
+    from .probe.run import load, run_probe
 
     params = _scheme_params(args)
     if params and not args.scheme:
@@ -122,9 +122,12 @@ def cmd_probe(args) -> None:
     if args.compare and not args.scheme:
         raise PosSwapError("--compare shows the native model beside a patched one: give --scheme NAME.")
     text = args.text.read() if args.text else None
-    run_probe(args.model, args.out, scheme=args.scheme, params=params, compare=args.compare, text=text,
-              length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds, pairs=args.pairs,
-              overwrite=args.overwrite)  # fmt: skip
+    model, tokenizer = load(args.model)
+    run_probe(
+        model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
+        text=text, length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
+        pairs=args.pairs, overwrite=args.overwrite,
+    )  # fmt: skip
     print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")
 
 

@@ -109,18 +109,17 @@ def plot(out, drawn: dict, cells: dict) -> list[Section]:
     ]
 
 
-def run_probe(model_or_dir: str, out, *, scheme: str | None = None, params: dict | None = None, compare: bool = False,
+def run_probe(model, tokenizer, out, *, scheme: str | None = None, params: dict | None = None, compare: bool = False,
               text: str | None = None, length: int | None = None, window: int = 512, windows: int = 4,
-              seeds: int = 5, pairs: int = 4096, overwrite: bool = False) -> dict:  # fmt: skip
-    """Probe ``model_or_dir`` (patched with ``scheme`` when given; native beside it with ``compare``) and write
+              seeds: int = 5, pairs: int = 4096, name: str = "", overwrite: bool = False) -> dict:  # fmt: skip
+    """Probe ``model`` (patched with ``scheme`` when given; native beside it with ``compare``) and write
     ``probe.json``, the PNGs and ``report.html`` to ``out``. Returns the results per variant."""
-    model, tokenizer = load(model_or_dir)
     trained = archs.trained_context(model.config)
     length = length or min(1024, trained)
     window = min(window, trained)
     text = offline.pydoc_text() if text is None else text
     variants = ([None] if compare or not scheme else []) + ([scheme] if scheme else [])
-    meta = {"model": model_or_dir, "scheme": scheme, "params": params or {}, "length": length, "window": window,
+    meta = {"model": name or type(model).__name__, "scheme": scheme, "params": params or {}, "length": length, "window": window,
             "windows": windows, "seeds": seeds, "pairs": pairs}  # fmt: skip
     run = RunFolder(out, kind="probe", meta=meta, overwrite=overwrite, results="probe.json")
     cells, drawn = {}, {}
@@ -132,5 +131,5 @@ def run_probe(model_or_dir: str, out, *, scheme: str | None = None, params: dict
                                                      windows=windows, seeds=seeds, pairs=pairs)  # fmt: skip
         run.add({"key": name, **cells[name]})
     sections = plot(run.path, drawn, cells)
-    write_html(run.path / "report.html", f"pos_swap probe: {model_or_dir}", sections, meta)
+    write_html(run.path / "report.html", f"pos_swap probe: {meta['model']}", sections, meta)
     return cells

@@ -55,6 +55,11 @@ def probe_variant(model, tokenizer, text: str, *, length: int, window: int, wind
     return results, arrays
 
 
+def standardised(table: torch.Tensor) -> np.ndarray:
+    """The table over its standard deviation, so one outlier dimension does not wash out the colours."""
+    return (table / table.std().clamp(min=1e-12)).numpy()
+
+
 def every(rows: int) -> slice:
     return slice(None, None, max(1, -(-rows // MAX_DRAWN_ROWS)))
 
@@ -63,8 +68,8 @@ def plot(out, drawn: dict, cells: dict) -> list[Section]:
     """Every figure of the run (one panel per variant) and the report sections showing them."""
     first = next(iter(drawn.values()))
     step = every(len(first["table"]))
-    heatmaps(out / "encoding.png", {n: a["table"][step].numpy() for n, a in drawn.items()}, xlabel="dimension",
-             ylabel=f"position (every {step.step})", cmap="RdBu_r")  # fmt: skip
+    heatmaps(out / "encoding.png", {n: standardised(a["table"][step]) for n, a in drawn.items()}, xlabel="dimension",
+             ylabel=f"position (every {step.step})", cmap="RdBu_r", vmin=-3, vmax=3, colorbar="value / std")  # fmt: skip
     heatmaps(out / "similarity.png", {n: tables.cosine_similarity(a["table"][step]).numpy() for n, a in drawn.items()},
              xlabel=f"position (every {step.step})", ylabel="position", vmin=-1, vmax=1, cmap="RdBu_r")  # fmt: skip
     scatter_panels(out / "pca.png", {f"{n} ({sum(cells[n]['table']['pca_explained'][:2]):.0%} var.)":
@@ -73,16 +78,20 @@ def plot(out, drawn: dict, cells: dict) -> list[Section]:
     line_plot(out / "spectrum.png", {n: (np.arange(len(a["spectrum"])), a["spectrum"].numpy()) for n, a in drawn.items()},
               xlabel="cycles over the table", ylabel="share of power", logy=True)  # fmt: skip
     hidden = {n: c["hidden"] for n, c in cells.items()}
-    line_plot(out / "hidden_probe.png", {n: (np.arange(len(h["absolute_mae"])), h["absolute_mae"]) for n, h in hidden.items()},
+    layers = np.arange(len(first_hidden := next(iter(hidden.values()))["absolute_mae"]))
+    chance = {"chance (predict the mean)": (layers, np.full(len(layers), first_hidden["chance_mae"]))}
+    line_plot(out / "hidden_probe.png", {**{n: (layers, h["absolute_mae"]) for n, h in hidden.items()}, **chance},
               bands={n: (np.subtract(h["absolute_mae"], h["absolute_mae_std"]), np.add(h["absolute_mae"], h["absolute_mae_std"]))
                      for n, h in hidden.items()},
               xlabel="layer (0 = embeddings)", ylabel="absolute-position MAE (tokens)",
-              marks={"chance": 0}, title="position held by each layer's hidden states")  # fmt: skip
+              title="position held by each layer's hidden states")  # fmt: skip
     attention = {n: a["attention"] for n, a in drawn.items()}
     some = next(iter(attention.values()))
     bins = [f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in some["distance_bins"]]
-    heatmaps(out / "distance_profiles.png", {n: a["distance_profile"].reshape(-1, len(bins)) for n, a in attention.items()},
-             xlabel="offset i - j", ylabel="layer x head", xticks=bins, colorbar="attention mass")  # fmt: skip
+    widths = np.array([hi - lo + 1 for lo, hi in some["distance_bins"]])
+    density = {n: np.log10(np.maximum(a["distance_profile"].reshape(-1, len(bins)) / widths, 1e-7)) for n, a in attention.items()}
+    heatmaps(out / "distance_profiles.png", density, xlabel="offset i - j", ylabel="layer x head", xticks=bins,
+             colorbar="log10 attention per key in the bin")  # fmt: skip
     heatmaps(out / "sink_mass.png", {n: a["sink_mass"] for n, a in attention.items()}, xlabel="head", ylabel="layer",
              vmin=0, vmax=1, colorbar="mass on the first token")  # fmt: skip
     heatmaps(out / "previous_token.png", {n: a["previous_token"] for n, a in attention.items()}, xlabel="head",

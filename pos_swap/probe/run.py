@@ -78,7 +78,8 @@ def plot(out, drawn: dict, cells: dict) -> list[Section]:
     line_plot(out / "spectrum.png", {n: (np.arange(len(a["spectrum"])), a["spectrum"].numpy()) for n, a in drawn.items()},
               xlabel="cycles over the table", ylabel="share of power", logy=True)  # fmt: skip
     hidden = {n: c["hidden"] for n, c in cells.items()}
-    layers = np.arange(len(first_hidden := next(iter(hidden.values()))["absolute_mae"]))
+    first_hidden = next(iter(hidden.values()))
+    layers = np.arange(len(first_hidden["absolute_mae"]))
     chance = {"chance (predict the mean)": (layers, np.full(len(layers), first_hidden["chance_mae"]))}
     line_plot(out / "hidden_probe.png", {**{n: (layers, h["absolute_mae"]) for n, h in hidden.items()}, **chance},
               bands={n: (np.subtract(h["absolute_mae"], h["absolute_mae_std"]), np.add(h["absolute_mae"], h["absolute_mae_std"]))

@@ -64,58 +64,78 @@ def every(rows: int) -> slice:
     return slice(None, None, max(1, -(-rows // MAX_DRAWN_ROWS)))
 
 
-def plot(out, drawn: dict, cells: dict) -> list[Section]:
-    """Every figure of the run (one panel per variant) and the report sections showing them."""
-    first = next(iter(drawn.values()))
-    step = every(len(first["table"]))
+def plot_tables(out, drawn: dict, cells: dict) -> list[str]:
+    """Encoding matrix, cosine similarity, PCA and spectrum of each variant's position table."""
+    step = every(len(next(iter(drawn.values()))["table"]))
+    rows = f"position (every {step.step})"
     heatmaps(out / "encoding.png", {n: standardised(a["table"][step]) for n, a in drawn.items()}, xlabel="dimension",
-             ylabel=f"position (every {step.step})", cmap="RdBu_r", vmin=-3, vmax=3, colorbar="value / std")  # fmt: skip
-    heatmaps(out / "similarity.png", {n: tables.cosine_similarity(a["table"][step]).numpy() for n, a in drawn.items()},
-             xlabel=f"position (every {step.step})", ylabel="position", vmin=-1, vmax=1, cmap="RdBu_r")  # fmt: skip
-    scatter_panels(out / "pca.png", {f"{n} ({sum(cells[n]['table']['pca_explained'][:2]):.0%} var.)":
-                                     (a["pca"][:, 0], a["pca"][:, 1], np.arange(len(a["pca"]))) for n, a in drawn.items()},
-                   xlabel="PC 1", ylabel="PC 2", colorbar="position")  # fmt: skip
-    line_plot(out / "spectrum.png", {n: (np.arange(len(a["spectrum"])), a["spectrum"].numpy()) for n, a in drawn.items()},
-              xlabel="cycles over the table", ylabel="share of power", logy=True)  # fmt: skip
+             ylabel=rows, cmap="RdBu_r", vmin=-3, vmax=3, colorbar="value / std")  # fmt: skip
+    similarity = {n: tables.cosine_similarity(a["table"][step]).numpy() for n, a in drawn.items()}
+    heatmaps(out / "similarity.png", similarity, xlabel=rows, ylabel=rows, vmin=-1, vmax=1, cmap="RdBu_r")
+    pca = {f"{n} ({sum(cells[n]['table']['pca_explained'][:2]):.0%} var.)": (a["pca"][:, 0], a["pca"][:, 1],
+           np.arange(len(a["pca"]))) for n, a in drawn.items()}  # fmt: skip
+    scatter_panels(out / "pca.png", pca, xlabel="PC 1", ylabel="PC 2", colorbar="position")
+    spectra = {n: (np.arange(len(a["spectrum"])), a["spectrum"].numpy()) for n, a in drawn.items()}
+    line_plot(out / "spectrum.png", spectra, xlabel="cycles over the table", ylabel="share of power", logy=True)
+    return ["encoding.png", "similarity.png", "pca.png", "spectrum.png"]
+
+
+def plot_hidden(out, cells: dict) -> list[str]:
+    """The hidden-state probe per layer, a band of one std over seeds, and chance."""
     hidden = {n: c["hidden"] for n, c in cells.items()}
-    first_hidden = next(iter(hidden.values()))
-    layers = np.arange(len(first_hidden["absolute_mae"]))
-    chance = {"chance (predict the mean)": (layers, np.full(len(layers), first_hidden["chance_mae"]))}
-    line_plot(out / "hidden_probe.png", {**{n: (layers, h["absolute_mae"]) for n, h in hidden.items()}, **chance},
-              bands={n: (np.subtract(h["absolute_mae"], h["absolute_mae_std"]), np.add(h["absolute_mae"], h["absolute_mae_std"]))
-                     for n, h in hidden.items()},
-              xlabel="layer (0 = embeddings)", ylabel="absolute-position MAE (tokens)",
-              title="position held by each layer's hidden states")  # fmt: skip
+    first = next(iter(hidden.values()))
+    layers = np.arange(len(first["absolute_mae"]))
+    series = {n: (layers, h["absolute_mae"]) for n, h in hidden.items()}
+    series["chance (predict the mean)"] = (layers, np.full(len(layers), first["chance_mae"]))
+    mae = {n: np.array(h["absolute_mae"]) for n, h in hidden.items()}
+    bands = {n: (mae[n] - h["absolute_mae_std"], mae[n] + h["absolute_mae_std"]) for n, h in hidden.items()}
+    line_plot(out / "hidden_probe.png", series, bands=bands, xlabel="layer (0 = embeddings)",
+              ylabel="absolute-position MAE (tokens)", title="position held by each layer's hidden states")  # fmt: skip
+    return ["hidden_probe.png"]
+
+
+def plot_attention(out, drawn: dict) -> list[str]:
+    """Per-head distance profiles, sink mass, previous-token score and (RoPE) frequency use of each variant."""
     attention = {n: a["attention"] for n, a in drawn.items()}
     some = next(iter(attention.values()))
     bins = [f"{lo}" if lo == hi else f"{lo}..{hi}" for lo, hi in some["distance_bins"]]
     widths = np.array([hi - lo + 1 for lo, hi in some["distance_bins"]])
-    density = {n: np.log10(np.maximum(a["distance_profile"].reshape(-1, len(bins)) / widths, 1e-7)) for n, a in attention.items()}
-    heatmaps(out / "distance_profiles.png", density, xlabel="offset i - j", ylabel="layer x head", xticks=bins,
+    per_key = {n: np.log10(np.maximum(a["distance_profile"].reshape(-1, len(bins)) / widths, 1e-7))
+               for n, a in attention.items()}  # fmt: skip
+    heatmaps(out / "distance_profiles.png", per_key, xlabel="offset i - j", ylabel="layer x head", xticks=bins,
              colorbar="log10 attention per key in the bin")  # fmt: skip
-    heatmaps(out / "sink_mass.png", {n: a["sink_mass"] for n, a in attention.items()}, xlabel="head", ylabel="layer",
-             vmin=0, vmax=1, colorbar="mass on the first token")  # fmt: skip
-    heatmaps(out / "previous_token.png", {n: a["previous_token"] for n, a in attention.items()}, xlabel="head",
-             ylabel="layer", vmin=0, vmax=1, colorbar="previous-token score")  # fmt: skip
+    for name, label in (("sink_mass", "mass on the first token"), ("previous_token", "previous-token score")):
+        heatmaps(out / f"{name}.png", {n: a[name] for n, a in attention.items()}, xlabel="head", ylabel="layer",
+                 vmin=0, vmax=1, colorbar=label)  # fmt: skip
     images = ["distance_profiles.png", "sink_mass.png", "previous_token.png"]
     if "query_frequency_norms" in some:
         use = {n: (a["query_frequency_norms"] * a["key_frequency_norms"]).mean(axis=1) for n, a in attention.items()}
         heatmaps(out / "rope_frequency_use.png", use, xlabel="rotary plane (high -> low frequency)", ylabel="layer",
                  colorbar="mean |q| x |k| over heads")  # fmt: skip
         images.append("rope_frequency_use.png")
-    rows = [{"variant": n, **{k: c["table"][k] for k in ("absolute_mae", "absolute_mae_std", "relative_error", "relative_error_std")},
-             "sink_rate": c["attention"]["sink_rate"],
+    return images
+
+
+def summary_rows(cells: dict) -> list[dict]:
+    """One row per variant: the table probes with their spread, and head statistics averaged over heads."""
+    probes = ("absolute_mae", "absolute_mae_std", "relative_error", "relative_error_std")
+    return [{"variant": n, **{k: c["table"][k] for k in probes}, "sink_rate": c["attention"]["sink_rate"],
              "mean_distance": float(np.mean(c["attention"]["mean_distance"])),
              "entropy": float(np.mean(c["attention"]["entropy"]))} for n, c in cells.items()]  # fmt: skip
-    columns = list(rows[0])
+
+
+def plot(out, drawn: dict, cells: dict) -> list[Section]:
+    """Every figure of the run (one panel per variant) and the report sections showing them."""
+    rows = summary_rows(cells)
     return [
         Section("Embedding probes", "Absolute: linear regression row -> index, MAE of the rounded prediction "
                 "(Wang & Chen: BERT 34.14, GPT-2 1.03, sinusoid 0.0). Relative: logistic regression on concatenated "
-                "pairs, error rate (BERT 19.72%, GPT-2 1.56%).", (rows, columns),
-                ["encoding.png", "similarity.png", "pca.png", "spectrum.png"]),  # fmt: skip
+                "pairs, error rate (BERT 19.72%, GPT-2 1.56%).", (rows, list(rows[0])),
+                plot_tables(out, drawn, cells)),  # fmt: skip
         Section("Hidden-state probe", "Absolute-position MAE of a linear probe per layer (held-out positions).",
-                images=["hidden_probe.png"]),
-        Section("Attention statistics", "Per layer and head, on one window of real text.", images=images),
+                images=plot_hidden(out, cells)),
+        Section("Attention statistics", "Per layer and head, on one window of real text.",
+                images=plot_attention(out, drawn)),
     ]
 
 

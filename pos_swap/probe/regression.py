@@ -61,13 +61,17 @@ def folds_of(groups: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
 def absolute_position_probe(features: torch.Tensor, positions: torch.Tensor, folds: int = 5, seeds: int = 5,
                             ridge: float = 0.0) -> dict:  # fmt: skip
     """Wang & Chen's absolute probe: regress the position from each row, k-fold cross-validated over positions,
-    mean |round(prediction) - position| on the held-out folds; mean and std over ``seeds`` shuffles."""
+    mean |round(prediction) - position| on the held-out folds; mean and std over ``seeds`` shuffles. Predictions
+    are clamped to the range of positions, so a few outlier rows (a sink token's huge activations in the hidden
+    states) cannot push the error past that of predicting the mean."""
     maes = []
+    low, high = positions.min().item(), positions.max().item()
     for seed in range(seeds):
         errors = torch.zeros(len(positions), dtype=torch.float64)
         for test in folds_of(positions, folds, seed):
             w, b = least_squares(features[~test], positions[~test].double(), ridge)
-            errors[test] = (features[test].double() @ w + b).round().sub(positions[test].double()).abs()
+            prediction = (features[test].double() @ w + b).clamp(low, high).round()
+            errors[test] = (prediction - positions[test].double()).abs()
         maes.append(errors.mean().item())
     return _spread("absolute_mae", maes)
 

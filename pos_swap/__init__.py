@@ -5,11 +5,11 @@
 """
 
 from . import schemes  # the subpackage: importing it registers every scheme
-from .engine import Patch, __version__, describe, export_hf, from_pretrained, patch, patched, unpatch
+from .engine import Patch, __version__, describe, export_hf, from_pretrained, observe, patch, patched, unpatch
 from .errors import PosSwapError
 from .registry import get_scheme, list_schemes
 
 __all__ = [
     "Patch", "PosSwapError", "__version__", "describe", "export_hf", "from_pretrained", "get_scheme", "list_schemes",
-    "patch", "patched", "schemes", "unpatch",
+    "observe", "patch", "patched", "schemes", "unpatch",
 ]  # fmt: skip

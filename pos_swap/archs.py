@@ -141,6 +141,11 @@ def position_table(model: nn.Module) -> nn.Embedding:
     return table
 
 
+def table_rows(model: nn.Module):
+    """The learned table's rows for positions 0, 1, ... (the ``table_offset`` rows before them skipped)."""
+    return position_table(model).weight[lookup(model).table_offset :]
+
+
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 

@@ -20,6 +20,7 @@ from .errors import IncompatibleSchemeError
 from .functional import rope
 
 HOOK = "pos_swap"  # the submodule name a hook gets on each attention module
+OBSERVERS = "_pos_swap_observers"  # the attribute holding an attention module's observers (pos_swap.observe)
 PREFIX = "pos_swap_"
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -31,9 +32,47 @@ def backend_function(module: torch.nn.Module, backend: str):
     return ALL_ATTENTION_FUNCTIONS[backend]
 
 
+def observers_of(module: torch.nn.Module) -> tuple:
+    """The observers :func:`pos_swap.observe` registered on an attention module (usually none)."""
+    return module.__dict__.get(OBSERVERS, ())
+
+
+def _observed(inner):
+    """``inner`` that also shows the module's observers the attention it computes from the queries, keys and mask
+    it receives (after any scheme's rotation); the output is ``inner``'s, untouched."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        output = inner(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        notify_queries_keys(module, query, key)
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        for rows, cols, q_rows, k_cols, mask in query_blocks(module, query, key, attention_mask):
+            scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, softcap=kwargs.get("softcap"))
+            notify_probabilities(module, torch.softmax(scores, dim=-1), rows, cols, (query.shape[2], key.shape[2]))
+        return output
+
+    return attention
+
+
+def notify_queries_keys(module, query: torch.Tensor, key: torch.Tensor) -> None:
+    """Show the observers the final queries ``(B, H, Lq, D)`` and keys ``(B, Hkv, Lk, D)`` of one call."""
+    for observer in observers_of(module):
+        observer.queries_keys(module, query, key)
+
+
+def notify_probabilities(module, probs: torch.Tensor, rows: slice, cols: slice, shape: tuple[int, int]) -> None:
+    """Show the observers one block of attention probabilities ``(B, H, C, W)`` (float32): query rows ``rows``
+    against keys ``cols`` of a call with ``shape = (Lq, Lk)`` (keys past ``cols`` are masked for these rows; the
+    queries are the last ``Lq`` of the ``Lk`` positions)."""
+    for observer in observers_of(module):
+        observer.probabilities(module, probs, rows, cols, shape)
+
+
 def _routed(backend: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         inner = backend_function(module, backend)
+        if observers_of(module):
+            inner = _observed(inner)
         hook = module._modules.get(HOOK)
         if hook is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
@@ -159,52 +198,78 @@ def additive_mask(attention_mask, module, rows: slice, cols: slice, first_query:
     return mask.float().clamp(min=floor)
 
 
+def query_blocks(module, query, key, attention_mask, budget_mib=64):
+    """The blocks of query rows attention is computed in, so that no more than ``budget_mib`` of float32 scores
+    exist at once: ``(rows, cols, query rows, key columns, additive mask or None)`` for ``query (B, H, Lq, D)`` and
+    ``key (B, H, Lk, D)`` (already repeated for grouped-query heads). A causal module's block reads only the keys up
+    to its last query (``cols``): the others would be masked, so a prefill does half the work."""
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise IncompatibleSchemeError(
+            f"pos_swap computes this attention in blocks and reads masks as tensors, not {type(attention_mask).__name__}"
+            f" (flex_attention's BlockMask). Load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    causal = getattr(module, "is_causal", True)
+    first_query = first_query_slot(attention_mask, q_len, k_len)
+    step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
+    for start in range(0, q_len, step):
+        rows = slice(start, min(start + step, q_len))
+        cols = slice(0, min(k_len, first_query + rows.stop) if causal else k_len)
+        mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)  # (B|1, 1, C, W)
+        yield rows, cols, query[:, :, rows], key[:, :, cols], mask
+
+
+def block_scores(rows, cols, q_rows, k_cols, mask, scaling, *, logits=None, bias=None, softcap=None):
+    """The float32 attention scores ``(B, H, C, W)`` of one block: ``logits(rows, cols, q_rows, k_cols, mask)`` or the
+    scaled dot product plus ``bias(rows, cols)``, then the softcap (Gemma 2) and the additive mask."""
+    if logits is not None:
+        scores = logits(rows, cols, q_rows, k_cols, mask)
+    else:
+        scores = (q_rows @ k_cols.transpose(-1, -2)).float() * scaling
+        if bias is not None:
+            scores = scores + bias(rows, cols)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return scores if mask is None else scores + mask
+
+
 def chunked_attention(
     module, query, key, value, attention_mask, scaling, *, logits=None, bias=None, dropout=0.0, softcap=None,
     budget_mib=64,
 ):  # fmt: skip
-    """Attention computed over chunks of query rows, so that no more than ``budget_mib`` of scores exist at once
-    (never an L x L tensor per head on the long path).
+    """Attention computed over the blocks of query rows of :func:`query_blocks` (never an L x L tensor per head on
+    the long path).
 
     The scores are either ``logits(rows, cols, query_rows, key_cols, mask) -> (B, H, C, W)`` (float32, already
     scaled; ``mask`` is the block's additive mask or None)
     or the scaled dot product plus ``bias(rows, cols) -> (B|1, H, C, W)``; a bias alone runs fused in SDPA unless
-    eager attention weights or a softcap (Gemma 2) are needed. A causal module reads only the keys up to its
-    chunk's last query (``cols``): the others would be masked, so a prefill does half the work. Keys and values
-    are repeated for grouped-query heads. Returns ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``;
-    weights only when the model chose eager.
+    eager attention weights or a softcap (Gemma 2) are needed. Keys and values are repeated for grouped-query heads.
+    The module's observers (:func:`pos_swap.observe`) see each block's probabilities. Returns
+    ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
     """
-    batch, heads, q_len, _ = query.shape
+    notify_queries_keys(module, query, key)
     k_len = key.shape[2]
-    groups = heads // key.shape[1]
+    groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     keep_weights = module.config._attn_implementation == PREFIX + "eager"
     fused = logits is None and not keep_weights and softcap is None
-    causal = getattr(module, "is_causal", True)
-    first_query = first_query_slot(attention_mask, q_len, k_len)
-    step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
     outputs, weights = [], []
-    for start in range(0, q_len, step):
-        rows = slice(start, min(start + step, q_len))
-        cols = slice(0, min(k_len, first_query + rows.stop) if causal else k_len)
-        q_rows, k_cols, v_cols = query[:, :, rows], key[:, :, cols], value[:, :, cols]
-        mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)  # (B|1, 1, C, W)
+    for rows, cols, q_rows, k_cols, mask in query_blocks(module, query, key, attention_mask, budget_mib):
+        v_cols = value[:, :, cols]
         if fused:
             extra = bias(rows, cols) if mask is None else bias(rows, cols) + mask  # (B|1, H, C, W) float32
             extra = extra.to(query.dtype).clamp(min=torch.finfo(query.dtype).min)  # fp16: -inf to its finite min
             p = dropout if module.training else 0.0
             outputs.append(F.scaled_dot_product_attention(q_rows, k_cols, v_cols, extra, dropout_p=p, scale=scaling))
+            if observers_of(module):
+                scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, bias=bias)
+                notify_probabilities(module, torch.softmax(scores, dim=-1), rows, cols, (query.shape[2], k_len))
             continue
-        if logits is not None:
-            scores = logits(rows, cols, q_rows, k_cols, mask)
-        else:
-            scores = (q_rows @ k_cols.transpose(-1, -2)).float() * scaling + bias(rows, cols)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)  # (B, H, C, W)
-        probs = F.dropout(probs, p=dropout, training=module.training)
+        scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, logits=logits, bias=bias, softcap=softcap)
+        probs = torch.softmax(scores, dim=-1)  # (B, H, C, W) float32
+        notify_probabilities(module, probs, rows, cols, (query.shape[2], k_len))
+        probs = F.dropout(probs.to(value.dtype), p=dropout, training=module.training)
         outputs.append(probs @ v_cols)
         if keep_weights:
             weights.append(F.pad(probs, (0, k_len - cols.stop)))

@@ -68,6 +68,15 @@ def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> 
     return subparsers[0].choices.get(command, parser) if subparsers else parser
 
 
+PROBE_EPILOG = """examples:
+  pos-swap probe offline:minilm --out probe-minilm                      BERT's learned table, hidden states, heads
+  pos-swap probe offline:smollm2 --out probe-smol --scheme dynamic-yarn --compare --length 16384
+
+Writes probe.json (every number, with spreads over seeds), PNG plots (encoding matrix, cosine similarity, PCA,
+spectrum, hidden-state probe per layer, distance profiles, sink mass, previous-token score, RoPE frequency use)
+and report.html."""
+
+
 def _load(name_or_path: str, *, weights: bool):
     """A model from a Hub name, folder or offline alias; without weights it is built empty, on the meta device."""
     import transformers
@@ -116,7 +125,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_patch(args) -> None:
-    params = {name: getattr(args, name) for name in _all_parameters() if getattr(args, name) is not None}
+    params = _scheme_params(args)
     get_scheme(args.scheme)  # an unknown name fails before the checkpoint loads
     model = _load(args.model, weights=True)
     saved = engine.describe(model)
@@ -188,6 +197,24 @@ def _add_run_options(p, default_out: str | None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
 
+def cmd_probe(args) -> None:
+    from .probe.run import load, run_probe
+
+    params = _scheme_params(args)
+    if params and not args.scheme:
+        raise PosSwapError(f"Scheme parameters ({', '.join(params)}) need --scheme NAME.")
+    if args.compare and not args.scheme:
+        raise PosSwapError("--compare shows the native model beside a patched one: give --scheme NAME.")
+    text = args.text.read() if args.text else None
+    model, tokenizer = load(args.model)
+    run_probe(
+        model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
+        text=text, length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
+        pairs=args.pairs, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="pos-swap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -214,13 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="pos_swap: record the patch in config.json (default); hf: plain transformers rope_parameters",
     )  # fmt: skip
     p.add_argument("--replace", action="store_true", help="replace a patch the checkpoint was saved with")
-    params = p.add_argument_group("scheme parameters (see `pos-swap schemes -v`)")
-    for name, (annotation, help_text, users) in _all_parameters().items():
-        params.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=_parse_value(annotation), default=None,
-            help=f"{help_text} [{', '.join(users)}]".replace("%", "%%"),
-        )  # fmt: skip
+    _add_scheme_parameters(p)
     p.set_defaults(run=cmd_patch)
+
+    p = sub.add_parser(
+        "probe", help="what the positions learned: embedding, hidden-state and attention probes, with plots",
+        epilog=PROBE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL_OR_DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for probe.json, PNG plots and report.html")
+    p.add_argument("--scheme", help=f"probe the model patched with this scheme: one of {', '.join(list_schemes())}")
+    p.add_argument("--compare", action="store_true", help="probe the native model too, side by side")
+    p.add_argument("--text", type=argparse.FileType("r"), help="text file to probe on (default: Python's pydoc topics)")
+    p.add_argument("--length", type=int, help="tokens of the attention-statistics window (default: 1024 or the trained context)")
+    p.add_argument("--probe-window", type=int, default=512, help="tokens per window of the hidden-state probe")
+    p.add_argument("--probe-windows", type=int, default=4, help="windows of the hidden-state probe")
+    p.add_argument("--seeds", type=int, default=5, help="seeds (fold shuffles, pair draws) for the spread")
+    p.add_argument("--pairs", type=int, default=4096, help="pairs of the relative-order probe")
+    p.add_argument("--overwrite", action="store_true", help="replace a probe run already in --out")
+    _add_scheme_parameters(p)
+    p.set_defaults(run=cmd_probe)
 
     p = sub.add_parser(
         "demo", help="SmolLM2 native vs dynamic-yarn beyond its 8k context, offline (a few minutes on a CPU)",
@@ -264,6 +304,20 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.set_defaults(run=cmd_recommend)
     return parser
+
+
+def _add_scheme_parameters(p) -> None:
+    """A flag for every parameter of every scheme (``--factor 4``); :func:`_scheme_params` reads them back."""
+    params = p.add_argument_group("scheme parameters (see `pos-swap schemes -v`)")
+    for name, (annotation, help_text, users) in _all_parameters().items():
+        params.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=_parse_value(annotation), default=None,
+            help=f"{help_text} [{', '.join(users)}]".replace("%", "%%"),
+        )  # fmt: skip
+
+
+def _scheme_params(args) -> dict:
+    return {name: getattr(args, name) for name in _all_parameters() if getattr(args, name) is not None}
 
 
 def main(argv=None) -> int:

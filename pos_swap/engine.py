@@ -18,7 +18,7 @@ from packaging.version import InvalidVersion, Version
 from transformers import PreTrainedModel
 
 from . import archs
-from .attention import HOOK, PREFIX, routed_name
+from .attention import HOOK, OBSERVERS, PREFIX, observers_of, routed_name
 from .errors import AlreadyPatchedError, IncompatibleSchemeError, NotPatchedError, PosSwapError
 from .registry import Scheme, get_scheme
 
@@ -91,7 +91,8 @@ class Patch:
         one). The backend also decides which mask transformers builds for the model."""
         config = self.model.config
         self.set(config, "_attn_implementation", routed_name(config, backend))
-        pinned = PinnedBackend(self.scheme.name, config._attn_implementation)
+        who = f"pos_swap scheme '{self.scheme.name}'" if self.scheme else "pos_swap.observe"
+        pinned = PinnedBackend(who, config._attn_implementation)
         for module in self.model.modules():  # the model and its inner PreTrainedModels share the config
             if isinstance(module, PreTrainedModel) and not _owns(module, "set_attn_implementation"):
                 self.set(module, "set_attn_implementation", pinned)
@@ -136,12 +137,16 @@ class Patch:
     def params(self) -> dict:
         return copy.deepcopy(vars(self.scheme.config))
 
-    def _apply(self) -> None:
-        model = self.model
-        shared, own = model.config, copy.deepcopy(model.config)
-        for module in model.modules():
+    def own_config(self) -> None:
+        """Give the model its own copy of its config, so changes to it never reach a model that shared it."""
+        shared, own = self.model.config, copy.deepcopy(self.model.config)
+        for module in self.model.modules():
             if getattr(module, "config", None) is shared:
                 self.set(module, "config", own)
+
+    def _apply(self) -> None:
+        model = self.model
+        self.own_config()
         self.scheme.apply(self)
         saved = {**self.record, "plain_transformers": NO_PLAIN_FORM}
         plain = plain_rope_parameters(model, self.scheme)
@@ -198,8 +203,8 @@ class PinnedBackend:
     """Stands in for ``model.set_attn_implementation`` while a patch routes attention through pos_swap: a switch
     would bypass the patch (the model would silently run without it), so it is refused with the way to do it."""
 
-    def __init__(self, scheme: str, routed: str):
-        self.scheme, self.routed = scheme, routed
+    def __init__(self, who: str, routed: str):
+        self.who, self.routed = who, routed  # who routes (a scheme, or pos_swap.observe), and to which name
 
     def __call__(self, attn_implementation, *args, **kwargs):
         wanted = attn_implementation
@@ -208,7 +213,7 @@ class PinnedBackend:
         if wanted in (self.routed, self.routed.removeprefix(PREFIX)):
             return  # already the backend the patch wraps
         raise IncompatibleSchemeError(
-            f"pos_swap scheme '{self.scheme}' routes this model's attention through '{self.routed}'; switching to "
+            f"{self.who} routes this model's attention through '{self.routed}'; switching to "
             f"{wanted!r} now would bypass the patch. Unpatch first (pos_swap.unpatch(model)), switch, and patch "
             f"again, or load the model with attn_implementation={wanted!r}."
         )
@@ -291,6 +296,28 @@ def patched(model: torch.nn.Module, scheme: str, **params):
     finally:
         if current_patch(model) is not None:
             unpatch(model)
+
+
+@contextlib.contextmanager
+def observe(model: torch.nn.Module, *observers):
+    """``with pos_swap.observe(model, observer):`` every attention module shows ``observer`` the attention it really
+    computes, under the model's patch (ALiBi's bias, a dynamic rotation, Self-Extend's grouped positions) and
+    backend (eager or sdpa), without storing an L x L matrix and without changing any output.
+
+    An observer has ``queries_keys(module, query, key)`` (the final, rotated queries and keys of one call) and
+    ``probabilities(module, probs, rows, cols, (Lq, Lk))`` (float32 probabilities ``(B, H, C, W)`` of a block
+    of query rows). An unpatched model is routed through pos_swap's attention function as a pass-through; a patch is
+    left as it is. Everything is undone on exit, also on error; do not patch or unpatch inside the block.
+    """
+    changes = Patch(resolve(model), scheme=None)  # an undo stack only
+    try:
+        changes.own_config()
+        changes.route_attention()
+        for module in archs.attention_modules(model):
+            changes.set(module, OBSERVERS, observers_of(module) + observers)
+        yield
+    finally:
+        changes._undo_all()
 
 
 def describe(model: torch.nn.Module) -> dict | None:

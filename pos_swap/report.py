@@ -214,3 +214,18 @@ def write_html(path, title: str, sections: list[Section], meta: dict | None = No
                 f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
     path.write_text(document)
     return path
+
+
+def scatter_panels(path, panels: dict, *, xlabel: str, ylabel: str, colorbar: str = "") -> Path:
+    """One scatter plot per entry of ``panels`` (title -> (xs, ys, colours)), side by side, points coloured by a
+    value such as the position."""
+    import numpy as np
+
+    count = max(1, len(panels))
+    with figure(path, 1, count, size=(min(4.2 * count, 16), 3.8)) as (fig, axes):
+        axes = np.atleast_1d(axes).ravel()
+        for ax, (title, (xs, ys, colours)) in zip(axes, panels.items()):
+            points = ax.scatter(xs, ys, c=colours, s=4, cmap="viridis")
+            ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+            fig.colorbar(points, ax=ax, label=colorbar)
+    return Path(path)

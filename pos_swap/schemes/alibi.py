@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import backend_of, chunked_attention, first_query_slot, positions
+from ..attention import backend_of, chunked_attention, first_query_slot, observers_of, positions
 from ..errors import InvalidParameterError
 from ..functional import alibi
 from ..registry import Scheme, SchemeConfig, greater_than, param, register
@@ -56,7 +56,7 @@ class AlibiBias(nn.Module):
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if backend_of(module) == "flex_attention":
+        if backend_of(module) == "flex_attention" and not observers_of(module):  # observers need the chunked path
             shift = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             return self._flex(query, key, value, attention_mask, scaling, shift)
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)

@@ -126,9 +126,11 @@ def figure(path, nrows: int = 1, ncols: int = 1, size=(6.4, 4.2), **kwargs):
 
 
 def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", marks: dict | None = None,
-              logx: bool = False, logy: bool = False, bands: dict | None = None) -> Path:  # fmt: skip
+              logx: bool = False, logy: bool = False, bands: dict | None = None,
+              xticks: dict | None = None) -> Path:  # fmt: skip
     """One line per entry of ``series`` (name -> (xs, ys)); ``bands`` (name -> (low, high)) shades a spread;
-    ``marks`` (label -> x) draws dashed vertical lines, e.g. the trained context."""
+    ``marks`` (label -> x) draws dashed vertical lines, e.g. the trained context; ``xticks`` (x -> label) names
+    the ticks (e.g. 16384 -> "16k")."""
     with figure(path) as (_, ax):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o", ms=3, label=name)
@@ -141,6 +143,9 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
             ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")
+        if xticks:
+            ax.set_xticks(list(xticks), list(xticks.values()))
+            ax.set_xticks([], minor=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return Path(path)

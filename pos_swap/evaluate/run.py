@@ -240,7 +240,8 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation") -> l
             if run.path is not None:
                 report.line_plot(run.path / name, series, xlabel="window length (tokens)", ylabel=what,
                                  title=f"{what} by length", marks={"trained context": trained} if trained else None,
-                                 logx=True, logy=True, bands=bands)  # fmt: skip
+                                 logx=True, logy=True, bands=bands,
+                                 xticks={n: format_length(n) for n in {r["length"] for r in ppl_rows}})  # fmt: skip
             sections.append(report.Section(what.capitalize(), table=pivot(ppl_rows, value, value + "_std"),
                                            images=[name],
                                            text="Mean ± spread over windows; each window is cut from the start of "

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .. import archs, engine, offline, report
 from ..errors import PosSwapError
-from .ppl import check_fits, token_losses, window_perplexity, windows
+from .ppl import check_fits, summarize, token_losses, window_perplexity, windows
 from .retrieval import DEPTHS, PROMPTS, _rng, retrieval_trial
 from .specs import SchemeSpec, format_length
 
@@ -168,24 +168,13 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
 
 
 # -- summaries, plots and the report ------------------------------------------------------------------------------
-def _mean_std(values) -> tuple[float, float]:
-    values = torch.tensor(values, dtype=torch.float64)
-    return values.mean().item(), (values.std().item() if values.numel() > 1 else 0.0)
-
-
 def perplexity_table(cells: list[dict]) -> list[dict]:
     """One row per (scheme, length): mean and spread over windows of whole-window and last-quarter perplexity."""
     groups: dict[tuple, list[dict]] = {}
     for cell in cells:
         if cell["task"] == "ppl":
             groups.setdefault((cell["scheme"], cell["length"]), []).append(cell)
-    rows = []
-    for (scheme, length), group in groups.items():
-        ppl, ppl_std = _mean_std([c["ppl"] for c in group])
-        tail, tail_std = _mean_std([c["ppl_tail"] for c in group])
-        rows.append({"scheme": scheme, "length": length, "ppl": ppl, "ppl_std": ppl_std, "ppl_tail": tail,
-                     "ppl_tail_std": tail_std, "windows": len(group)})  # fmt: skip
-    return rows
+    return [{"scheme": scheme, "length": length, **summarize(group)} for (scheme, length), group in groups.items()]
 
 
 def accuracy_table(cells: list[dict], task: str) -> list[dict]:

@@ -46,12 +46,43 @@ def _observed(inner):
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         notify_queries_keys(module, query, key)
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        for rows, cols, q_rows, k_cols, mask in query_blocks(module, query, key, attention_mask):
-            scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, softcap=kwargs.get("softcap"))
-            notify_probabilities(module, torch.softmax(scores, dim=-1), rows, cols, (query.shape[2], key.shape[2]))
+        show_observers(module, query, key, attention_mask, scaling, softcap=kwargs.get("softcap"))
         return output
 
     return attention
+
+
+def observed_rows(module, query_length: int) -> torch.Tensor | None:
+    """The query rows the module's observers are shown: None without observers; else every row, or an evenly
+    spaced sample (first and last row included) of at most the largest ``query_rows`` an observer asks for. A
+    sample keeps a probe of a long input cheap: its statistics are means over rows, which the sample estimates."""
+    observers = observers_of(module)
+    if not observers:
+        return None
+    wanted = [getattr(observer, "query_rows", None) for observer in observers]
+    limit = None if None in wanted else max(wanted)
+    if limit is None or query_length <= limit:
+        return torch.arange(query_length)
+    return torch.linspace(0, query_length - 1, limit, dtype=torch.float64).round().long().unique()
+
+
+def show_observers(module, query, key, attention_mask, scaling, *, bias=None, softcap=None, budget_mib=64) -> None:
+    """Compute the probabilities of the observed query rows (:func:`observed_rows`) of ``query (B, H, Lq, D)``
+    against ``key (B, H, Lk, D)`` (repeated for grouped-query heads) in blocks, and show them to the observers.
+    For paths whose output comes from a fused kernel that does not return its probabilities."""
+    watched = observed_rows(module, query.shape[2])
+    if watched is None:
+        return
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    first_query = first_query_slot(attention_mask, q_len, k_len)
+    causal = getattr(module, "is_causal", True)
+    step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
+    for rows in watched.to(query.device).split(step):
+        cols = slice(0, min(k_len, first_query + int(rows[-1]) + 1) if causal else k_len)
+        mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)
+        scores = block_scores(rows, cols, query[:, :, rows], key[:, :, cols], mask, scaling, bias=bias, softcap=softcap)
+        notify_probabilities(module, torch.softmax(scores, dim=-1), rows, cols, (q_len, k_len))
 
 
 def notify_queries_keys(module, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -60,10 +91,12 @@ def notify_queries_keys(module, query: torch.Tensor, key: torch.Tensor) -> None:
         observer.queries_keys(module, query, key)
 
 
-def notify_probabilities(module, probs: torch.Tensor, rows: slice, cols: slice, shape: tuple[int, int]) -> None:
+def notify_probabilities(module, probs: torch.Tensor, rows, cols: slice, shape: tuple[int, int]) -> None:
     """Show the observers one block of attention probabilities ``(B, H, C, W)`` (float32): query rows ``rows``
-    against keys ``cols`` of a call with ``shape = (Lq, Lk)`` (keys past ``cols`` are masked for these rows; the
-    queries are the last ``Lq`` of the ``Lk`` positions)."""
+    (a slice or the indices ``(C,)``; observers get the indices) against keys ``cols`` of a call with
+    ``shape = (Lq, Lk)`` (keys past ``cols`` are masked for these rows; the queries are the last ``Lq`` of the
+    ``Lk`` positions)."""
+    rows = row_indices(rows, probs.device)
     for observer in observers_of(module):
         observer.probabilities(module, probs, rows, cols, shape)
 
@@ -177,8 +210,13 @@ class DeferredRotation(torch.nn.Module):
         return inner(module, query, key, value, attention_mask, **kwargs)
 
 
-def additive_mask(attention_mask, module, rows: slice, cols: slice, first_query: int, device):
-    """The attention mask's ``rows`` x ``cols`` block as an additive float32 tensor ``(B|1, 1, C, W)``, or None.
+def row_indices(rows, device) -> torch.Tensor:
+    """Query rows given as a slice or as indices, as indices ``(C,)``."""
+    return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows.to(device)
+
+
+def additive_mask(attention_mask, module, rows, cols: slice, first_query: int, device):
+    """The attention mask's ``rows`` (a slice or indices) x ``cols`` block as an additive float32 tensor ``(B|1, 1, C, W)``, or None.
 
     ``None`` from transformers means "causal, no padding" for a causal module (sdpa's ``is_causal``, with the
     first query at key slot ``first_query``) and "no mask" otherwise; boolean masks mark allowed keys; float masks
@@ -189,7 +227,7 @@ def additive_mask(attention_mask, module, rows: slice, cols: slice, first_query:
     if attention_mask is None:
         if not getattr(module, "is_causal", True):
             return None
-        query_index = torch.arange(rows.start, rows.stop, device=device)[:, None] + first_query
+        query_index = row_indices(rows, device)[:, None] + first_query
         allowed = torch.arange(cols.start, cols.stop, device=device)[None, :] <= query_index
         return torch.where(allowed, 0.0, floor)[None, None]
     mask = attention_mask[:, :, rows, cols]
@@ -245,7 +283,7 @@ def chunked_attention(
     scaled; ``mask`` is the block's additive mask or None)
     or the scaled dot product plus ``bias(rows, cols) -> (B|1, H, C, W)``; a bias alone runs fused in SDPA unless
     eager attention weights or a softcap (Gemma 2) are needed. Keys and values are repeated for grouped-query heads.
-    The module's observers (:func:`pos_swap.observe`) see each block's probabilities. Returns
+    The module's observers (:func:`pos_swap.observe`) see the probabilities of the rows they watch. Returns
     ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
     """
     notify_queries_keys(module, query, key)
@@ -254,6 +292,8 @@ def chunked_attention(
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     keep_weights = module.config._attn_implementation == PREFIX + "eager"
     fused = logits is None and not keep_weights and softcap is None
+    watched = None if fused else observed_rows(module, query.shape[2])
+    watched = None if watched is None else watched.to(query.device)
     outputs, weights = [], []
     for rows, cols, q_rows, k_cols, mask in query_blocks(module, query, key, attention_mask, budget_mib):
         v_cols = value[:, :, cols]
@@ -262,17 +302,18 @@ def chunked_attention(
             extra = extra.to(query.dtype).clamp(min=torch.finfo(query.dtype).min)  # fp16: -inf to its finite min
             p = dropout if module.training else 0.0
             outputs.append(F.scaled_dot_product_attention(q_rows, k_cols, v_cols, extra, dropout_p=p, scale=scaling))
-            if observers_of(module):
-                scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, bias=bias)
-                notify_probabilities(module, torch.softmax(scores, dim=-1), rows, cols, (query.shape[2], k_len))
             continue
         scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, logits=logits, bias=bias, softcap=softcap)
         probs = torch.softmax(scores, dim=-1)  # (B, H, C, W) float32
-        notify_probabilities(module, probs, rows, cols, (query.shape[2], k_len))
+        if watched is not None:
+            shown = watched[(watched >= rows.start) & (watched < rows.stop)]
+            notify_probabilities(module, probs[:, :, shown - rows.start], shown, cols, (query.shape[2], k_len))
         probs = F.dropout(probs.to(value.dtype), p=dropout, training=module.training)
         outputs.append(probs @ v_cols)
         if keep_weights:
             weights.append(F.pad(probs, (0, k_len - cols.stop)))
+    if fused:
+        show_observers(module, query, key, attention_mask, scaling, bias=bias, budget_mib=budget_mib)
     output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
     return output, torch.cat(weights, dim=2) if keep_weights else None
 

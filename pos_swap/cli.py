@@ -210,7 +210,7 @@ def cmd_probe(args) -> None:
     run_probe(
         model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
         text=text, length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
-        pairs=args.pairs, overwrite=args.overwrite,
+        pairs=args.pairs, query_rows=args.query_rows or None, overwrite=args.overwrite,
     )  # fmt: skip
     print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")
 
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-windows", type=int, default=4, help="windows of the hidden-state probe")
     p.add_argument("--seeds", type=int, default=5, help="seeds (fold shuffles, pair draws) for the spread")
     p.add_argument("--pairs", type=int, default=4096, help="pairs of the relative-order probe")
+    p.add_argument("--query-rows", type=int, default=256, metavar="N",
+                   help="attention statistics over an evenly spaced sample of N query rows (0: every row; slower)")
     p.add_argument("--overwrite", action="store_true", help="replace a probe run already in --out")
     _add_scheme_parameters(p)
     p.set_defaults(run=cmd_probe)

@@ -306,7 +306,8 @@ def observe(model: torch.nn.Module, *observers):
 
     An observer has ``queries_keys(module, query, key)`` (the final, rotated queries and keys of one call) and
     ``probabilities(module, probs, rows, cols, (Lq, Lk))`` (float32 probabilities ``(B, H, C, W)`` of a block
-    of query rows). An unpatched model is routed through pos_swap's attention function as a pass-through; a patch is
+    of query rows, their indices ``rows (C,)``, against keys ``cols``, a slice from 0). An observer with a
+    ``query_rows`` attribute (an int) is shown an evenly spaced sample of that many rows per call. An unpatched model is routed through pos_swap's attention function as a pass-through; a patch is
     left as it is. Everything is undone on exit, also on error; do not patch or unpatch inside the block.
     """
     changes = Patch(resolve(model), scheme=None)  # an undo stack only

@@ -32,20 +32,22 @@ def eager_attentions(model, ids) -> list[np.ndarray]:
     return [a.double().numpy() for a in out.attentions]
 
 
-def reference(weights: np.ndarray, bins) -> dict:
-    """Every statistic of one layer's weights ``(B, H, L, L)``, in plain float64 loops over offsets."""
+def reference(weights: np.ndarray, bins, rows=None) -> dict:
+    """Every statistic of one layer's weights ``(B, H, L, L)`` over the query rows ``rows`` (default all), in
+    plain float64 loops over offsets."""
     batch, heads, length, _ = weights.shape
-    offset = np.arange(length)[:, None] - np.arange(length)[None, :]  # i - j
-    rows = lambda x: x.sum(axis=-1).mean(axis=(0, 2))  # noqa: E731 - sum over keys, mean over query rows
-    profile = np.stack([rows(weights * ((offset >= lo) & (offset <= hi))) for lo, hi in bins], axis=-1)
+    rows = np.arange(length) if rows is None else np.asarray(rows)
+    weights = weights[:, :, rows]  # (B, H, R, L)
+    offset = rows[:, None] - np.arange(length)[None, :]  # i - j
+    mean = lambda x: x.sum(axis=-1).mean(axis=(0, 2))  # noqa: E731 - sum over keys, mean over query rows
+    profile = np.stack([mean(weights * ((offset >= lo) & (offset <= hi))) for lo, hi in bins], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(weights > 0, weights * np.log(weights), 0.0)
-    previous = np.zeros((batch, heads, length))
-    previous[:, :, 1:] = weights[:, :, np.arange(1, length), np.arange(length - 1)]
+    previous = np.stack([weights[:, :, n, row - 1] if row else np.zeros((batch, heads)) for n, row in enumerate(rows)], -1)
     return {
         "distance_profile": profile,
-        "mean_distance": rows(weights * np.abs(offset)),
-        "entropy": -rows(plogp),
+        "mean_distance": mean(weights * np.abs(offset)),
+        "entropy": -mean(plogp),
         "sink_mass": weights[..., 0].mean(axis=(0, 2)),
         "previous_token": previous.mean(axis=(0, 2)),
     }
@@ -55,8 +57,9 @@ def test_distance_bins_are_log2_ranges():
     assert bin_edges(-3, 4) == [(-7, -4), (-3, -2), (-1, -1), (0, 0), (1, 1), (2, 3), (4, 7), (8, 15)]
 
 
+@pytest.mark.parametrize("query_rows", [None, 7])
 @pytest.mark.parametrize("arch,scheme,params", CASES)
-def test_statistics_match_float64_eager_weights(arch, scheme, params):
+def test_statistics_match_float64_eager_weights(arch, scheme, params, query_rows):
     model = tiny(arch)
     model.set_attn_implementation("sdpa")
     eager = copy.deepcopy(model)
@@ -69,14 +72,16 @@ def test_statistics_match_float64_eager_weights(arch, scheme, params):
     ids = torch.randint(2, 100, (2, length), generator=torch.Generator().manual_seed(0))
     weights = eager_attentions(eager, ids)
     for observed_model in (model, eager):  # sdpa (routed, fused or chunked) and eager
-        with attention_stats(observed_model) as stats, torch.no_grad():
+        with attention_stats(observed_model, query_rows=query_rows) as stats, torch.no_grad():
             observed_model(ids)
         result = stats.result()
         causal = archs.is_causal(model)
         low, high = result["distance_bins"][0][0], result["distance_bins"][-1][1]
         assert (low < 0) == (not causal) and high >= length - 1
+        rows = None if query_rows is None else np.round(np.linspace(0, length - 1, query_rows)).astype(int)
+        assert result["query_rows"].tolist() == [2 * (length if rows is None else len(rows))] * len(weights)
         for layer, layer_weights in enumerate(weights):
-            expected = reference(layer_weights, result["distance_bins"])
+            expected = reference(layer_weights, result["distance_bins"], rows)
             for name, value in expected.items():
                 np.testing.assert_allclose(result[name][layer], value, rtol=1e-4, atol=1e-5, err_msg=f"{name} layer {layer}")
         sinks = result["sink_mass"] > 0.3

@@ -6,6 +6,9 @@
 
 The observer sees the probabilities of each block of query rows (float32) as pos_swap's attention path computes
 them, under the model's patch and backend, and reduces each block at once: memory O(L x heads x bins), never L^2.
+Every statistic is a mean over query rows; on inputs longer than ``query_rows`` (default 256) it is taken over an
+evenly spaced sample of that many rows per call (first and last included), which keeps a probed forward close to a
+plain one in time at any length. ``query_rows=None`` uses every row.
 
 * ``distance_profile``: mean attention mass per query row in log-spaced bins of the relative offset i - j
   (bin 0: the token itself; bin b: offsets 2^(b-1) .. 2^b - 1; negative bins: future keys, encoders only).
@@ -25,7 +28,6 @@ The profile, sink and previous-token score come from one running sum over keys p
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from .. import archs, engine
 from ..errors import PosSwapError
@@ -50,13 +52,19 @@ BIN_EDGES = torch.tensor(bin_edges(-MAX_BIN, MAX_BIN))  # (bins, 2): first and l
 class AttentionStats:
     """The observer: accumulates each statistic per layer and head over every forward inside the block."""
 
-    def __init__(self, model, statistics=None, keep_patterns: bool = False, sink_threshold: float = 0.3):
+    def __init__(
+        self, model, statistics=None, keep_patterns: bool = False, sink_threshold: float = 0.3, query_rows: int | None = 256
+    ):  # fmt: skip
+        if query_rows is not None and (isinstance(query_rows, bool) or not isinstance(query_rows, int) or query_rows < 1):
+            raise PosSwapError(f"query_rows must be a positive number of rows or None (every row), not {query_rows!r}.")
+        self.query_rows = None if keep_patterns else query_rows  # read by pos_swap's attention path
         unknown = sorted(set(statistics or ()) - set(STATISTICS))
         if unknown:
             raise PosSwapError(f"Unknown attention statistic(s) {', '.join(unknown)}; choose from {', '.join(STATISTICS)}.")
         self.statistics = set(statistics or STATISTICS)
         modules = archs.attention_modules(model)
         self.layers = {module: index for index, module in enumerate(modules)}
+        self.causal = archs.is_causal(model)  # queries never see later keys: no |i - j| correction needed
         heads = model.config.num_attention_heads
         slots = archs.rotary_slots(model)
         self.rotary_dim = slots[0].dim if slots and "frequency_norms" in self.statistics else 0
@@ -87,28 +95,35 @@ class AttentionStats:
             self.plane_norms[layer, which] += norms.repeat_interleave(query.shape[1] // x.shape[1], dim=0).double()
             self.tokens[layer, which] += x.shape[0] * x.shape[2]
 
-    def probabilities(self, module, probs: torch.Tensor, rows: slice, cols: slice, shape: tuple[int, int]) -> None:
+    def probabilities(self, module, probs: torch.Tensor, rows: torch.Tensor, cols: slice, shape: tuple[int, int]) -> None:
         layer = self.layers[module]
         q_len, k_len = shape
         width = cols.stop  # blocks always start at key 0
-        query_at = torch.arange(rows.start, rows.stop, device=probs.device) + (k_len - q_len)  # (C,) key index
+        query_at = rows + (k_len - q_len)  # (C,) key index of each query row
         mass = probs[0] if probs.shape[0] == 1 else probs.sum(dim=0)  # (H, C, W), summed over the batch
         heads = mass.shape[0]
         self.rows[layer] += probs.shape[0] * probs.shape[2]
         # mass per offset bin from a running sum over keys: bin [first, last] holds keys q - last .. q - first
-        running = F.pad(mass.cumsum(dim=-1), (1, 0))  # (H, C, W + 1)
+        running = mass.cumsum(dim=-1)  # (H, C, W): mass on keys 0 .. j
+
+        def mass_before(key):  # (H, C, bins): mass on keys 0 .. key - 1
+            return torch.where(key > 0, running.gather(2, (key - 1).clamp(min=0)), 0.0)
+
         edges = BIN_EDGES.to(probs.device)
         start = (query_at[:, None] - edges[:, 1]).clamp(0, width).expand(heads, -1, -1)  # (H, C, bins)
         stop = (query_at[:, None] - edges[:, 0] + 1).clamp(0, width).expand(heads, -1, -1)
-        self.histogram[layer] += (running.gather(2, stop) - running.gather(2, start)).sum(dim=1).double()
+        self.histogram[layer] += (mass_before(stop) - mass_before(start)).sum(dim=1).double()
         self.sink[layer] += mass[:, :, 0].sum(dim=1).double()
-        if "mean_distance" in self.statistics:
-            distance = (query_at[:, None] - torch.arange(width, device=probs.device)[None]).abs().float()  # (C, W)
-            self.distance[layer] += torch.einsum("hcw,cw->h", mass, distance).double()
-        if "entropy" in self.statistics:
-            self.entropy[layer] += torch.special.entr(probs).sum(dim=(0, 2, 3)).double()
+        if "mean_distance" in self.statistics:  # |i - j| = (i - j) + 2 max(j - i, 0): a product with j, and a
+            keys = torch.arange(width, device=probs.device, dtype=mass.dtype)  # correction where keys follow i
+            distance = (running[:, :, -1] * query_at - mass @ keys).sum(dim=1)  # (H,)
+            if not self.causal:
+                distance += 2 * torch.einsum("hcw,cw->h", mass, (keys[None] - query_at[:, None]).clamp(min=0))
+            self.distance[layer] += distance.double()
+        if "entropy" in self.statistics:  # -sum p ln p; masked keys (p = 0) add 0
+            self.entropy[layer] -= (probs * probs.clamp(min=torch.finfo(probs.dtype).tiny).log()).sum(dim=(0, 2, 3)).double()
         if self.keep_patterns:
-            self.patterns[layer][:, :, rows, cols] = probs.detach().cpu()
+            self.patterns[layer][:, :, rows.cpu(), cols] = probs.detach().cpu()
 
     # -- the results ----------------------------------------------------------------------------------------------
     def result(self) -> dict:
@@ -146,8 +161,10 @@ def plane_norms(x: torch.Tensor, rotary_dim: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def attention_stats(model, statistics=None, keep_patterns: bool = False, sink_threshold: float = 0.3):
+def attention_stats(
+    model, statistics=None, keep_patterns: bool = False, sink_threshold: float = 0.3, query_rows: int | None = 256
+):  # fmt: skip
     """``with attention_stats(model) as stats: model(ids)``, then ``stats.result()``; see the module docstring."""
-    stats = AttentionStats(model, statistics, keep_patterns, sink_threshold)
+    stats = AttentionStats(model, statistics, keep_patterns, sink_threshold, query_rows)
     with engine.observe(model, stats):
         yield stats

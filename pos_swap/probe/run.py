@@ -39,13 +39,13 @@ def position_table(model, length: int) -> torch.Tensor:
 
 
 def probe_variant(model, tokenizer, text: str, *, length: int, window: int, windows: int, seeds: int,
-                  pairs: int) -> tuple[dict, dict]:  # fmt: skip
+                  pairs: int, query_rows: int | None) -> tuple[dict, dict]:  # fmt: skip
     """All probes of the model as it is now: ``(JSON-ready results, arrays for the plots)``."""
     table = position_table(model, length)
     results = {"table": {"kind": archs.lookup(model).family, **tables.embedding_probes(table, seeds=seeds, pairs=pairs)}}
     results["hidden"] = hidden_state_probe(model, tokenizer, text, window, windows, seeds=min(seeds, 3))
     ids = text_windows(tokenizer, text, length, 1).to(model.device)
-    with attention_stats(model) as stats, torch.no_grad():
+    with attention_stats(model, query_rows=query_rows) as stats, torch.no_grad():
         model(ids)
     attention = stats.result()
     results["attention"] = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in attention.items()}
@@ -141,7 +141,8 @@ def plot(out, drawn: dict, cells: dict) -> list[Section]:
 
 def run_probe(model, tokenizer, out, *, scheme: str | None = None, params: dict | None = None, compare: bool = False,
               text: str | None = None, length: int | None = None, window: int = 512, windows: int = 4,
-              seeds: int = 5, pairs: int = 4096, name: str = "", overwrite: bool = False) -> dict:  # fmt: skip
+              seeds: int = 5, pairs: int = 4096, query_rows: int | None = 256, name: str = "",
+              overwrite: bool = False) -> dict:  # fmt: skip
     """Probe ``model`` (patched with ``scheme`` when given; native beside it with ``compare``) and write
     ``probe.json``, the PNGs and ``report.html`` to ``out``. Returns the results per variant."""
     trained = archs.trained_context(model.config)
@@ -150,7 +151,7 @@ def run_probe(model, tokenizer, out, *, scheme: str | None = None, params: dict 
     text = offline.pydoc_text() if text is None else text
     variants = ([None] if compare or not scheme else []) + ([scheme] if scheme else [])
     meta = {"model": name or type(model).__name__, "scheme": scheme, "params": params or {}, "length": length, "window": window,
-            "windows": windows, "seeds": seeds, "pairs": pairs}  # fmt: skip
+            "windows": windows, "seeds": seeds, "pairs": pairs, "query_rows": query_rows}  # fmt: skip
     run = RunFolder(out, kind="probe", meta=meta, overwrite=overwrite, results="probe.json")
     cells, drawn = {}, {}
     for variant in tqdm(variants, desc="probe", unit="variant"):
@@ -158,7 +159,8 @@ def run_probe(model, tokenizer, out, *, scheme: str | None = None, params: dict 
         patch = engine.patched(model, variant, **(params or {})) if variant else contextlib.nullcontext()
         with patch:
             cells[name], drawn[name] = probe_variant(model, tokenizer, text, length=length, window=window,
-                                                     windows=windows, seeds=seeds, pairs=pairs)  # fmt: skip
+                                                     windows=windows, seeds=seeds, pairs=pairs,
+                                                     query_rows=query_rows)  # fmt: skip
         run.add({"key": name, **cells[name]})
     sections = plot(run.path, drawn, cells)
     write_html(run.path / "report.html", f"pos_swap probe: {meta['model']}", sections, meta)

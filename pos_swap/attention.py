@@ -224,6 +224,8 @@ def additive_mask(attention_mask, module, rows, cols: slice, first_query: int, d
     row stays finite, as in eager attention.
     """
     floor = torch.finfo(torch.float32).min
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # flex's BlockMask
+        return torch.where(_allowed_by_block_mask(attention_mask, rows, cols, device), 0.0, floor)
     if attention_mask is None:
         if not getattr(module, "is_causal", True):
             return None
@@ -236,16 +238,25 @@ def additive_mask(attention_mask, module, rows, cols: slice, first_query: int, d
     return mask.float().clamp(min=floor)
 
 
+def _allowed_by_block_mask(block_mask, rows, cols: slice, device) -> torch.Tensor:
+    """Which keys ``cols`` the query rows ``rows`` may see under flex's ``block_mask``, asked of its ``mask_mod``
+    on broadcast indices (transformers' mask functions are elementwise): boolean ``(B, 1, C, W)``."""
+    batch = block_mask.shape[0]
+    query_index = row_indices(rows, device)
+    if block_mask.mask_mod is None:
+        return torch.ones(batch, 1, len(query_index), cols.stop - cols.start, dtype=torch.bool, device=device)
+    allowed = block_mask.mask_mod(
+        torch.arange(batch, device=device)[:, None, None, None], torch.zeros((), dtype=torch.long, device=device),
+        query_index[None, None, :, None], torch.arange(cols.start, cols.stop, device=device)[None, None, None, :],
+    )  # fmt: skip
+    return allowed.expand(batch, 1, len(query_index), cols.stop - cols.start)
+
+
 def query_blocks(module, query, key, attention_mask, budget_mib=64):
     """The blocks of query rows attention is computed in, so that no more than ``budget_mib`` of float32 scores
     exist at once: ``(rows, cols, query rows, key columns, additive mask or None)`` for ``query (B, H, Lq, D)`` and
     ``key (B, H, Lk, D)`` (already repeated for grouped-query heads). A causal module's block reads only the keys up
     to its last query (``cols``): the others would be masked, so a prefill does half the work."""
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        raise IncompatibleSchemeError(
-            f"pos_swap computes this attention in blocks and reads masks as tensors, not {type(attention_mask).__name__}"
-            f" (flex_attention's BlockMask). Load the model with attn_implementation='sdpa' or 'eager'."
-        )
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     causal = getattr(module, "is_causal", True)

@@ -101,6 +101,24 @@ def test_keep_patterns_equal_eager_weights():
         np.testing.assert_allclose(pattern, weights, atol=1e-6)
 
 
+@pytest.mark.parametrize("scheme", [None, "alibi"])
+def test_statistics_under_flex_attention_equal_sdpa_with_padding(scheme):
+    flex, sdpa = tiny("llama", attn_implementation="flex_attention"), tiny("llama")
+    if scheme:
+        pos_swap.patch(flex, scheme)
+        pos_swap.patch(sdpa, scheme)
+    ids = torch.randint(2, 100, (2, 24), generator=torch.Generator().manual_seed(4))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :5] = 0  # left padding: the BlockMask's mask_mod is read per sequence
+    results = []
+    for model in (flex, sdpa):
+        with attention_stats(model, query_rows=9) as stats, torch.no_grad():
+            model(ids, attention_mask=attention_mask)
+        results.append(stats.result())
+    for name in ("distance_profile", "mean_distance", "entropy", "sink_mass", "previous_token"):
+        np.testing.assert_allclose(results[0][name], results[1][name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def plane_norm_reference(model, ids):
     """Mean q and k norms per rotary plane from the projections (rotation keeps a plane's norm), float64."""
     captured = {}
@@ -178,6 +196,9 @@ def test_bad_input_is_refused():
     model = tiny("llama")
     with pytest.raises(pos_swap.PosSwapError, match="Unknown attention statistic"):
         with attention_stats(model, statistics=["sinks", "entropy"]):
+            pass
+    with pytest.raises(pos_swap.PosSwapError, match="query_rows must be a positive number"):
+        with attention_stats(model, query_rows=0):
             pass
     with pytest.raises(pos_swap.PosSwapError, match="No attention was recorded"):
         with attention_stats(model) as stats:

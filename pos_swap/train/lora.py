@@ -44,17 +44,21 @@ def lora_config(model: torch.nn.Module, rank: int, alpha: float, extras: list[st
     )  # fmt: skip
 
 
+def check_trainable(model: torch.nn.Module, rank: int, extras: list[str]) -> None:
+    if rank == 0 and not extras:
+        raise PosSwapError(
+            "Nothing to train: LoRA is off (--lora-rank 0) and no embeddings, norms or scheme parameters are "
+            "trainable. Give --lora-rank above 0, --train-embeddings, --train-norms, or a scheme with parameters."
+        )
+
+
 def trainable(model: torch.nn.Module, rank: int, alpha: float, *, embeddings=False, norms=False, scheme=None):
     """``model`` ready to train: wrapped with LoRA (``rank > 0``), or with only the extra modules unfrozen
     (``rank == 0``). Refuses a run that would train nothing."""
     extras = extra_modules(model, embeddings=embeddings, norms=norms, scheme=scheme)
     if rank > 0:
         return peft.get_peft_model(model, lora_config(model, rank, alpha, extras))
-    if not extras:
-        raise PosSwapError(
-            "Nothing to train: LoRA is off (--lora-rank 0) and no embeddings, norms or scheme parameters are "
-            "trainable. Give --lora-rank above 0, --train-embeddings, --train-norms, or a scheme with parameters."
-        )
+    check_trainable(model, rank, extras)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(any(f".{extra}." in f".{name}" for extra in extras))
     return model

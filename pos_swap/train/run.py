@@ -27,7 +27,7 @@ from ..evaluate import perplexity
 from ..evaluate.specs import format_length
 from ..registry import get_scheme
 from .data import PackedSequences, split
-from .lora import trainable
+from .lora import check_trainable, extra_modules, trainable
 
 STAGES = ("before", "swapped", "recovered")
 ADAPTER_RECORD = "pos_swap.json"
@@ -90,6 +90,10 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     if engine.describe(model) is not None:
         raise PosSwapError("finetune patches the model itself: give it the unpatched model (pos_swap.unpatch(model)).")
     train, held_out = split(tokens, settings.seq_len, max(settings.lengths) * settings.eval_windows)
+    with engine.patched(model, settings.scheme, **settings.params):  # a patch's parameters exist only on the model
+        extras = extra_modules(model, embeddings=settings.train_embeddings, norms=settings.train_norms,
+                               scheme=settings.train_scheme)  # fmt: skip
+    check_trainable(model, settings.lora_rank, extras)
     meta = {"model": model_name or model.config._name_or_path, "text": text_label, "text_tokens": tokens.numel(),
             "trained_context": archs.trained_context(model.config), **dataclasses.asdict(settings)}  # fmt: skip
     if out is not None:
@@ -160,8 +164,8 @@ def _trainer(model, dataset, settings: Settings, out, progress: bool, callbacks)
         per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(10, settings.max_steps // 10), logging_steps=1, report_to="none", seed=settings.seed,
-        data_seed=settings.seed, disable_tqdm=not progress, gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
+        data_seed=settings.seed, disable_tqdm=not progress, activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(), **saving, **_precision(settings),
     )  # fmt: skip
     return transformers.Trainer(model=model, args=args, train_dataset=dataset,

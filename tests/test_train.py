@@ -247,3 +247,48 @@ def test_pose_run_with_activation_checkpointing_and_no_folder():
     found = cells(run)
     assert found["training"]["steps"] == 3 and run.path is None
     assert {key for key in found if key.startswith("recovered")} == {"recovered|16", "recovered|32", "recovered|64"}
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_tokenizer):
+    """A tiny LLaMA with SmolLM2's tokenizer, saved as a model folder the CLI can load."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny("llama", vocab_size=len(smollm2_tokenizer)).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_finetune_runs_refuses_a_used_folder_and_resumes(tiny_folder, tmp_path, capsys):
+    from pos_swap.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(pos_swap.offline.pydoc_text()[:20000])
+    out = tmp_path / "run"
+    argv = ["finetune", str(tiny_folder), "--scheme", "alibi", "--trainable", "true", "--text", str(text),
+            "--seq-len", "32", "--max-steps", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "recovered" in printed and "load it with pos_swap.from_pretrained" in printed
+    assert pos_swap.describe(pos_swap.from_pretrained(out / "merged"))["params"]["trainable"] is True
+    before = (out / "results.json").read_text()
+    assert main(argv) == 2 and "--resume to continue it" in capsys.readouterr().err
+    assert main(argv + ["--resume", "--max-steps", "3"]) == 2 and "max_steps" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    assert main(argv + ["--resume"]) == 0  # finished already: the checkpoint reloads, the same recovered model
+    ppl = [{c["key"]: c.get("ppl") for c in json.loads(saved)["cells"]} for saved in (before, (out / "results.json").read_text())]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
+
+
+def test_cli_bad_text(tiny_folder, tmp_path, capsys):
+    from pos_swap.cli import main
+
+    base = ["finetune", str(tiny_folder), "--scheme", "linear", "--factor", "2", "--out", str(tmp_path / "r")]
+    assert main(base + ["--text", str(tmp_path / "nope.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("a few words only")
+    assert main(base + ["--text", str(tmp_path / "short.txt"), "--seq-len", "64"]) == 2
+    assert "fewer than one 64-token training sequence" in capsys.readouterr().err
+    assert main(base + ["--seq-len", "64", "--pose", "--target-len", "32"]) == 2
+    assert "below --seq-len" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

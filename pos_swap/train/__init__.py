@@ -7,9 +7,9 @@
 from .data import PackedSequences, load_tokens, split
 from .lora import lora_config, trainable
 from .pose import pose_position_ids
-from .run import Settings, finetune, load_adapter
+from .run import Settings, finetune, finetune_from, load_adapter
 
 __all__ = [
-    "PackedSequences", "Settings", "finetune", "load_adapter", "load_tokens", "lora_config", "pose_position_ids",
+    "PackedSequences", "Settings", "finetune", "finetune_from", "load_adapter", "load_tokens", "lora_config", "pose_position_ids",
     "split", "trainable",
 ]  # fmt: skip

@@ -114,18 +114,40 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     trainer = _trainer(wrapped, PackedSequences(train, settings.target_len if settings.pose else None,
                                                 settings.pose_chunks, settings.seed), settings, out, progress, callbacks)  # fmt: skip
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume and _last_checkpoint(out) is not None or None)
+    checkpoint = _last_checkpoint(out) if resume else None
+    saved = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")) if checkpoint else None
+    if saved is not None and saved.global_step >= settings.max_steps:  # finished: Trainer would take one more step
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = saved
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     if state.is_main_process:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         run.add({"key": "training", "steps": trainer.state.global_step, "losses": losses, "seconds": seconds,
-                 "train_loss": result.training_loss, "sequences": len(train)})  # fmt: skip
+                 "sequences": len(train)})  # fmt: skip
         merged = save(wrapped, run.path, meta["model"], tokenizer) if run.path is not None else _merge(wrapped)
         measure(run, merged, held_out, settings, "recovered", redo=True)
         if run.path is not None:
             write_report(run)
     state.wait_for_everyone()
     return run
+
+
+def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume=False, overwrite=False,
+                  progress: bool = True) -> report.RunFolder:  # fmt: skip
+    """:func:`finetune` on a checkpoint (Hub name, folder, offline alias) and a text (file, folder, dataset, None:
+    pydoc topics): what ``pos-swap finetune`` runs. The output folder is checked before anything loads."""
+    from ..evaluate import load
+    from .data import load_tokens
+
+    if out is not None:
+        report.check_output(out, resume=resume, overwrite=overwrite)
+    device = str(PartialState().device)
+    model, tokenizer = load(model_name, device=device, longest=max(settings.lengths) if device == "cpu" else None)
+    tokens, label = load_tokens(tokenizer, text)
+    return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
+                    overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
 
 
 def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Settings, stage: str, redo=False) -> None:

@@ -1,7 +1,10 @@
 """pos_swap.train: recovery fine-tuning with LoRA through transformers' Trainer, PoSE ids, packed data."""
 
-import copy
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +262,7 @@ def tiny_folder(tmp_path_factory, smollm2_tokenizer):
     return folder
 
 
+@pytest.mark.slow
 def test_cli_finetune_runs_refuses_a_used_folder_and_resumes(tiny_folder, tmp_path, capsys):
     from pos_swap.cli import main
 
@@ -280,6 +284,7 @@ def test_cli_finetune_runs_refuses_a_used_folder_and_resumes(tiny_folder, tmp_pa
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_bad_text(tiny_folder, tmp_path, capsys):
     from pos_swap.cli import main
 
@@ -292,3 +297,22 @@ def test_cli_bad_text(tiny_folder, tmp_path, capsys):
     assert main(base + ["--seq-len", "64", "--pose", "--target-len", "32"]) == 2
     assert "below --seq-len" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_on_cpu(tiny_folder, tmp_path):
+    """A real 2-process DDP run (gloo). `accelerate launch --cpu --num_processes 2` starts one process only
+    (accelerate 1.15); `--multi_gpu` with CUDA hidden starts two, which join one gloo group."""
+    text = tmp_path / "corpus.txt"
+    text.write_text(pos_swap.offline.pydoc_text()[:20000])
+    launcher = shutil.which("accelerate") or pytest.skip("accelerate's launcher is not on PATH")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(pos_swap.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    argv = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "pos_swap", "finetune", str(tiny_folder), "--scheme", "alibi",
+            "--trainable", "true", "--text", str(text), "--seq-len", "32", "--max-steps", "4", "--out", str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    training = cells(_saved(tmp_path / "run"))["training"]
+    assert training["processes"] == 2 and training["steps"] == 4
+    assert pos_swap.describe(pos_swap.from_pretrained(tmp_path / "run" / "merged"))["scheme"] == "alibi"

@@ -86,7 +86,7 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
              tokenizer=None) -> report.RunFolder:  # fmt: skip
     """Recover ``model`` (unpatched) under ``settings.scheme`` on ``tokens (N,)``; returns the run (its cells). With
     ``out``, writes the run folder described in the module docstring; ``tokenizer`` is saved beside the models."""
-    state = PartialState()
+    state = process_state()
     if engine.describe(model) is not None:
         raise PosSwapError("finetune patches the model itself: give it the unpatched model (pos_swap.unpatch(model)).")
     train, held_out = split(tokens, settings.seq_len, max(settings.lengths) * settings.eval_windows)
@@ -125,13 +125,19 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     if state.is_main_process:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         run.add({"key": "training", "steps": trainer.state.global_step, "losses": losses, "seconds": seconds,
-                 "sequences": len(train)})  # fmt: skip
+                 "sequences": len(train), "processes": state.num_processes})  # fmt: skip
         merged = save(wrapped, run.path, meta["model"], tokenizer) if run.path is not None else _merge(wrapped)
         measure(run, merged, held_out, settings, "recovered", redo=True)
         if run.path is not None:
             write_report(run)
     state.wait_for_everyone()
     return run
+
+
+def process_state() -> PartialState:
+    """This process's place in an ``accelerate launch`` run. On a CPU it must be built with ``cpu=True`` (as the
+    Trainer's own accelerator is), or several processes each run alone instead of as one gloo group."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume=False, overwrite=False,
@@ -143,7 +149,7 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
 
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)
-    device = str(PartialState().device)
+    device = str(process_state().device)
     model, tokenizer = load(model_name, device=device, longest=max(settings.lengths) if device == "cpu" else None)
     tokens, label = load_tokens(tokenizer, text)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
@@ -153,7 +159,7 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
 def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Settings, stage: str, redo=False) -> None:
     """Perplexity of ``model`` at every evaluation length, one cell per (stage, length); the main process only.
     Lengths a learned table cannot reach (the native model's) are recorded as None."""
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return
     model.eval()
     native_table = engine.describe(model) is None and archs.lookup(model).family == archs.LEARNED

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,22 @@ def test_two_process_accelerate_run_on_cpu(tiny_folder, tmp_path):
     training = cells(_saved(tmp_path / "run"))["training"]
     assert training["processes"] == 2 and training["steps"] == 4
     assert pos_swap.describe(pos_swap.from_pretrained(tmp_path / "run" / "merged"))["scheme"] == "alibi"
+
+
+@pytest.mark.slow
+def test_training_benchmarks_run(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [
+        [root / "pe_families.py", "--seq-len", "16", "--steps", "2", "--batch-size", "2", "--families", "learned", "alibi",
+         "--factors", "1", "2", "--layers", "1", "--out", tmp_path / "pe"],
+        [root / "recover_cost.py", "--lengths", "16", "--repeats", "1", "--schemes", "yarn", "--out", tmp_path / "rc"],
+    ]  # fmt: skip
+    for argv in runs:
+        done = subprocess.run([sys.executable, *map(str, argv)], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+    pe = {c["family"]: c for c in json.loads((tmp_path / "pe" / "results.json").read_text())["cells"]}
+    assert pe["learned"]["ppl_2x"] is None and pe["alibi"]["ppl_2x"] > 1  # no table rows past the trained length
+    assert (tmp_path / "pe" / "pe_families.png").exists() and (tmp_path / "pe" / "models" / "alibi" / "config.json").exists()
+    (cost,) = json.loads((tmp_path / "rc" / "results.json").read_text())["cells"]
+    assert cost["scheme"] == "yarn" and cost["time_ratio"] > 0 and (tmp_path / "rc" / "recover_cost.png").exists()

@@ -336,3 +336,17 @@ def test_training_benchmarks_run(tmp_path):
     assert (tmp_path / "pe" / "pe_families.png").exists() and (tmp_path / "pe" / "models" / "alibi" / "config.json").exists()
     (cost,) = json.loads((tmp_path / "rc" / "results.json").read_text())["cells"]
     assert cost["scheme"] == "yarn" and cost["time_ratio"] > 0 and (tmp_path / "rc" / "recover_cost.png").exists()
+
+
+@pytest.mark.slow
+def test_text_from_a_folder_and_a_dataset(tmp_path, smollm2_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "b.md").write_text("second part")
+    (tmp_path / "a.txt").write_text("first part")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    tokens, label = train.load_tokens(smollm2_tokenizer, tmp_path)
+    assert smollm2_tokenizer.decode(tokens) == "first part\n\nsecond part" and label == str(tmp_path)
+    dataset = datasets.Dataset.from_dict({"text": ["first part", "second part"]})
+    assert torch.equal(train.load_tokens(smollm2_tokenizer, dataset)[0], tokens)
+    with pytest.raises(PosSwapError, match="'text' column"):
+        train.load_tokens(smollm2_tokenizer, dataset.rename_column("text", "body"))

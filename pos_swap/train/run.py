@@ -84,8 +84,9 @@ class Settings:
 def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model_name: str = "", text_label: str = "",
              resume: bool = False, overwrite: bool = False, progress: bool = True, callbacks=(),
              tokenizer=None) -> report.RunFolder:  # fmt: skip
-    """Recover ``model`` (unpatched) under ``settings.scheme`` on ``tokens (N,)``; returns the run (its cells). With
-    ``out``, writes the run folder described in the module docstring; ``tokenizer`` is saved beside the models."""
+    """Recover ``model`` (unpatched) under ``settings.scheme`` on ``tokens (N,)``: the model is patched, wrapped and
+    trained in place. Returns the run (its cells). With ``out``, writes the run folder described in the module
+    docstring; ``tokenizer`` is saved beside the merged model. Every setting is checked before anything is written."""
     state = process_state()
     if engine.describe(model) is not None:
         raise PosSwapError("finetune patches the model itself: give it the unpatched model (pos_swap.unpatch(model)).")
@@ -114,13 +115,7 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     trainer = _trainer(wrapped, PackedSequences(train, settings.target_len if settings.pose else None,
                                                 settings.pose_chunks, settings.seed), settings, out, progress, callbacks)  # fmt: skip
     started = time.perf_counter()
-    checkpoint = _last_checkpoint(out) if resume else None
-    saved = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")) if checkpoint else None
-    if saved is not None and saved.global_step >= settings.max_steps:  # finished: Trainer would take one more step
-        trainer._load_from_checkpoint(checkpoint)
-        trainer.state = saved
-    else:
-        trainer.train(resume_from_checkpoint=checkpoint)
+    _train(trainer, _last_checkpoint(out) if resume else None)
     seconds = time.perf_counter() - started
     if state.is_main_process:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -198,6 +193,16 @@ def _trainer(model, dataset, settings: Settings, out, progress: bool, callbacks)
     )  # fmt: skip
     return transformers.Trainer(model=model, args=args, train_dataset=dataset,
                                 data_collator=transformers.default_data_collator, callbacks=list(callbacks))  # fmt: skip
+
+
+def _train(trainer: transformers.Trainer, checkpoint: str | None) -> None:
+    """Train to ``max_steps``, from ``checkpoint`` when given (same step, optimizer state and data order)."""
+    saved = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")) if checkpoint else None
+    if saved is not None and saved.global_step >= trainer.args.max_steps:  # done; Trainer would take one more step
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = saved
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
 
 
 def _last_checkpoint(out) -> str | None:

@@ -350,3 +350,22 @@ def test_text_from_a_folder_and_a_dataset(tmp_path, smollm2_tokenizer):
     assert torch.equal(train.load_tokens(smollm2_tokenizer, dataset)[0], tokens)
     with pytest.raises(PosSwapError, match="'text' column"):
         train.load_tokens(smollm2_tokenizer, dataset.rename_column("text", "body"))
+
+
+def test_alibi_distances_follow_pose_ids():
+    """Without a cache, keys take the position ids too, so ALiBi's distances follow PoSE's skips; a uniform
+    shift of the ids changes no distance and no logit."""
+    from pos_swap.attention import positions
+
+    ids = train.pose_position_ids(16, 64, 2, torch.Generator().manual_seed(4))[None]
+    query = torch.zeros(1, 4, 16, 8)
+    q_pos, k_pos = positions({"position_ids": ids}, query, query, None)
+    assert torch.equal(q_pos, ids) and torch.equal(k_pos, ids)
+    q_pos, k_pos = positions({}, query, query, None)  # no ids: slots
+    assert torch.equal(k_pos, torch.arange(16)[None])
+    model = tiny("llama")
+    pos_swap.patch(model, "alibi")
+    tokens = bigram_tokens(16)[None]
+    assert not torch.allclose(outputs(model, tokens), outputs(model, tokens, position_ids=ids))
+    shifted = torch.arange(16)[None] + 7  # a uniform shift keeps every distance
+    torch.testing.assert_close(outputs(model, tokens), outputs(model, tokens, position_ids=shifted))

@@ -7,8 +7,8 @@ once per family, then perplexity at 1x, 2x, 4x and 8x the trained length, traini
 Every family is one base model (``GPT2Config``: learned absolute table) with a pos_swap scheme put on before
 training: ``learned`` (the table itself), ``sinusoidal``, ``rope``, ``alibi``, ``nope``, ``cope``. Same seed,
 data (Python's pydoc topics, SmolLM2's tokenizer; the last tokens held out), steps and optimizer for all; training
-runs through transformers' Trainer like ``pos-swap finetune``. The learned table has no rows past the trained
-length, so its longer cells are empty. Step time is the Trainer's runtime per step; peak memory is that of one
+runs through transformers' Trainer like ``pos-swap finetune``. Every length scores the same held-out tokens
+(the last 8x trained length). The learned table has no rows past the trained length, so its longer cells are empty. Step time is the Trainer's runtime per step; peak memory is that of one
 more training step (forward and backward; median of three), measured as in ``patch_overhead.py``. Each trained model
 is saved under ``OUT/models/FAMILY`` with the tokenizer, ready for ``pos-swap finetune`` (recovery after a swap). Writes results.json (one cell
 per family, ``--resume`` skips finished ones), pe_families.png and a table.
@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 import pos_swap
 from pos_swap import offline, report
-from pos_swap.evaluate import perplexity
 from pos_swap.evaluate.specs import format_length
 from pos_swap.train import PackedSequences, load_tokens, split
+from pos_swap.train.run import pooled_perplexity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_overhead import measure_call  # noqa: E402 - the sibling benchmarks' measurement, shared
@@ -65,17 +65,20 @@ def train_family(family: str, args, train, held_out, tokenizer) -> dict:
     for _ in range(3):
         peaks.append(measure_call(lambda: model(input_ids=batch, labels=batch).loss.backward(), model.device, grad=True)[1])
         model.zero_grad(set_to_none=True)
-    model.eval()
     model.save_pretrained(Path(args.out) / "models" / family)
     tokenizer.save_pretrained(Path(args.out) / "models" / family)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"key": family, "family": family, "scheme": FAMILIES[family], "step_s": metrics["train_runtime"] / args.steps,
+            "peak_mib": sorted(peaks)[1], "final_loss": losses[-1], **measure(family, model, args, held_out)}  # fmt: skip
+
+
+def measure(family: str, model, args, held_out) -> dict:
+    """Perplexity at each multiple of the trained length, every length over the whole held-out tail."""
+    model.eval()
     reach = args.seq_len if family == "learned" else None  # the table has no rows past the trained length
-    cell = {"key": family, "family": family, "scheme": FAMILIES[family], "step_s": metrics["train_runtime"] / args.steps,
-            "peak_mib": sorted(peaks)[1], "final_loss": [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]}  # fmt: skip
-    for factor in args.factors:
-        length = args.seq_len * factor
-        rows = perplexity(model, held_out, [length], progress=False) if reach is None or length <= reach else None
-        cell[f"ppl_{factor}x"] = rows[0]["ppl"] if rows else None
-    return cell
+    lengths = {factor: args.seq_len * factor for factor in args.factors}
+    return {f"ppl_{factor}x": pooled_perplexity(model, held_out, length)["ppl"] if reach is None or length <= reach
+            else None for factor, length in lengths.items()}  # fmt: skip
 
 
 def main(argv=None):
@@ -95,6 +98,7 @@ def main(argv=None):
     parser.add_argument("--out", default="results/pe_families")
     parser.add_argument("--resume", action="store_true", help="skip the families results.json already holds")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--measure-only", action="store_true", help="with --resume: measure the saved models again")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +110,10 @@ def main(argv=None):
     run = report.RunFolder(args.out, kind="pe_families", meta={**meta, "text": label}, resume=args.resume,
                            overwrite=args.overwrite)  # fmt: skip
     for family in tqdm(args.families, desc="families"):
-        if not run.done(family):
+        if args.measure_only:  # the saved model again, e.g. after a change to the measurement
+            model = pos_swap.from_pretrained(Path(args.out) / "models" / family)
+            run.add({**next(c for c in run.cells if c["key"] == family), **measure(family, model, args, held_out)})
+        elif not run.done(family):
             run.add(train_family(family, args, train, held_out, tokenizer))
 
     cells = [c for c in run.cells if c["family"] in args.families]

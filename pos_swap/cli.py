@@ -348,7 +348,8 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
                    help="train the scheme's own parameters (default: when it has any)")
     p.add_argument("--eval-factors", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 2, 4),
                    help="evaluate at these multiples of --seq-len (default: 1,2,4)")
-    p.add_argument("--eval-windows", type=int, default=1, help="perplexity windows per length (default: 1)")
+    p.add_argument("--eval-windows", type=int, default=1,
+                   help="held-out tokens, in windows of the longest length; every length scores them all (default: 1)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 (or fp16) on a GPU, fp32 on a CPU")

@@ -12,6 +12,7 @@ order), ``adapter/`` (the LoRA adapter with ``pos_swap.json``: the patch record 
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ class Settings:
     train_norms: bool = False
     train_scheme: bool | None = None  # None: train the scheme's parameters when it has any
     eval_factors: tuple[int, ...] = (1, 2, 4)
-    eval_windows: int = 1
+    eval_windows: int = 1  # held-out tokens: this many windows of the longest length; every length scores them all
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 (or fp16) on a GPU, float32 on a CPU
     seed: int = 0
@@ -152,8 +153,8 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
 
 
 def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Settings, stage: str, redo=False) -> None:
-    """Perplexity of ``model`` at every evaluation length, one cell per (stage, length); the main process only.
-    Lengths a learned table cannot reach (the native model's) are recorded as None."""
+    """Perplexity of ``model`` at every evaluation length on the whole held-out tail, one cell per (stage, length);
+    the main process only. Lengths a learned table cannot reach (the native model's) are recorded as None."""
     if not process_state().is_main_process:
         return
     model.eval()
@@ -163,11 +164,19 @@ def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Sett
         key = f"{stage}|{length}"
         if run.done(key) and not redo:
             continue
-        cell = {"key": key, "stage": stage, "length": length, "ppl": None, "ppl_tail": None}
+        cell = {"key": key, "stage": stage, "length": length, "ppl": None}
         if reach is None or length <= reach:
-            rows = perplexity(model, held_out, [length], windows_per_length=settings.eval_windows, progress=False)
-            cell.update(summarize(rows))
+            cell.update(pooled_perplexity(model, held_out, length))
         run.add(cell)
+
+
+def pooled_perplexity(model, held_out: torch.Tensor, length: int) -> dict:
+    """Perplexity over every whole ``length``-token window of ``held_out``: each length scores the same tokens, so
+    lengths compare. The windows are equally long, so the pooled value is the geometric mean of theirs; the
+    spread (``ppl_std``) is over windows."""
+    rows = perplexity(model, held_out, [length], windows_per_length=held_out.numel() // length, progress=False)
+    logs = torch.tensor([math.log(row["ppl"]) for row in rows], dtype=torch.float64)
+    return {"ppl": math.exp(logs.mean()), "ppl_std": summarize(rows, keys=("ppl",))["ppl_std"], "windows": len(rows)}
 
 
 def _precision(settings: Settings) -> dict:

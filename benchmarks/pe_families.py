@@ -106,7 +106,8 @@ def main(argv=None):
     tokenizer = transformers.AutoTokenizer.from_pretrained(offline.smollm2())
     tokens, label = load_tokens(tokenizer)
     train, held_out = split(tokens, args.seq_len, args.seq_len * max(args.factors))
-    meta = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "overwrite", "families", "threads")}
+    local = ("out", "resume", "overwrite", "measure_only", "families", "threads")  # not part of the measurement
+    meta = {k: v for k, v in vars(args).items() if k not in local}
     run = report.RunFolder(args.out, kind="pe_families", meta={**meta, "text": label}, resume=args.resume,
                            overwrite=args.overwrite)  # fmt: skip
     for family in tqdm(args.families, desc="families"):

@@ -37,8 +37,8 @@ def measure(model, ids) -> tuple[float, float]:
     return measure_call(lambda: model(ids, use_cache=False), ids.device)
 
 
-def measure_call(fn, device: torch.device) -> tuple[float, float]:
-    """(seconds, peak extra MiB) of ``fn()`` without gradients."""
+def measure_call(fn, device: torch.device, grad: bool = False) -> tuple[float, float]:
+    """(seconds, peak extra MiB) of ``fn()``, without gradients unless ``grad`` (a training step)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -47,7 +47,7 @@ def measure_call(fn, device: torch.device) -> tuple[float, float]:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
         before = _rss_kib("VmRSS") * 1024
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()

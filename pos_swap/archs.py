@@ -29,6 +29,10 @@ class ArchSpec:
     # how the model calls its table: table(position_ids), or with the ids under this keyword (OPT calls
     # table(mask, past_length, position_ids=...))
     table_positions_keyword: str | None = None
+    # the projections LoRA adapts (module-name suffixes) and whether they store weights as (in, out), like GPT-2's
+    # Conv1D (peft's fan_in_fan_out)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_fan_in_fan_out: bool = False
 
 
 _DECODER_ROPE = ArchSpec(family=ROTARY, attention="layers.*.self_attn", rotary="rotary_emb")
@@ -43,18 +47,23 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec(
         family=ROTARY, attention="layers.*.self_attn", rotary="rotary_emb", scaled_layer_types=("full_attention",)
     ),
-    "phi3": _DECODER_ROPE,
-    "gpt_neox": ArchSpec(family=ROTARY, attention="layers.*.attention", rotary="rotary_emb"),
-    "gpt2": ArchSpec(family=LEARNED, attention="h.*.attn", table="wpe"),
+    "phi3": ArchSpec(family=ROTARY, attention="layers.*.self_attn", rotary="rotary_emb", lora_targets=("qkv_proj", "o_proj")),
+    "gpt_neox": ArchSpec(
+        family=ROTARY, attention="layers.*.attention", rotary="rotary_emb", lora_targets=("query_key_value", "dense")
+    ),
+    "gpt2": ArchSpec(
+        family=LEARNED, attention="h.*.attn", table="wpe", lora_targets=("c_attn", "attn.c_proj"), lora_fan_in_fan_out=True
+    ),
     "opt": ArchSpec(
         family=LEARNED, attention="decoder.layers.*.self_attn", table="decoder.embed_positions", table_offset=2,
-        table_positions_keyword="position_ids",
+        table_positions_keyword="position_ids", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
     ),  # fmt: skip
     "bert": ArchSpec(
         family=LEARNED,
         attention="encoder.layer.*.attention.self",
         table="embeddings.position_embeddings",
         index_buffers=(("embeddings.position_ids", "arange"), ("embeddings.token_type_ids", "zeros")),
+        lora_targets=("query", "key", "value", "attention.output.dense"),
     ),
 }
 
@@ -144,6 +153,13 @@ def position_table(model: nn.Module) -> nn.Embedding:
 def table_rows(model: nn.Module):
     """The learned table's rows for positions 0, 1, ... (the ``table_offset`` rows before them skipped)."""
     return position_table(model).weight[lookup(model).table_offset :]
+
+
+def norm_names(model: nn.Module) -> list[str]:
+    """Names (as ``model.named_modules`` gives them) of the normalization layers: LayerNorm and the RMSNorm
+    classes every RoPE family defines for itself (LongLoRA trains them with the adapter)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")]  # fmt: skip
 
 
 def head_dim(config) -> int:

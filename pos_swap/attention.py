@@ -166,7 +166,8 @@ def _last_query_slot_of_block_mask(block_mask, query_length: int, key_length: in
 def positions(kwargs: dict, query: torch.Tensor, key: torch.Tensor, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the queries ``(B, Lq)`` and of the keys ``(B, Lk)``. Queries take the model's ``position_ids``
     (else their cache slots); key j sits as many slots before the last query as positions, wherever the cache put
-    the queries (:func:`first_query_slot`). Empty or padded slots get positions the mask hides."""
+    the queries (:func:`first_query_slot`). Without cached keys, keys take the ``position_ids`` too, so ids that
+    skip (PoSE) set the distances. Empty or padded slots get positions the mask hides."""
     batch, _, query_length, _ = query.shape
     key_length = key.shape[2]
     first = first_query_slot(attention_mask, query_length, key_length)
@@ -174,6 +175,8 @@ def positions(kwargs: dict, query: torch.Tensor, key: torch.Tensor, attention_ma
     if query_positions is None:
         query_positions = torch.arange(first, first + query_length, device=query.device)[None]
     query_positions = query_positions.to(query.device).expand(batch, -1)
+    if kwargs.get("position_ids") is not None and query_length == key_length:  # no cached keys: the keys are the
+        return query_positions, query_positions  # queries' own tokens, whose ids may skip (PoSE, packed sequences)
     slots_before_last = first + query_length - 1 - torch.arange(key_length, device=query.device)
     return query_positions, query_positions[:, -1:] - slots_before_last
 

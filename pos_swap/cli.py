@@ -215,6 +215,26 @@ def cmd_probe(args) -> None:
     print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")
 
 
+FINETUNE_DESCRIPTION = """Patch a model with a scheme, fine-tune it with LoRA (transformers' Trainer), and measure perplexity
+before the swap, after it and after recovery at 1x, 2x and 4x --seq-len. Writes results.json, PNG plots,
+report.html, checkpoints/ (for --resume), adapter/ (LoRA + patch record) and merged/ (a full model that
+pos_swap.from_pretrained loads). Several processes or GPUs: accelerate launch -m pos_swap finetune ..."""
+
+
+def cmd_finetune(args) -> None:
+    from . import train
+
+    fields = [f.name for f in dataclasses.fields(train.Settings) if f.name not in ("scheme", "params")]
+    settings = train.Settings(scheme=args.scheme, params=_scheme_params(args), **{f: getattr(args, f) for f in fields})
+    run = train.finetune_from(args.model, args.text, settings, out=args.out, resume=args.resume,
+                              overwrite=args.overwrite)  # fmt: skip
+    if run.path is not None:  # the main process (under accelerate launch)
+        print(f"\nperplexity ({args.scheme}, trained at {settings.seq_len} tokens)")
+        print(report.format_table(*train.run.table(run.cells)))
+        print(f"\nwrote {run.file}, the PNG plots, {run.path / 'report.html'}, {run.path / 'adapter'} and "
+              f"{run.path / 'merged'} (load it with pos_swap.from_pretrained)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="pos-swap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -305,7 +325,42 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", metavar="DIR", help="also write results.json, plots and report.html there")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.set_defaults(run=cmd_recommend)
+
+    p = sub.add_parser(
+        "finetune", help="recover a swapped model with LoRA (Trainer; accelerate launch for more processes)",
+        description=FINETUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub name, folder or offline:smollm2")
+    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(list_schemes())}")
+    p.add_argument("--text", metavar="FILE_OR_DIR", help="text file, or folder of .txt/.md/.rst (default: pydoc topics)")
+    p.add_argument("--seq-len", type=int, default=512, help="training sequence length (default: 512)")
+    p.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default: 100)")
+    p.add_argument("--target-len", type=int, help="also evaluate at this length; with --pose, train positions up to it")
+    p.add_argument("--pose", action="store_true", help="PoSE: skipped position ids so --seq-len covers --target-len")
+    p.add_argument("--pose-chunks", type=int, default=2, help="chunks of a PoSE window (default: 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per device and step (default: 1)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="(default: 2e-4)")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps, for --resume (default: --max-steps)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 trains only embeddings/norms/scheme (default: 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
+    p.add_argument("--train-embeddings", action="store_true", help="train the token embeddings too (LongLoRA)")
+    p.add_argument("--train-norms", action="store_true", help="train the normalization layers too (LongLoRA)")
+    p.add_argument("--train-scheme", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the scheme's own parameters (default: when it has any)")
+    p.add_argument("--eval-factors", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 2, 4),
+                   help="evaluate at these multiples of --seq-len (default: 1,2,4)")
+    p.add_argument("--eval-windows", type=int, default=1,
+                   help="held-out tokens, in windows of the longest length; every length scores them all (default: 1)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter, data order and PoSE ids (default: 0)")
+    _add_run_options(p, "runs/finetune")
+    _add_scheme_parameters(p)
+    p.set_defaults(run=cmd_finetune)
     return parser
+
 
 
 def _add_scheme_parameters(p) -> None:

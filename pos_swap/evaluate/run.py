@@ -100,14 +100,18 @@ def text_tokens(tokenizer, text: str | Path | None = None) -> tuple[torch.Tensor
         if not path.is_file():
             raise PosSwapError(f"Text file '{text}' does not exist; give a UTF-8 text file with --text FILE.")
         content, label = path.read_text(encoding="utf-8", errors="replace"), str(path)
+    return tokenize(tokenizer, content, label), label
+
+
+def tokenize(tokenizer, content: str, label: str) -> torch.Tensor:
+    """Token ids ``(N,)`` of a whole text (no length limit); ``label`` names the text in the error when it is empty."""
     if not content.strip():
         raise PosSwapError(f"The text '{label}' is empty; give a text with at least as many tokens as the longest length.")
     limit, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)  # no "sequence too long" warning
     try:
-        ids = tokenizer(content, return_tensors="pt").input_ids[0]
+        return tokenizer(content, return_tensors="pt").input_ids[0]
     finally:
         tokenizer.model_max_length = limit
-    return ids, label
 
 
 # -- the run ------------------------------------------------------------------------------------------------------

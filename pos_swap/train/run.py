@@ -1,0 +1,291 @@
+"""A recovery run: patch a model, fine-tune it with LoRA through transformers' Trainer, and measure perplexity
+before the swap, after it and after recovery, at the training length and multiples of it.
+
+    settings = Settings(scheme="alibi", seq_len=256, max_steps=200)
+    run = finetune(model, tokens, settings, out="runs/alibi")     # results.json, PNG plots, report.html
+    model = pos_swap.from_pretrained("runs/alibi/merged")         # the recovered model, patch re-applied
+
+The run folder holds ``checkpoints/`` (Trainer's, for ``resume=True``: same step, optimizer state and data
+order), ``adapter/`` (the LoRA adapter with ``pos_swap.json``: the patch record and the base model) and
+``merged/`` (a full model). Under ``accelerate launch`` every process trains; the first one measures and writes.
+"""
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import PartialState
+
+from .. import archs, engine, report
+from ..errors import PosSwapError
+from ..evaluate.ppl import summarize
+from ..evaluate import perplexity
+from ..evaluate.specs import format_length
+from ..registry import get_scheme
+from .data import PackedSequences, split
+from .lora import check_trainable, extra_modules, trainable
+
+STAGES = ("before", "swapped", "recovered")
+ADAPTER_RECORD = "pos_swap.json"
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything that shapes a recovery run; a resumed run must match them exactly."""
+
+    scheme: str
+    params: dict = dataclasses.field(default_factory=dict)
+    seq_len: int = 512
+    max_steps: int = 100
+    target_len: int | None = None  # also evaluated; with pose, the positions training covers
+    pose: bool = False
+    pose_chunks: int = 2
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    save_steps: int | None = None  # default: max_steps
+    lora_rank: int = 8  # 0: no LoRA, train only the extra modules
+    lora_alpha: float = 16.0
+    train_embeddings: bool = False
+    train_norms: bool = False
+    train_scheme: bool | None = None  # None: train the scheme's parameters when it has any
+    eval_factors: tuple[int, ...] = (1, 2, 4)
+    eval_windows: int = 1  # held-out tokens: this many windows of the longest length; every length scores them all
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto: bf16 (or fp16) on a GPU, float32 on a CPU
+    seed: int = 0
+
+    def __post_init__(self):
+        get_scheme(self.scheme)  # an unknown name fails first, with "did you mean"
+        for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_windows", "pose_chunks"):
+            if getattr(self, name) < 1:
+                raise PosSwapError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
+        if self.pose and self.target_len is None:
+            raise PosSwapError("--pose stretches the training window to a target length: give --target-len N.")
+        if self.target_len is not None and self.target_len < self.seq_len:
+            raise PosSwapError(
+                f"--target-len ({self.target_len}) is below --seq-len ({self.seq_len}); give a target length of at "
+                f"least the training length."
+            )
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise PosSwapError(f"Unknown precision '{self.precision}'; use auto, fp32, bf16 or fp16.")
+        self.eval_factors = tuple(self.eval_factors)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The evaluation lengths: multiples of the training length, and the target length."""
+        return sorted({self.seq_len * f for f in self.eval_factors} | ({self.target_len} if self.target_len else set()))
+
+
+def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model_name: str = "", text_label: str = "",
+             resume: bool = False, overwrite: bool = False, progress: bool = True, callbacks=(),
+             tokenizer=None) -> report.RunFolder:  # fmt: skip
+    """Recover ``model`` (unpatched) under ``settings.scheme`` on ``tokens (N,)``: the model is patched, wrapped and
+    trained in place. Returns the run (its cells). With ``out``, writes the run folder described in the module
+    docstring; ``tokenizer`` is saved beside the merged model. Every setting is checked before anything is written."""
+    state = process_state()
+    if engine.describe(model) is not None:
+        raise PosSwapError("finetune patches the model itself: give it the unpatched model (pos_swap.unpatch(model)).")
+    train, held_out = split(tokens, settings.seq_len, max(settings.lengths) * settings.eval_windows)
+    with engine.patched(model, settings.scheme, **settings.params):  # a patch's parameters exist only on the model
+        extras = extra_modules(model, embeddings=settings.train_embeddings, norms=settings.train_norms,
+                               scheme=settings.train_scheme)  # fmt: skip
+    check_trainable(model, settings.lora_rank, extras)
+    meta = {"model": model_name or model.config._name_or_path, "text": text_label, "text_tokens": tokens.numel(),
+            "trained_context": archs.trained_context(model.config), **dataclasses.asdict(settings)}  # fmt: skip
+    if out is not None:
+        report.check_output(out, resume=resume, overwrite=overwrite)  # every process, before any writes
+    state.wait_for_everyone()
+    run = report.RunFolder(out if state.is_main_process else None, kind="finetune", meta=meta, resume=resume,
+                           overwrite=overwrite)  # fmt: skip
+    if overwrite and run.path is not None:
+        for stale in ("checkpoints", "adapter", "merged"):
+            shutil.rmtree(run.path / stale, ignore_errors=True)
+
+    measure(run, model, held_out, settings, "before")
+    engine.patch(model, settings.scheme, **settings.params)
+    measure(run, model, held_out, settings, "swapped")
+    transformers.set_seed(settings.seed)  # the adapter's initial weights
+    wrapped = trainable(model, settings.lora_rank, settings.lora_alpha, embeddings=settings.train_embeddings,
+                        norms=settings.train_norms, scheme=settings.train_scheme)  # fmt: skip
+    trainer = _trainer(wrapped, PackedSequences(train, settings.target_len if settings.pose else None,
+                                                settings.pose_chunks, settings.seed), settings, out, progress, callbacks)  # fmt: skip
+    started = time.perf_counter()
+    _train(trainer, _last_checkpoint(out) if resume else None)
+    seconds = time.perf_counter() - started
+    if state.is_main_process:
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        run.add({"key": "training", "steps": trainer.state.global_step, "losses": losses, "seconds": seconds,
+                 "sequences": len(train), "processes": state.num_processes})  # fmt: skip
+        merged = save(wrapped, run.path, meta["model"], tokenizer) if run.path is not None else _merge(wrapped)
+        measure(run, merged, held_out, settings, "recovered", redo=True)
+        if run.path is not None:
+            write_report(run)
+    state.wait_for_everyone()
+    return run
+
+
+def process_state() -> PartialState:
+    """This process's place in an ``accelerate launch`` run. On a CPU it must be built with ``cpu=True`` (as the
+    Trainer's own accelerator is), or several processes each run alone instead of as one gloo group."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume=False, overwrite=False,
+                  progress: bool = True) -> report.RunFolder:  # fmt: skip
+    """:func:`finetune` on a checkpoint (Hub name, folder, offline alias) and a text (file, folder, dataset, None:
+    pydoc topics): what ``pos-swap finetune`` runs. The output folder is checked before anything loads."""
+    from ..evaluate import load
+    from .data import load_tokens
+
+    if out is not None:
+        report.check_output(out, resume=resume, overwrite=overwrite)
+    device = str(process_state().device)
+    model, tokenizer = load(model_name, device=device, longest=max(settings.lengths) if device == "cpu" else None)
+    tokens, label = load_tokens(tokenizer, text)
+    return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
+                    overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
+
+
+def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Settings, stage: str, redo=False) -> None:
+    """Perplexity of ``model`` at every evaluation length on the whole held-out tail, one cell per (stage, length);
+    the main process only. Lengths a learned table cannot reach (the native model's) are recorded as None."""
+    if not process_state().is_main_process:
+        return
+    model.eval()
+    native_table = engine.describe(model) is None and archs.lookup(model).family == archs.LEARNED
+    reach = archs.position_table(model).num_embeddings - archs.lookup(model).table_offset if native_table else None
+    for length in settings.lengths:
+        key = f"{stage}|{length}"
+        if run.done(key) and not redo:
+            continue
+        cell = {"key": key, "stage": stage, "length": length, "ppl": None}
+        if reach is None or length <= reach:
+            cell.update(pooled_perplexity(model, held_out, length))
+        run.add(cell)
+
+
+def pooled_perplexity(model, held_out: torch.Tensor, length: int) -> dict:
+    """Perplexity over every whole ``length``-token window of ``held_out``: each length scores the same tokens, so
+    lengths compare. The windows are equally long, so the pooled value is the geometric mean of theirs; the
+    spread (``ppl_std``) is over windows."""
+    rows = perplexity(model, held_out, [length], windows_per_length=held_out.numel() // length, progress=False)
+    logs = torch.tensor([math.log(row["ppl"]) for row in rows], dtype=torch.float64)
+    return {"ppl": math.exp(logs.mean()), "ppl_std": summarize(rows, keys=("ppl",))["ppl_std"], "windows": len(rows)}
+
+
+def _precision(settings: Settings) -> dict:
+    if settings.precision == "fp32" or not torch.cuda.is_available():
+        if settings.precision in ("bf16", "fp16"):
+            raise PosSwapError(f"--precision {settings.precision} needs a GPU; on a CPU use fp32 (or auto).")
+        return {}
+    if settings.precision == "auto":
+        return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+    return {settings.precision: True}
+
+
+def _trainer(model, dataset, settings: Settings, out, progress: bool, callbacks) -> transformers.Trainer:
+    saving = {"save_strategy": "steps", "save_steps": settings.save_steps or settings.max_steps} if out else {"save_strategy": "no"}
+    args = transformers.TrainingArguments(
+        output_dir=str(Path(out or ".") / "checkpoints"), max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate, lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(10, settings.max_steps // 10), logging_steps=1, report_to="none", seed=settings.seed,
+        data_seed=settings.seed, disable_tqdm=not progress, activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), **saving, **_precision(settings),
+    )  # fmt: skip
+    return transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                data_collator=transformers.default_data_collator, callbacks=list(callbacks))  # fmt: skip
+
+
+def _train(trainer: transformers.Trainer, checkpoint: str | None) -> None:
+    """Train to ``max_steps``, from ``checkpoint`` when given (same step, optimizer state and data order)."""
+    saved = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")) if checkpoint else None
+    if saved is not None and saved.global_step >= trainer.args.max_steps:  # done; Trainer would take one more step
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = saved
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def _last_checkpoint(out) -> str | None:
+    folder = Path(out or ".") / "checkpoints"
+    return transformers.trainer_utils.get_last_checkpoint(str(folder)) if out and folder.is_dir() else None
+
+
+def _merge(wrapped):
+    """The patched transformers model with the adapter folded into its weights."""
+    return wrapped.merge_and_unload() if hasattr(wrapped, "merge_and_unload") else wrapped
+
+
+def save(wrapped, path: Path, base_model: str, tokenizer=None):
+    """Save the adapter with the patch record (``adapter/``) and the merged full model (``merged/``, which
+    ``pos_swap.from_pretrained`` loads with its patch re-applied); returns the merged model."""
+    if hasattr(wrapped, "peft_config"):
+        wrapped.save_pretrained(path / "adapter")
+        record = {"base_model": base_model, "patch": engine.describe(wrapped)}
+        (path / "adapter" / ADAPTER_RECORD).write_text(json.dumps(record, indent=1))
+    merged = _merge(wrapped)
+    merged.save_pretrained(path / "merged")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path / "merged")
+    return merged
+
+
+def load_adapter(adapter_dir, base_model=None, **kwargs):
+    """A recovered model from its ``adapter/`` folder: the base model (default: the one recorded), patched as
+    recorded, with the adapter on top. ``kwargs`` go to ``from_pretrained``."""
+    import peft
+
+    record_file = Path(adapter_dir) / ADAPTER_RECORD
+    if not record_file.is_file():
+        raise PosSwapError(f"'{adapter_dir}' is not a pos_swap adapter folder (no {ADAPTER_RECORD}); give a run's adapter/.")
+    record = json.loads(record_file.read_text())
+    if base_model is None or isinstance(base_model, (str, Path)):
+        base_model = engine.from_pretrained(base_model or record["base_model"], **kwargs)
+    engine.patch(base_model, record["patch"]["scheme"], **record["patch"]["params"])
+    return peft.PeftModel.from_pretrained(base_model, adapter_dir).eval()
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+def table(cells: list[dict]) -> tuple[list[dict], list[str]]:
+    """Perplexity per stage (rows) and length (columns)."""
+    lengths = sorted({c["length"] for c in cells if "stage" in c})
+    columns = ["stage"] + [format_length(n) for n in lengths]
+    rows = []
+    for stage in STAGES:
+        by_length = {c["length"]: c["ppl"] for c in cells if c.get("stage") == stage}
+        if by_length:
+            rows.append({"stage": stage, **{format_length(n): by_length.get(n) for n in lengths}})
+    return rows, columns
+
+
+def write_report(run: report.RunFolder) -> list[report.Section]:
+    """``perplexity.png``, ``loss.png`` and ``report.html`` in the run folder; returns the sections."""
+    series = {}
+    for stage in STAGES:
+        points = sorted((c["length"], c["ppl"]) for c in run.cells if c.get("stage") == stage and c["ppl"] is not None)
+        if points:
+            series[stage] = tuple(zip(*points))
+    lengths = sorted({c["length"] for c in run.cells if "stage" in c})
+    seq_len = run.meta["seq_len"]
+    report.line_plot(run.path / "perplexity.png", series, xlabel="tokens", ylabel="perplexity", logx=True, logy=True,
+                     title=f"{run.meta['scheme']} recovery", marks={"training length": seq_len},
+                     xticks={n: format_length(n) for n in lengths})  # fmt: skip
+    training = next((c for c in run.cells if c.get("key") == "training"), {"losses": []})
+    steps = list(range(1, len(training["losses"]) + 1))
+    report.line_plot(run.path / "loss.png", {"training loss": (steps, training["losses"])}, xlabel="step", ylabel="loss")
+    sections = [
+        report.Section("Perplexity before the swap, after it, and after recovery", table=table(run.cells),
+                       images=["perplexity.png"]),
+        report.Section("Training", text=f"{training.get('steps', 0)} steps in {training.get('seconds', 0):.1f} s",
+                       images=["loss.png"]),
+    ]  # fmt: skip
+    report.write_html(run.path / "report.html", f"pos_swap recovery: {run.meta['scheme']}", sections, run.meta)
+    return sections

@@ -93,6 +93,13 @@ def scheme_params(scheme: str, model) -> dict:
     return params
 
 
+def plain_params(scheme: str, model) -> dict:
+    """:func:`scheme_params` with whole-window frequencies for the length-following rules, the form transformers
+    itself can express (per-position frequencies, their default, have none)."""
+    params = scheme_params(scheme, model)
+    return {**params, "per_position": False} if scheme in ("dynamic", "dynamic-yarn", "longrope") else params
+
+
 def transformers_reference(model, rope_parameters_by_slot: dict):
     """A copy of the unpatched ``model`` whose rotary module is rebuilt by transformers itself from a config with
     the given ``rope_parameters`` (per layer type for Gemma 3): the independent reference for a patch."""

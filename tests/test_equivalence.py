@@ -9,16 +9,10 @@ import torch
 
 import pos_swap
 from pos_swap import archs
-from conftest import ROPE_ARCHS, scheme_params, tiny, transformers_reference
+from conftest import ROPE_ARCHS, plain_params, tiny, transformers_reference
 
 HF_EXPRESSIBLE = ["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"]
 WHOLE_WINDOW = dict(per_position=False)  # transformers' semantics for the length-following rules
-
-
-def hf_params(scheme, model):
-    """The example parameters, with whole-window frequencies where the rule follows the length."""
-    params = scheme_params(scheme, model)
-    return {**params, **WHOLE_WINDOW} if scheme in ("dynamic", "longrope") else params
 
 
 def logits(model, ids):
@@ -33,11 +27,11 @@ def test_patched_model_matches_transformers(arch, scheme, length):
     model = tiny(arch)
     ids = torch.randint(3, 100, (2, length), generator=torch.Generator().manual_seed(length))
     native = logits(model, ids)
-    handle = pos_swap.patch(model, scheme, **hf_params(scheme, model))
+    handle = pos_swap.patch(model, scheme, **plain_params(scheme, model))
     handle.remove()  # the patched config carries the exported rope_parameters already: export from the native one
     exported = {slot.layer_type: handle.scheme.hf_rope_parameters(model.config, slot) for slot in archs.rotary_slots(model)}
     reference = logits(transformers_reference(model, exported), ids)
-    pos_swap.patch(model, scheme, **hf_params(scheme, model))
+    pos_swap.patch(model, scheme, **plain_params(scheme, model))
     patched = logits(model, ids)
     torch.testing.assert_close(patched, reference, rtol=0, atol=1e-5)
     if length > 32 or scheme not in ("dynamic", "longrope"):

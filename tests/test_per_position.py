@@ -123,6 +123,15 @@ def test_cached_generation_equals_recomputation_at_any_depth(scheme, layers, cac
         torch.testing.assert_close(cached[row], recomputed(model, sequences[row, pads:]), rtol=0, atol=1e-4)
 
 
+def test_rope_retrofit_with_a_length_following_rule_is_per_position_too():
+    model = tiny("gpt2", n_layer=2)
+    pos_swap.patch(model, "rope", scaling="dynamic", scaling_params=dict(factor=2.0, block=BLOCK))
+    assert archs.attention_modules(model)[0]._modules[HOOK].block == BLOCK
+    ids = torch.randint(3, 100, (1, PROMPT), generator=torch.Generator().manual_seed(8))
+    sequences, cached = generate(model, ids, torch.ones_like(ids), "dynamic")
+    torch.testing.assert_close(cached[0], recomputed(model, sequences[0]), rtol=0, atol=1e-4)
+
+
 def test_a_sliding_window_cache_equals_recomputation():
     model = patched("dynamic", layers=2, arch="mistral", sliding_window=12)
     ids = torch.randint(3, 100, (1, PROMPT), generator=torch.Generator().manual_seed(3))

@@ -9,7 +9,9 @@ i / k + W (1 - 1 / k), k at j / k (ReRoPE is the limit k -> infinity: q at W, k 
 import torch
 
 
-def far_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, leaky_factor: float | None):
+def far_positions(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, leaky_factor: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The float positions ``(..., Lq)`` and ``(..., Lk)`` queries and keys rotate to for pairs beyond the window."""
     if leaky_factor is None:
         return torch.full_like(query_positions, window, dtype=torch.float32), torch.zeros_like(key_positions, dtype=torch.float32)
@@ -17,7 +19,9 @@ def far_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, wi
     return query_positions.float() * grown + window * (1 - grown), key_positions.float() * grown
 
 
-def relative_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, leaky_factor: float | None):
+def relative_positions(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, leaky_factor: float | None = None
+) -> torch.Tensor:
     """The relative distance ``(..., Lq, Lk)`` RoPE sees: i - j inside the window, W or W + (i - j - W) / k beyond."""
     distance = (query_positions[..., :, None] - key_positions[..., None, :]).double()  # (..., Lq, Lk)
     far = window if leaky_factor is None else window + (distance - window) / leaky_factor

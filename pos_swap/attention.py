@@ -182,19 +182,27 @@ def positions(kwargs: dict, query: torch.Tensor, key: torch.Tensor, attention_ma
 
 
 class DeferredRotation(torch.nn.Module):
-    """Rotates queries and every cached key at attention time, with frequencies of the *current* length.
+    """Rotates queries and every cached key at attention time, with frequencies that follow the length.
 
-    The model's own rotary is set to the identity, so keys enter the KV cache unrotated; each call rotates them
-    with ``frequencies(seq_len)`` where ``seq_len (B,)`` is each sequence's current length. When the length (and
-    with it the frequencies) grows during generation, every cached key is rotated with the new frequencies, never
-    a mix of old and new: the fix transformers never merged for dynamic NTK (its issue 25104). Frequencies are
-    computed once per forward and shared by all layers.
+    The model's own rotary is set to the identity, so keys enter the KV cache unrotated and each call rotates them
+    with ``frequencies(seq_len)`` (``seq_len (B,)`` -> ``(inv_freq (B, F), scaling (B,))``), never a mix of old and
+    new frequencies: the fix transformers never merged for dynamic NTK (its issue 25104).
+
+    ``block=None`` (whole window): every row of a forward uses the frequencies of its sequence's current length,
+    transformers' semantics; computed once per forward and shared by all layers. ``block=B`` (per position): each
+    query row uses those of its own position rounded up to a block of B (:func:`~pos_swap.functional.rope.
+    block_lengths`), and its scores use keys rotated with the same frequencies. A row then depends on its prefix
+    only, so cached generation equals recomputation at any depth.
     """
 
-    def __init__(self, frequencies):
+    def __init__(self, frequencies, block: int | None = None):
         super().__init__()
-        self.frequencies = frequencies  # seq_len (B,) int tensor -> (inv_freq (B, F), scaling (B,))
+        self.frequencies = frequencies
+        self.block = block
         self._memo = (None, None, None)  # (position_ids, its version, frequencies)
+
+    def extra_repr(self) -> str:
+        return "whole window" if self.block is None else f"per position, block={self.block}"
 
     def _tables(self, source, positions: torch.Tensor):
         """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once. The
@@ -207,10 +215,67 @@ class DeferredRotation(torch.nn.Module):
 
     def forward(self, inner, module, query, key, value, attention_mask, **kwargs):
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)
+        if self.block is not None:
+            return self._per_position(inner, module, query, key, value, attention_mask, q_pos, k_pos, **kwargs)
         inv_freq, scaling = self._tables(kwargs.get("position_ids"), q_pos)
         query = rope.rotate_at(query, q_pos, inv_freq, scaling)
         key = rope.rotate_at(key, k_pos, inv_freq, scaling)
         return inner(module, query, key, value, attention_mask, **kwargs)
+
+    def _per_position(self, inner, module, query, key, value, attention_mask, q_pos, k_pos, **kwargs):
+        """Attention once per block length: the rows of that length (a span of rows, several sequences' spans
+        together) against the keys they may see, both rotated with that length's frequencies; each row's output
+        is taken from the pass of its own length. Memory is that of one span of rows, never L x L."""
+        batch, heads, q_len, head_dim = query.shape
+        first = first_query_slot(attention_mask, q_len, key.shape[2])
+        lengths = rope.block_lengths(q_pos, self.block)  # (B, Lq)
+        output, weights = query.new_zeros(batch, q_len, heads, head_dim), None
+        for length in lengths.unique().tolist():
+            chosen = lengths == length  # (B, Lq)
+            rows = _span(chosen.any(dim=0))
+            cols = key_columns(module, rows, first, key.shape[2])
+            inv_freq, scaling = self.frequencies(torch.full((batch,), length, device=query.device))
+            q_rows = rope.rotate_at(query[:, :, rows], q_pos[:, rows], inv_freq, scaling)
+            k_cols = rope.rotate_at(key[:, :, cols], k_pos[:, cols], inv_freq, scaling)
+            mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
+            out, probs = inner(module, q_rows, k_cols, value[:, :, cols], mask, **kwargs)  # (B, C, H, D)
+            keep = chosen[:, rows]  # (B, C)
+            output[:, rows] = torch.where(keep[:, :, None, None], out, output[:, rows])
+            if probs is not None:
+                weights = probs.new_zeros(batch, heads, q_len, key.shape[2]) if weights is None else weights
+                weights[:, :, rows, cols] = torch.where(keep[:, None, :, None], probs, weights[:, :, rows, cols])
+        return output, weights
+
+
+def _span(flags: torch.Tensor) -> slice:
+    """The smallest slice holding every True of a 1-D boolean tensor (which has at least one)."""
+    where = flags.nonzero()
+    return slice(int(where[0]), int(where[-1]) + 1)
+
+
+def key_columns(module, rows: slice, first_query: int, key_length: int) -> slice:
+    """The keys query ``rows`` may see: up to the last of them (queries start at key slot ``first_query``) for a
+    causal module, all otherwise."""
+    return slice(0, min(key_length, first_query + rows.stop) if getattr(module, "is_causal", True) else key_length)
+
+
+def require_tensor_mask(attention_mask):
+    """``attention_mask`` itself if it is a tensor or None; pos_swap's blockwise attention cannot read others."""
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise IncompatibleSchemeError(
+            f"pos_swap computes this attention in blocks and reads masks as tensors, not {type(attention_mask).__name__}"
+            f" (flex_attention's BlockMask). Load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    return attention_mask
+
+
+def mask_block(attention_mask, module, rows: slice, cols: slice, first_query: int, dtype, device):
+    """The mask a backend expects for query ``rows`` against key ``cols``: the model's own mask cut to the block,
+    or, where transformers passed none (causal, no padding), the causal block as an additive mask in ``dtype``."""
+    if require_tensor_mask(attention_mask) is not None:
+        return attention_mask[:, :, rows, cols]
+    mask = additive_mask(None, module, rows, cols, first_query, device)
+    return None if mask is None else mask.to(dtype).clamp(min=torch.finfo(dtype).min)
 
 
 def row_indices(rows, device) -> torch.Tensor:
@@ -262,12 +327,11 @@ def query_blocks(module, query, key, attention_mask, budget_mib=64):
     to its last query (``cols``): the others would be masked, so a prefill does half the work."""
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
-    causal = getattr(module, "is_causal", True)
     first_query = first_query_slot(attention_mask, q_len, k_len)
     step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
     for start in range(0, q_len, step):
         rows = slice(start, min(start + step, q_len))
-        cols = slice(0, min(k_len, first_query + rows.stop) if causal else k_len)
+        cols = key_columns(module, rows, first_query, k_len)
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)  # (B|1, 1, C, W)
         yield rows, cols, query[:, :, rows], key[:, :, cols], mask
 

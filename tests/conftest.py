@@ -93,6 +93,39 @@ def scheme_params(scheme: str, model) -> dict:
     return params
 
 
+def plain_params(scheme: str, model) -> dict:
+    """:func:`scheme_params` with whole-window frequencies for the length-following rules, the form transformers
+    itself can express (per-position frequencies, their default, have none)."""
+    params = scheme_params(scheme, model)
+    return {**params, "per_position": False} if scheme in ("dynamic", "dynamic-yarn", "longrope") else params
+
+
+def eager_weights_and_float64_reference(model, layer_index: int, ids, distance):
+    """The eager attention weights ``(B, H, L, L)`` one layer of a patched LLaMA-like ``model`` returns for ``ids``,
+    and their reference computed in float64 from that layer's own q and k: RoPE makes each score
+    Re(sum_f q_f conj(k_f) e^{i r theta_f}) with r = ``distance (L, L)``, the relative position the scheme defines."""
+    attention = model.model.layers[layer_index].self_attn
+    captured = {}
+    attention.register_forward_pre_hook(lambda m, args, kwargs: captured.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        weights = model(ids, output_attentions=True).attentions[layer_index]  # (B, H, L, L)
+        hidden = captured["hidden_states"].double()  # (B, L, hidden)
+        q = attention.q_proj.double()(hidden)  # (B, L, H * D)
+        k = attention.k_proj.double()(hidden)  # (B, L, Hkv * D)
+    config = model.config
+    batch, length = ids.shape
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q = q.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, L, D)
+    k = k.view(batch, length, kv_heads, dim).transpose(1, 2)[:, [h // (heads // kv_heads) for h in range(heads)]]
+    half = dim // 2
+    theta = config.rope_parameters["rope_theta"] ** (-2 * torch.arange(half, dtype=torch.float64) / dim)  # (D/2,)
+    zq, zk = torch.complex(q[..., :half], q[..., half:]), torch.complex(k[..., :half], k[..., half:])
+    phase = torch.exp(1j * distance[..., None].double() * theta)  # (L, L, D/2)
+    scores = torch.einsum("bhif,bhjf,ijf->bhij", zq, zk.conj(), phase).real * dim**-0.5  # (B, H, L, L)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return weights, torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
 def transformers_reference(model, rope_parameters_by_slot: dict):
     """A copy of the unpatched ``model`` whose rotary module is rebuilt by transformers itself from a config with
     the given ``rope_parameters`` (per layer type for Gemma 3): the independent reference for a patch."""

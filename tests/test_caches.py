@@ -27,6 +27,10 @@ CASES = [  # (arch, scheme, params, model overrides)
     ("mistral", "alibi", {}, SLIDING),
     ("mistral", "self-extend", dict(window=4, group=2), SLIDING),
     ("mistral", "dynamic", dict(factor=2.0), SLIDING),
+    ("llama", "rerope", dict(window=8, leaky_factor=2.0), {}),
+    ("mistral", "rerope", dict(window=4), SLIDING),
+    ("llama", "dual-chunk", dict(chunk_size=12, local_window=3), {}),
+    ("mistral", "dual-chunk", dict(chunk_size=6, local_window=2), SLIDING),
 ]
 HELD_OUT = [
     ("gemma2", "alibi", {}, {}),  # eager, soft-capping, sliding layers alternating with full ones

@@ -9,9 +9,10 @@ import torch
 
 import pos_swap
 from pos_swap import archs
-from conftest import ROPE_ARCHS, scheme_params, tiny, transformers_reference
+from conftest import ROPE_ARCHS, plain_params, tiny, transformers_reference
 
 HF_EXPRESSIBLE = ["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"]
+WHOLE_WINDOW = dict(per_position=False)  # transformers' semantics for the length-following rules
 
 
 def logits(model, ids):
@@ -26,11 +27,11 @@ def test_patched_model_matches_transformers(arch, scheme, length):
     model = tiny(arch)
     ids = torch.randint(3, 100, (2, length), generator=torch.Generator().manual_seed(length))
     native = logits(model, ids)
-    handle = pos_swap.patch(model, scheme, **scheme_params(scheme, model))
+    handle = pos_swap.patch(model, scheme, **plain_params(scheme, model))
     handle.remove()  # the patched config carries the exported rope_parameters already: export from the native one
     exported = {slot.layer_type: handle.scheme.hf_rope_parameters(model.config, slot) for slot in archs.rotary_slots(model)}
     reference = logits(transformers_reference(model, exported), ids)
-    pos_swap.patch(model, scheme, **scheme_params(scheme, model))
+    pos_swap.patch(model, scheme, **plain_params(scheme, model))
     patched = logits(model, ids)
     torch.testing.assert_close(patched, reference, rtol=0, atol=1e-5)
     if length > 32 or scheme not in ("dynamic", "longrope"):
@@ -43,12 +44,12 @@ def test_dynamic_yarn_is_yarn_with_the_length_as_factor():
     native = logits(model, ids[:, :32])
     with pos_swap.patched(model, "yarn", factor=80 / 32):
         static = logits(model, ids)
-    with pos_swap.patched(model, "dynamic-yarn"):
+    with pos_swap.patched(model, "dynamic-yarn", **WHOLE_WINDOW):
         torch.testing.assert_close(logits(model, ids), static, rtol=0, atol=1e-5)
         torch.testing.assert_close(logits(model, ids[:, :32]), native, rtol=0, atol=1e-5)  # native within L0
     capped = tiny("llama")
     pos_swap.patch(capped, "yarn", factor=2.0)
-    with pos_swap.patched(model, "dynamic-yarn", max_factor=2.0):
+    with pos_swap.patched(model, "dynamic-yarn", max_factor=2.0, **WHOLE_WINDOW):
         torch.testing.assert_close(logits(model, ids), logits(capped, ids), rtol=0, atol=1e-5)
 
 

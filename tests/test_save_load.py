@@ -8,7 +8,7 @@ import transformers as T
 
 import pos_swap
 from pos_swap.errors import PosSwapError
-from conftest import ROPE_ARCHS, scheme_params, tiny
+from conftest import ROPE_ARCHS, plain_params, scheme_params, tiny
 
 
 def logits(model, ids):
@@ -65,7 +65,7 @@ def test_from_pretrained_passes_kwargs(tmp_path):
 @pytest.mark.parametrize("scheme", ["linear", "yarn", "longrope", "ntk"])
 def test_vanilla_transformers_loads_the_same_model_where_the_scheme_has_a_plain_form(tmp_path, arch, scheme):
     model = tiny(arch)
-    pos_swap.patch(model, scheme, **scheme_params(scheme, model))
+    pos_swap.patch(model, scheme, **plain_params(scheme, model))
     model.save_pretrained(tmp_path)
     record = json.loads((tmp_path / "config.json").read_text())["pos_swap"]
     plain = T.AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -81,7 +81,7 @@ def test_vanilla_transformers_loads_the_same_model_where_the_scheme_has_a_plain_
     assert torch.equal(logits(loaded, IDS), logits(tiny(arch), IDS))
 
 
-@pytest.mark.parametrize("scheme, params", [("dynamic-yarn", {}), ("alibi", {}), ("self-extend", dict(group=2, window=8))])
+@pytest.mark.parametrize("scheme, params", [("dynamic-yarn", {}), ("dynamic", dict(factor=2.0)), ("alibi", {}), ("self-extend", dict(group=2, window=8))])
 def test_a_folder_without_plain_form_says_so(tmp_path, scheme, params, capsys):
     from pos_swap import cli
 
@@ -137,7 +137,7 @@ def test_export_hf_loads_in_plain_transformers(tmp_path, arch, scheme):
     if arch == "phi3" and scheme != "longrope":
         pytest.skip("Phi-3's config accepts only the default and longrope rope types")
     model = tiny(arch)
-    pos_swap.patch(model, scheme, **scheme_params(scheme, model))
+    pos_swap.patch(model, scheme, **plain_params(scheme, model))
     pos_swap.export_hf(model, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "pos_swap" not in saved and pos_swap.describe(model)["scheme"] == scheme  # the live patch stays

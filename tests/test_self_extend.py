@@ -9,7 +9,7 @@ import transformers as T
 import pos_swap
 from pos_swap.errors import IncompatibleSchemeError, InvalidParameterError
 from pos_swap.functional import self_extend
-from conftest import tiny
+from conftest import eager_weights_and_float64_reference, tiny
 
 IDS = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
 SHORT = dict(window=8, group=4)  # most pairs of IDS fall outside the window
@@ -76,28 +76,8 @@ def test_attention_weights_match_float64_reference():
     model = tiny("llama", attn_implementation="eager")
     window, group = SHORT["window"], SHORT["group"]
     pos_swap.patch(model, "self-extend", window=window, group=group)
-    layer_index = 1
-    attention = model.model.layers[layer_index].self_attn
-    captured = {}
-    attention.register_forward_pre_hook(lambda m, args, kwargs: captured.update(kwargs), with_kwargs=True)
-    with torch.no_grad():
-        weights = model(IDS, output_attentions=True).attentions[layer_index]  # (B, H, L, L)
-        hidden = captured["hidden_states"].double()  # (B, L, hidden)
-        q = attention.q_proj.double()(hidden)  # (B, L, H * D)
-        k = attention.k_proj.double()(hidden)  # (B, L, Hkv * D)
-    config = model.config
-    batch, length = IDS.shape
-    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    q = q.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, L, D)
-    k = k.view(batch, length, kv_heads, dim).transpose(1, 2)[:, [h // (heads // kv_heads) for h in range(heads)]]
-    half = dim // 2
-    theta = config.rope_parameters["rope_theta"] ** (-2 * torch.arange(half, dtype=torch.float64) / dim)  # (D/2,)
-    zq, zk = torch.complex(q[..., :half], q[..., half:]), torch.complex(k[..., :half], k[..., half:])
-    distance = torch.tensor([[paper_distance(i, j, window, group) for j in range(length)] for i in range(length)])
-    phase = torch.exp(1j * distance[..., None].double() * theta)  # (L, L, D/2)
-    scores = torch.einsum("bhif,bhjf,ijf->bhij", zq, zk.conj(), phase).real * dim**-0.5  # (B, H, L, L)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    expected = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    distance = torch.tensor([[paper_distance(i, j, window, group) for j in range(40)] for i in range(40)])
+    weights, expected = eager_weights_and_float64_reference(model, 1, IDS, distance)
     torch.testing.assert_close(weights.double(), expected, rtol=0, atol=1e-5)
 
 

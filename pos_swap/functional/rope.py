@@ -162,3 +162,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     rotated = x_rot * cos + rotate_half(x_rot) * sin
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+def block_lengths(positions: torch.Tensor, block: int) -> torch.Tensor:
+    """The length whose frequencies a query at each position uses in per-position mode: its own length p + 1
+    rounded up to a multiple of ``block``, so a prefill and a later decode step at the same position agree."""
+    return (positions // block + 1) * block

@@ -8,11 +8,11 @@ import dataclasses
 
 from ..functional import rope
 from ..registry import register
-from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
+from .rope_scaling import FollowsLengthConfig, RopeScaling, factor_param
 
 
 @dataclasses.dataclass
-class DynamicConfig(RopeScalingConfig):
+class DynamicConfig(FollowsLengthConfig):
     factor: float = factor_param(2.0)
 
 
@@ -27,7 +27,7 @@ class Dynamic(RopeScaling):
         return rope.dynamic_ntk(dim, base, self.config.factor, self.original_length, seq_len or self.original_length)
 
     def hf_rope_parameters(self, config, slot):
-        # transformers measures growth from max_position_embeddings; other originals have no equivalent
-        if self.original_length != config.max_position_embeddings:
+        # transformers uses whole-window frequencies and measures growth from max_position_embeddings
+        if self.block is not None or self.original_length != config.max_position_embeddings:
             return None
         return {"rope_type": "dynamic", "factor": self.config.factor}

@@ -1,7 +1,8 @@
 """``longrope``: LongRoPE (Ding et al. 2024), one searched rescale factor per frequency.
 
 ``short_factor`` applies while a sequence fits the trained context, ``long_factor`` once it is longer, as in
-Phi-3. The switch happens at attention time, so keys cached before it are rotated with the long factors too.
+Phi-3. The switch happens at attention time, so keys cached before it are rotated with the long factors too; per
+position (the default), rows within the trained context keep the short factors and later rows take the long ones.
 """
 
 import dataclasses
@@ -10,11 +11,11 @@ from .. import archs
 from ..errors import InvalidParameterError
 from ..functional import rope
 from ..registry import all_positive, param, positive, register
-from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
+from .rope_scaling import FollowsLengthConfig, RopeScaling, factor_param
 
 
 @dataclasses.dataclass
-class LongRopeConfig(RopeScalingConfig):
+class LongRopeConfig(FollowsLengthConfig):
     long_factor: list[float] = param(
         None, "per-frequency rescale factors beyond the trained context (rotary_dim/2 values)", all_positive,
         required=True,
@@ -53,4 +54,7 @@ class LongRope(RopeScaling):
         return rope.longrope(dim, base, c.long_factor if long else c.short_factor, attention)
 
     def hf_rope_parameters(self, config, slot):
-        return {"rope_type": "longrope", **{k: v for k, v in vars(self.config).items() if v is not None}}
+        if self.block is not None:
+            return None  # transformers switches factors for the whole window
+        params = {k: v for k, v in vars(self.config).items() if v is not None and k not in ("per_position", "block")}
+        return {"rope_type": "longrope", **params}

@@ -2,7 +2,8 @@
 
 A static rule (linear, ntk, yarn, llama3) is written into the rotary module once: zero cost at run time. A rule
 that follows the current length (dynamic, dynamic-yarn, longrope) sets the rotary to the identity and rotates at
-attention time (:class:`~pos_swap.attention.DeferredRotation`), so cached keys never keep stale frequencies.
+attention time (:class:`~pos_swap.attention.DeferredRotation`), so cached keys never keep stale frequencies; by
+default each query row follows its own (block-rounded) position, so cached generation equals recomputation.
 """
 
 import dataclasses
@@ -11,7 +12,7 @@ import functools
 import torch
 
 from .. import archs
-from ..attention import DeferredRotation
+from ..attention import DeferredRotation, chunked_backend
 from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param
 
 
@@ -21,6 +22,16 @@ class RopeScalingConfig(SchemeConfig):
         None, "context the checkpoint was trained for (default: read from the model)",
         greater_than(0, at_most=MAX_POSITIONS),
     )
+
+
+@dataclasses.dataclass
+class FollowsLengthConfig(RopeScalingConfig):
+    per_position: bool = param(
+        True,
+        "each query row uses the frequencies of its own position (rounded up to a block), so cached generation "
+        "equals recomputation; False: every row uses the current length's, as transformers does",
+    )
+    block: int = param(512, "per-position block B: positions share frequencies within B", greater_than(0, at_most=MAX_POSITIONS))
 
 
 def factor_param(example: float = 4.0):
@@ -55,7 +66,8 @@ class RopeScaling(Scheme):
                 continue
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
             frequencies = functools.partial(self.per_sequence, dim, base)
-            patch.hook_attention(archs.attention_modules(model, slot.layer_type), DeferredRotation(frequencies))
+            hook = DeferredRotation(frequencies, self.block)
+            patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=self.backend(model))
 
     def per_sequence(self, dim: int, base: float, seq_lens: torch.Tensor):
         """One row of frequencies and one scaling per sequence, from each one's own length ``(B,)``."""
@@ -64,6 +76,16 @@ class RopeScaling(Scheme):
         inv_freq = torch.stack([tables[length][0] for length in lengths]).to(seq_lens.device)
         scaling = torch.tensor([tables[length][1] for length in lengths], device=seq_lens.device)
         return inv_freq, scaling
+
+    @property
+    def block(self) -> int | None:
+        """The per-position block of a length-following rule, or None for whole-window frequencies."""
+        return self.config.block if getattr(self.config, "per_position", False) else None
+
+    def backend(self, model) -> str | None:
+        """Per-position attention runs in spans of rows with the model's mask cut to them, which eager and sdpa
+        accept: other backends are routed to sdpa then; whole-window rotation keeps the model's backend."""
+        return None if self.block is None else chunked_backend(model)
 
     @property
     def original_length(self) -> int:

@@ -60,6 +60,10 @@ class GroupedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"window={self.window}, group={self.group}, rotary_dim={2 * self.inv_freq.numel()}"
 
+    def far_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where queries ``(B, Lq)`` and keys ``(B, Lk)`` rotate to for the pairs beyond the window."""
+        return self_extend.grouped_positions(q_pos, k_pos, self.window, self.group)
+
     def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return rope.rotate_at(x, positions, self.inv_freq.to(x.device), self.attention_scaling)
 
@@ -67,7 +71,7 @@ class GroupedAttention(nn.Module):
         heads = query.shape[1]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)  # (B, Lq), (B, Lk)
-        q_group, k_group = self_extend.grouped_positions(q_pos, k_pos, self.window, self.group)
+        q_group, k_group = self.far_positions(q_pos, k_pos)
         far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
         far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
 
@@ -91,10 +95,14 @@ class SelfExtend(Scheme):
     Config = SelfExtendConfig
     families = (archs.ROTARY,)
 
+    def hook(self, inv_freq: torch.Tensor, attention_scaling: float) -> GroupedAttention:
+        """The attention hook of one rotary table with frequencies ``inv_freq``."""
+        return GroupedAttention(inv_freq, attention_scaling, self.config.window, self.config.group)
+
     def apply(self, patch) -> None:
-        model, c = patch.model, self.config
+        model = patch.model
         backend = chunked_backend(model)
         for slot in archs.rotary_slots(model):  # Gemma 3's sliding layers keep their native RoPE
-            hook = GroupedAttention(slot.inv_freq.float().clone(), slot.attention_scaling, c.window, c.group)
+            hook = self.hook(slot.inv_freq.float().clone(), slot.attention_scaling)
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=backend)

@@ -8,7 +8,7 @@ import dataclasses
 from ..errors import InvalidParameterError
 from ..functional import rope
 from ..registry import MAX_FACTOR, greater_than, param, positive, register
-from .rope_scaling import RopeScaling, RopeScalingConfig, factor_param
+from .rope_scaling import FollowsLengthConfig, RopeScaling, RopeScalingConfig, factor_param
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class Yarn(RopeScaling):
 
 
 @dataclasses.dataclass
-class DynamicYarnConfig(YarnRampConfig):
+class DynamicYarnConfig(YarnRampConfig, FollowsLengthConfig):
     max_factor: float | None = param(
         None, "upper bound for the factor (default: none)", greater_than(0, at_most=MAX_FACTOR)
     )

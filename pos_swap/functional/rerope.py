@@ -1,0 +1,28 @@
+"""ReRoPE and leaky ReRoPE (Su 2023, "Rectified Rotary Position Embeddings"): relative positions capped at a window.
+
+A query at position i and a key at j closer than the window W (i - j < W) keep their own positions. Farther pairs
+see the relative position W (ReRoPE) or W + (i - j - W) / k (leaky ReRoPE with ``leaky_factor`` k), so no distance
+grows past the trained range. Both are one RoPE rotation of the query and key at far positions: q at
+i / k + W (1 - 1 / k), k at j / k (ReRoPE is the limit k -> infinity: q at W, k at 0).
+"""
+
+import torch
+
+
+def far_positions(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, leaky_factor: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float positions ``(..., Lq)`` and ``(..., Lk)`` queries and keys rotate to for pairs beyond the window."""
+    if leaky_factor is None:
+        return torch.full_like(query_positions, window, dtype=torch.float32), torch.zeros_like(key_positions, dtype=torch.float32)
+    grown = 1.0 / leaky_factor
+    return query_positions.float() * grown + window * (1 - grown), key_positions.float() * grown
+
+
+def relative_positions(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int, leaky_factor: float | None = None
+) -> torch.Tensor:
+    """The relative distance ``(..., Lq, Lk)`` RoPE sees: i - j inside the window, W or W + (i - j - W) / k beyond."""
+    distance = (query_positions[..., :, None] - key_positions[..., None, :]).double()  # (..., Lq, Lk)
+    far = window if leaky_factor is None else window + (distance - window) / leaky_factor
+    return torch.where(distance < window, distance, far)

@@ -1,0 +1,169 @@
+"""rerope (ReRoPE and leaky ReRoPE, Su 2023) and dual-chunk (Dual Chunk Attention, An et al. 2024): their distances
+against the papers' rules written out by hand, the patched attention against an independent float64 computation,
+and the life cycle every scheme must survive (KV caches, left padding, backends, bad input, save and load)."""
+
+import pytest
+import torch
+
+import pos_swap
+from pos_swap.errors import InvalidParameterError
+from pos_swap.functional import dual_chunk, rerope
+from conftest import eager_weights_and_float64_reference, tiny
+
+IDS = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
+SETTINGS = [
+    ("rerope", dict(window=8)),
+    ("rerope", dict(window=8, leaky_factor=4.0)),
+    ("rerope", dict(window=5, leaky_factor=1.5)),
+    ("dual-chunk", dict(chunk_size=12, local_window=3)),
+    ("dual-chunk", dict(chunk_size=10, local_window=4)),
+]
+SHORT = [SETTINGS[1], SETTINGS[3]]  # most pairs of IDS fall beyond the window, or chunks apart
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def su_distance(i: int, j: int, window: int, leaky_factor: float | None = None) -> float:
+    """The relative position ReRoPE gives query i and key j: i - j inside the window; beyond it the window itself,
+    or for leaky ReRoPE the window plus the excess shrunk by the leaky factor."""
+    if i - j < window:
+        return i - j
+    return window if leaky_factor is None else window + (i - j - window) / leaky_factor
+
+
+def an_distance(i: int, j: int, chunk_size: int, local_window: int) -> int:
+    """The relative position Dual Chunk Attention gives query i and key j, chunks being s = c - w long: the true
+    distance in the same chunk; from the chunk before, query s + i mod s capped at c - 1; from older chunks,
+    query c - 1; keys always at j mod s."""
+    s = chunk_size - local_window
+    if i // s == j // s:
+        return i - j
+    query = min(s + i % s, chunk_size - 1) if i // s == j // s + 1 else chunk_size - 1
+    return query - j % s
+
+
+RULES = {"rerope": (su_distance, rerope.relative_positions), "dual-chunk": (an_distance, dual_chunk.relative_positions)}
+
+
+def paper_distances(scheme, params, length):
+    rule = RULES[scheme][0]
+    return torch.tensor([[rule(i, j, **params) for j in range(length)] for i in range(length)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scheme, params", SETTINGS)
+def test_distances_follow_the_paper(scheme, params):
+    positions = torch.arange(30)
+    got = RULES[scheme][1](positions, positions, **params)
+    causal = positions[:, None] >= positions[None, :]
+    expected = paper_distances(scheme, params, 30)
+    torch.testing.assert_close(got.double()[causal], expected[causal], rtol=0, atol=1e-12)
+    assert expected[causal].max() < (params["chunk_size"] if scheme == "dual-chunk" else 30)
+
+
+def test_rerope_far_positions_give_its_distances():
+    positions = torch.arange(30)
+    for window, leaky in ((8, None), (5, 1.5)):
+        far_query, far_key = rerope.far_positions(positions, positions, window, leaky)
+        beyond = positions[:, None] - positions[None, :] >= window
+        expected = rerope.relative_positions(positions, positions, window, leaky)[beyond]
+        torch.testing.assert_close((far_query[:, None] - far_key[None, :]).double()[beyond], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme, params", SETTINGS)
+def test_attention_weights_match_float64_reference(scheme, params):
+    model = tiny("llama", attn_implementation="eager")
+    pos_swap.patch(model, scheme, **params)
+    weights, expected = eager_weights_and_float64_reference(model, 1, IDS, paper_distances(scheme, params, IDS.shape[1]))
+    torch.testing.assert_close(weights.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "scheme, covering, short", [("rerope", dict(window=40), SHORT[0][1]), ("dual-chunk", dict(chunk_size=41, local_window=1), SHORT[1][1])]
+)
+def test_a_window_covering_the_input_changes_nothing(scheme, covering, short):
+    model = tiny("llama")
+    expected = logits(model, IDS)
+    with pos_swap.patched(model, scheme, **covering):
+        torch.testing.assert_close(logits(model, IDS), expected, rtol=0, atol=1e-5)
+    with pos_swap.patched(model, scheme, **short):  # and a short one does change the model
+        assert not torch.allclose(logits(model, IDS), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("scheme, params", SHORT)
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gemma3_text"])
+def test_generate_with_cache_equals_recomputation(arch, scheme, params, cache):
+    prompt, new = 20, 24  # crosses the 32 trained positions
+    model = tiny(arch)
+    pos_swap.patch(model, scheme, **params)
+    ids = torch.randint(3, 100, (1, prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=0, cache_implementation=cache,
+        )  # fmt: skip
+    cached = torch.stack(out.logits, 1)  # (1, new, vocab)
+    recomputed = torch.stack([logits(model, out.sequences[:, :t])[:, -1] for t in range(prompt, prompt + new)], 1)
+    torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme, params", SHORT)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_left_padded_batch_equals_each_sequence_alone(attn_implementation, scheme, params):
+    model = tiny("llama", attn_implementation=attn_implementation)
+    pos_swap.patch(model, scheme, **params)
+    lengths, pad = [40, 27], 40
+    sequences = [IDS[b, :n] for b, n in enumerate(lengths)]
+    batch = torch.stack([torch.cat([torch.zeros(pad - len(s), dtype=torch.long), s]) for s in sequences])
+    mask = torch.stack([torch.arange(pad) >= pad - len(s) for s in sequences]).long()
+    padded = logits(model, batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    for b, sequence in enumerate(sequences):
+        torch.testing.assert_close(padded[b, pad - len(sequence) :], logits(model, sequence[None])[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme, params", SHORT)
+def test_every_backend_gives_the_same_logits(scheme, params):
+    """eager and sdpa run as chosen; flex_attention is routed to sdpa's masks (the blockwise attention reads them)."""
+    results = {}
+    for backend in ("eager", "sdpa", "flex_attention"):
+        model = tiny("llama", attn_implementation=backend)
+        pos_swap.patch(model, scheme, **params)
+        results[backend] = logits(model, IDS)
+    torch.testing.assert_close(results["eager"], results["sdpa"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(results["flex_attention"], results["sdpa"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "scheme, params, message",
+    [
+        ("rerope", dict(window=0), "must be > 0"),
+        ("rerope", dict(window=8.0), "must be int"),
+        ("rerope", dict(window=8, leaky_factor=1.0), "must be > 1"),
+        ("rerope", dict(window=8, leaky_factor=0.5), "must be > 1"),
+        ("rerope", dict(window=8, leaky_factor=float("inf")), "finite"),
+        ("dual-chunk", dict(chunk_size=8, local_window=8), "local_window < chunk_size"),
+        ("dual-chunk", dict(chunk_size=8, local_window=0), "must be > 0"),
+        ("dual-chunk", dict(chunk_size=1, local_window=1), "must be > 1"),
+        ("dual-chunk", dict(chunk_size=8), "needs parameter 'local_window'"),
+    ],
+)
+def test_bad_parameters_raise_and_leave_the_model_alone(scheme, params, message):
+    model = tiny("llama")
+    expected = logits(model, IDS)
+    with pytest.raises(InvalidParameterError, match=message):
+        pos_swap.patch(model, scheme, **params)
+    assert pos_swap.describe(model) is None
+    assert torch.equal(logits(model, IDS), expected)
+
+
+@pytest.mark.parametrize("scheme, params", SHORT)
+def test_save_and_load_round_trip(tmp_path, scheme, params):
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)
+    model.save_pretrained(tmp_path)
+    loaded = pos_swap.from_pretrained(tmp_path)
+    assert pos_swap.describe(loaded)["params"] == params
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))

@@ -7,11 +7,12 @@ once per family, then perplexity at 1x, 2x, 4x and 8x the trained length, traini
 Every family is one base model (``GPT2Config``: learned absolute table) with a pos_swap scheme put on before
 training: ``learned`` (the table itself), ``sinusoidal``, ``rope``, ``alibi``, ``nope``, ``cope``. Same seed,
 data (Python's pydoc topics, SmolLM2's tokenizer; the last tokens held out), steps and optimizer for all; training
-runs through transformers' Trainer like ``pos-swap finetune``. Every length scores the same held-out tokens
-(the last 8x trained length). The learned table has no rows past the trained length, so its longer cells are empty. Step time is the Trainer's runtime per step; peak memory is that of one
-more training step (forward and backward; median of three), measured as in ``patch_overhead.py``. Each trained model
-is saved under ``OUT/models/FAMILY`` with the tokenizer, ready for ``pos-swap finetune`` (recovery after a swap). Writes results.json (one cell
-per family, ``--resume`` skips finished ones), pe_families.png and a table.
+runs through transformers' Trainer like ``pos-swap finetune``. Every length scores the same held-out tokens (the
+last 8x trained length). The learned table has no rows past the trained length, so its longer cells are empty.
+Step time is the Trainer's runtime per step; peak memory is that of one more training step (forward and
+backward; median of three), measured as in ``patch_overhead.py``. Each trained model is saved under
+``OUT/models/FAMILY`` with the tokenizer, ready for ``pos-swap finetune`` (recovery after a swap). Writes
+results.json (one cell per family; ``--resume`` skips finished ones), pe_families.png and a table.
 """
 
 import argparse

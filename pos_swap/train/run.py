@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -190,10 +191,14 @@ def _precision(settings: Settings) -> dict:
 
 
 def _trainer(model, dataset, settings: Settings, out, progress: bool, callbacks) -> transformers.Trainer:
-    saving = {"save_strategy": "steps", "save_steps": settings.save_steps or settings.max_steps} if out else {"save_strategy": "no"}
+    if out:
+        saving = {"output_dir": str(Path(out) / "checkpoints"), "save_strategy": "steps",
+                  "save_steps": settings.save_steps or settings.max_steps}  # fmt: skip
+    else:  # nothing is saved, but Trainer wants a folder: a fresh temporary one rather than the working directory
+        saving = {"output_dir": tempfile.mkdtemp(prefix="pos_swap_finetune_"), "save_strategy": "no"}
     args = transformers.TrainingArguments(
-        output_dir=str(Path(out or ".") / "checkpoints"), max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(10, settings.max_steps // 10), logging_steps=1, report_to="none", seed=settings.seed,
         data_seed=settings.seed, disable_tqdm=not progress, activation_checkpointing=settings.gradient_checkpointing,

@@ -12,8 +12,8 @@ import warnings
 import torch
 from torch import nn
 
-from .. import archs
-from ..attention import chunked_attention, chunked_backend, positions
+from .. import archs, fused
+from ..attention import chunked_attention, chunked_backend, first_query_slot, positions
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
 from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
@@ -48,6 +48,12 @@ class SelfExtendConfig(SchemeConfig):
             )
 
 
+def _slots(query_positions: torch.Tensor) -> bool:
+    """Whether the queries' positions follow their cache slots (one apart, as without padding or packing): then
+    neighbours are a band of slots and the fused passes apply."""
+    return bool((query_positions.diff(dim=-1) == 1).all())
+
+
 class GroupedAttention(nn.Module):
     """The attention hook of one rotary table: rotates queries and cached keys at neighbour and grouped positions
     and attends with the merged scores (in chunks of query rows, never an L x L tensor per head)."""
@@ -68,6 +74,11 @@ class GroupedAttention(nn.Module):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)  # (B, Lq), (B, Lk)
         q_group, k_group = self_extend.grouped_positions(q_pos, k_pos, self.window, self.group)
+        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _slots(q_pos):
+            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+            near = self._rotate(query, q_pos), self._rotate(key, k_pos)
+            far = self._rotate(query, q_group), self._rotate(key, k_group)
+            return fused.self_extend_attention(near, far, value, scaling, first, self.window), None
         far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
         far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
 

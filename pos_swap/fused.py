@@ -8,7 +8,8 @@ into a few extra query/key features (:func:`alibi_attention`).
 
 These paths are for inference: the log-sum-exp of the kernel carries no gradient, so a scheme falls back to
 :func:`pos_swap.attention.chunked_attention` when gradients, dropout, observers, a softcap or eager attention
-weights are needed (:func:`applies`).
+weights are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch's
+``_scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)`` is the kernel to wire in next.
 """
 
 import torch
@@ -23,31 +24,25 @@ BAND_BLOCK = 1024  # Self-Extend's neighbour pass reads the window plus this man
 
 
 def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
-    """Whether a scheme's hook may use the fused passes instead of the chunked path: sdpa routing (eager must
-    return weights), no observers (they see real probabilities), no softcap, evaluation mode (dropout) and no
-    gradient wanted through ``query`` or ``parameters`` (the kernel's log-sum-exp has none)."""
+    """Whether a scheme's hook may use the fused passes instead of the chunked path: a CPU tensor (the kernel
+    that returns the log-sum-exp), sdpa routing (eager must return weights), no observers (they see the real
+    probabilities), no softcap, evaluation mode (dropout) and no gradient wanted through ``query`` or
+    ``parameters`` (the kernel's log-sum-exp has none)."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *parameters))
     return (
-        backend_of(module) == "sdpa" and not observers_of(module) and softcap is None and not module.training
-        and not wants_grad
+        query.device.type == "cpu" and backend_of(module) == "sdpa" and not observers_of(module)
+        and softcap is None and not module.training and not wants_grad
     )  # fmt: skip
 
 
 def attention_with_lse(query, key, value, scale: float, *, causal: bool = False, mask=None):
-    """Attention ``(B, H, Lq, D)`` and the log-sum-exp of the scaled scores ``(B, H, Lq)`` in float32, for
-    ``query``, ``key``, ``value`` with equal head counts; ``causal`` is top-left aligned (row r sees keys <= r),
-    ``mask`` is additive in the query's dtype. On CPU one fused kernel computes both; elsewhere float32 math."""
-    if query.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, causal, attn_mask=mask, scale=scale
-        )
-    scores = (query @ key.transpose(-1, -2)).float() * scale
-    if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    if mask is not None:
-        scores = scores + mask.float()
-    lse = scores.logsumexp(dim=-1)
-    return (torch.exp(scores - lse[..., None]).to(value.dtype) @ value), lse
+    """Attention ``(B, H, Lq, D)`` and the log-sum-exp of the scaled scores ``(B, H, Lq)`` in float32, from one
+    fused CPU kernel (torch's flash attention for CPU); keys and values may have fewer heads than the queries
+    (grouped-query attention, each shared by consecutive query heads), all one head dim; ``causal`` is top-left
+    aligned (row r sees keys <= r), ``mask`` is additive in the query's dtype."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, causal, attn_mask=mask, scale=scale
+    )
 
 
 def merge_by_lse(parts):
@@ -101,10 +96,9 @@ def alibi_attention(query, key, value, slopes, query_positions, key_positions, s
     Per block of query rows around position c, the bias is slope·(j - c) plus a row constant the softmax drops:
     q gets slope/scale and k gets j - c as extra features (each split in two terms, :func:`two_terms`), so the
     bias stays small near the diagonal in any dtype. ``mask`` is transformers' attention mask (or None: causal,
-    queries from key slot ``first_query``); keys are repeated for grouped-query heads.
+    queries from key slot ``first_query``).
     """
-    batch, heads, q_len, dim = query.shape
-    key, value = (x.repeat_interleave(heads // key.shape[1], dim=1) for x in (key, value))
+    q_len, dim = query.shape[2:]
     slope_hi, slope_lo = two_terms(slopes.float().to(query.device) / scale, query.dtype)
     query = _fold(query, torch.stack([slope_hi, slope_hi, slope_lo, slope_lo], -1)[None, :, None])
     value = F.pad(value, (0, 4))  # the kernel wants one head dim for q, k and v
@@ -150,10 +144,8 @@ def band_attention(query, key, value, scale: float, first_query: int, window: in
 def self_extend_attention(near, far, value, scale: float, first_query: int, window: int):
     """Self-Extend in fused passes, ``(B, Lq, H, D)``: keys closer than ``window`` slots with the neighbour
     rotation ``near = (query, key)``, farther keys with the grouped rotation ``far = (query, key)`` (one shifted
-    causal pass), merged by log-sum-exp. Causal, no padding mask; keys are repeated for grouped-query heads."""
-    heads = near[0].shape[1]
-    near_key, far_key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (near[1], far[1], value))
-    neighbours = band_attention(near[0], near_key, value, scale, first_query, window)
-    grouped = shifted_causal_attention(far[0], far_key, value, scale, first_query - window)
+    causal pass), merged by log-sum-exp. Causal, no padding mask."""
+    neighbours = band_attention(*near, value, scale, first_query, window)
+    grouped = shifted_causal_attention(*far, value, scale, first_query - window)
     output, _ = merge_by_lse([neighbours, grouped])
     return output.transpose(1, 2).contiguous()

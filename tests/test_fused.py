@@ -44,6 +44,16 @@ def test_attention_with_lse_equals_float64_math():
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_with_lse_shares_grouped_key_heads_like_transformers():
+    query, key, value = random_qkv(q_len=19)
+    grouped = [x[:, :1] for x in (key, value)]  # one key/value head for the three query heads
+    out, lse = fused.attention_with_lse(query, *grouped, 0.3, causal=True)
+    repeated = [x.repeat_interleave(3, dim=1) for x in grouped]
+    ref_out, ref_lse = reference_attention(query, *repeated, 0.3, torch.ones(19, 19, dtype=torch.bool).tril())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_merging_passes_over_split_keys_equals_one_pass():
     query, key, value = random_qkv()
     parts = [fused.attention_with_lse(query, key[:, :, cols], value[:, :, cols], 0.3) for cols in (slice(0, 7), slice(7, 19))]
@@ -53,7 +63,7 @@ def test_merging_passes_over_split_keys_equals_one_pass():
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shift", [-4, 0, 3, 8])
+@pytest.mark.parametrize("shift", [-12, -4, 0, 3, 8])
 def test_shifted_causal_attention_sees_keys_up_to_row_plus_shift(shift):
     query, key, value = random_qkv()
     out, lse = fused.shifted_causal_attention(query, key, value, 0.3, shift)

@@ -141,11 +141,12 @@ def band_attention(query, key, value, scale: float, first_query: int, window: in
     return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
 
 
-def self_extend_attention(near, far, value, scale: float, first_query: int, window: int):
-    """Self-Extend in fused passes, ``(B, Lq, H, D)``: keys closer than ``window`` slots with the neighbour
-    rotation ``near = (query, key)``, farther keys with the grouped rotation ``far = (query, key)`` (one shifted
-    causal pass), merged by log-sum-exp. Causal, no padding mask."""
+def windowed_attention(near, far, value, scale: float, first_query: int, window: int):
+    """Causal attention ``(B, Lq, H, D)`` in which keys closer than ``window`` slots score with ``near = (query,
+    key)`` and farther keys with ``far = (query, key)`` (each rotated at its own positions), in fused passes
+    merged by log-sum-exp; no padding mask. Self-Extend's far pair uses grouped positions; ReRoPE's would be the
+    query at position ``window`` and the unrotated key (leaky ReRoPE: positions i/k + W - W/k and j/k)."""
     neighbours = band_attention(*near, value, scale, first_query, window)
-    grouped = shifted_causal_attention(*far, value, scale, first_query - window)
-    output, _ = merge_by_lse([neighbours, grouped])
+    distant = shifted_causal_attention(*far, value, scale, first_query - window)
+    output, _ = merge_by_lse([neighbours, distant])
     return output.transpose(1, 2).contiguous()

@@ -97,7 +97,7 @@ def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
 @pytest.mark.parametrize("scheme, params", SCHEMES)
 def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, params):
     called = []
-    for name in ("alibi_attention", "self_extend_attention"):
+    for name in ("alibi_attention", "windowed_attention"):
         original = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _f=original, **k: called.append(1) or _f(*a, **k))
     fast = patched_logits(scheme, params)
@@ -161,7 +161,7 @@ def test_training_keeps_the_chunked_path_and_slope_gradients(monkeypatch):
 def test_observers_see_probabilities_through_the_chunked_path(monkeypatch):
     model = tiny("llama", attn_implementation="sdpa")
     pos_swap.patch(model, "self-extend", window=8, group=4)
-    monkeypatch.setattr(fused, "self_extend_attention", lambda *a, **k: pytest.fail("fused path used"))
+    monkeypatch.setattr(fused, "windowed_attention", lambda *a, **k: pytest.fail("fused path used"))
     layer = next(m for m in model.modules() if isinstance(m, T.models.llama.modeling_llama.LlamaAttention))
     assert not fused.applies(layer, torch.zeros(1), 30.0)  # a softcap needs the scores
     seen = []

@@ -78,7 +78,7 @@ class GroupedAttention(nn.Module):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             near = self._rotate(query, q_pos), self._rotate(key, k_pos)
             far = self._rotate(query, q_group), self._rotate(key, k_group)
-            return fused.self_extend_attention(near, far, value, scaling, first, self.window), None
+            return fused.windowed_attention(near, far, value, scaling, first, self.window), None
         far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
         far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
 

@@ -44,14 +44,22 @@ def _observed(inner):
     def attention(module, query, key, value, attention_mask, **kwargs):
         output = inner(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        notify_queries_keys(module, query, key)
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        for rows, cols, q_rows, k_cols, mask in query_blocks(module, query, key, attention_mask):
-            scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, softcap=kwargs.get("softcap"))
-            notify_probabilities(module, torch.softmax(scores, dim=-1), rows, cols, (query.shape[2], key.shape[2]))
+        notify_blocks(module, query, key, attention_mask, scaling, softcap=kwargs.get("softcap"))
         return output
 
     return attention
+
+
+def notify_blocks(module, query, key, attention_mask, scaling, **scores) -> None:
+    """Show the module's observers the queries, keys and the probabilities of every block of query rows, scored by
+    :func:`block_scores` with ``scores`` (bias, softcap): for paths whose kernel never holds the probabilities."""
+    if not observers_of(module):
+        return
+    notify_queries_keys(module, query, key)
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    for rows, cols, q_rows, k_cols, mask in query_blocks(module, query, key, attention_mask):
+        probs = torch.softmax(block_scores(rows, cols, q_rows, k_cols, mask, scaling, **scores), dim=-1)
+        notify_probabilities(module, probs, rows, cols, (query.shape[2], key.shape[2]))
 
 
 def notify_queries_keys(module, query: torch.Tensor, key: torch.Tensor) -> None:

@@ -7,15 +7,15 @@ ALiBi needs no second pass: -m·(i - j) is m·j plus a row constant the softmax 
 into a few extra query/key features (:func:`alibi_attention`).
 
 These paths are for inference: the log-sum-exp of the kernel carries no gradient, so a scheme falls back to
-:func:`pos_swap.attention.chunked_attention` when gradients, dropout, observers, a softcap or eager attention
-weights are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch's
+:func:`pos_swap.attention.chunked_attention` when gradients, dropout, a softcap or eager attention weights
+are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch's
 ``_scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)`` is the kernel to wire in next.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .attention import additive_mask, backend_of, observers_of
+from .attention import additive_mask, backend_of
 
 # Query rows per pass. The CPU kernel splits queries finely below 768 rows (slower), and ALiBi's folded bias near
 # the diagonal stays below slope x ALIBI_BLOCK / 2 (float32 error about 3e-5 in the logits at slope 1/2).
@@ -25,13 +25,13 @@ BAND_BLOCK = 1024  # Self-Extend's neighbour pass reads the window plus this man
 
 def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
     """Whether a scheme's hook may use the fused passes instead of the chunked path: a CPU tensor (the kernel
-    that returns the log-sum-exp), sdpa routing (eager must return weights), no observers (they see the real
-    probabilities), no softcap, evaluation mode (dropout) and no gradient wanted through ``query`` or
-    ``parameters`` (the kernel's log-sum-exp has none)."""
+    that returns the log-sum-exp), sdpa routing (eager must return weights), no softcap, evaluation mode (dropout)
+    and no gradient wanted through ``query`` or ``parameters`` (the kernel's log-sum-exp has none). A hook that
+    takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`)."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *parameters))
     return (
-        query.device.type == "cpu" and backend_of(module) == "sdpa" and not observers_of(module)
-        and softcap is None and not module.training and not wants_grad
+        query.device.type == "cpu" and backend_of(module) == "sdpa" and softcap is None and not module.training
+        and not wants_grad
     )  # fmt: skip
 
 

@@ -4,7 +4,6 @@ heads and half precision."""
 
 import pytest
 import torch
-import transformers as T
 
 import pos_swap
 from pos_swap import fused
@@ -158,21 +157,33 @@ def test_training_keeps_the_chunked_path_and_slope_gradients(monkeypatch):
     assert slopes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in slopes)
 
 
-def test_observers_see_probabilities_through_the_chunked_path(monkeypatch):
-    model = tiny("llama", attn_implementation="sdpa")
-    pos_swap.patch(model, "self-extend", window=8, group=4)
-    monkeypatch.setattr(fused, "windowed_attention", lambda *a, **k: pytest.fail("fused path used"))
-    layer = next(m for m in model.modules() if isinstance(m, T.models.llama.modeling_llama.LlamaAttention))
-    assert not fused.applies(layer, torch.zeros(1), 30.0)  # a softcap needs the scores
-    seen = []
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+def test_observers_see_the_probabilities_of_the_chunked_path(monkeypatch, scheme, params):
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)
 
     class Probe:
+        def __init__(self):
+            self.seen = []
+
         def queries_keys(self, module, query, key):
             pass
 
         def probabilities(self, module, probs, rows, cols, shape):
-            seen.append(probs.sum(-1))
+            self.seen.append(probs)
 
-    with pos_swap.observe(model, Probe()), torch.no_grad():
-        model(IDS[:, :20])
-    assert seen and all(torch.allclose(s, torch.ones_like(s)) for s in seen)
+    def observed():
+        probe = Probe()
+        with pos_swap.observe(model, probe), torch.no_grad():
+            output = model(IDS[:, :40]).logits
+        return output, probe.seen
+
+    fast_output, fast_seen = observed()
+    with torch.no_grad():
+        assert torch.equal(fast_output, model(IDS[:, :40]).logits)  # observing changes nothing
+    chunked(monkeypatch)
+    slow_output, slow_seen = observed()
+    torch.testing.assert_close(fast_output, slow_output, atol=2e-5, rtol=1e-5)
+    assert len(fast_seen) == len(slow_seen) > 0
+    for fast, slow in zip(fast_seen, slow_seen):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

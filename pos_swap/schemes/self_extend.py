@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import archs, fused
-from ..attention import chunked_attention, chunked_backend, first_query_slot, positions
+from ..attention import chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
 from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
@@ -74,21 +74,22 @@ class GroupedAttention(nn.Module):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)  # (B, Lq), (B, Lk)
         q_group, k_group = self_extend.grouped_positions(q_pos, k_pos, self.window, self.group)
-        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _slots(q_pos):
-            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
-            near = self._rotate(query, q_pos), self._rotate(key, k_pos)
-            far = self._rotate(query, q_group), self._rotate(key, k_group)
-            return fused.windowed_attention(near, far, value, scaling, first, self.window), None
-        far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
-        far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
+        near_query, near_key = self._rotate(query, q_pos), self._rotate(key, k_pos)  # (B, H, Lq, D), (B, Hkv, Lk, D)
+        far_query, far_key = self._rotate(query, q_group), self._rotate(key, k_group)
 
-        def logits(rows, cols, near_query, near_key, mask):
-            near = near_query @ near_key.transpose(-1, -2)  # (B, H, C, W)
-            far = far_query[:, :, rows] @ far_key[:, :, cols].transpose(-1, -2)  # (B, H, C, W)
+        def logits(rows, cols, near_rows, near_cols, mask):
+            far_cols = far_key[:, :, cols].repeat_interleave(heads // far_key.shape[1], dim=1)  # (B, H, W, D)
+            near = near_rows @ near_cols.transpose(-1, -2)  # (B, H, C, W)
+            far = far_query[:, :, rows] @ far_cols.transpose(-1, -2)  # (B, H, C, W)
             neighbours = self_extend.in_window(q_pos[:, rows], k_pos[:, cols], self.window)[:, None]  # (B, 1, C, W)
             return torch.where(neighbours, near, far).float() * scaling
 
-        near_query, near_key = self._rotate(query, q_pos), self._rotate(key, k_pos)  # (B, H, Lq, D), (B, Hkv, Lk, D)
+        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _slots(q_pos):
+            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+            near, far = (near_query, near_key), (far_query, far_key)
+            output = fused.windowed_attention(near, far, value, scaling, first, self.window)
+            notify_blocks(module, near_query, near_key, attention_mask, scaling, logits=logits)  # observers, if any
+            return output, None
         return chunked_attention(
             module, near_query, near_key, value, attention_mask, scaling, logits=logits, dropout=dropout,
             softcap=kwargs.get("softcap"),

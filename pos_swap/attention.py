@@ -44,9 +44,7 @@ def _observed(inner):
     def attention(module, query, key, value, attention_mask, **kwargs):
         output = inner(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        notify_queries_keys(module, query, key)
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        show_observers(module, query, key, attention_mask, scaling, softcap=kwargs.get("softcap"))
+        notify_blocks(module, query, key, attention_mask, scaling, softcap=kwargs.get("softcap"))
         return output
 
     return attention
@@ -66,23 +64,24 @@ def observed_rows(module, query_length: int) -> torch.Tensor | None:
     return torch.linspace(0, query_length - 1, limit, dtype=torch.float64).round().long().unique()
 
 
-def show_observers(module, query, key, attention_mask, scaling, *, bias=None, softcap=None, budget_mib=64) -> None:
-    """Compute the probabilities of the observed query rows (:func:`observed_rows`) of ``query (B, H, Lq, D)``
-    against ``key (B, H, Lk, D)`` (repeated for grouped-query heads) in blocks, and show them to the observers.
-    For paths whose output comes from a fused kernel that does not return its probabilities."""
+def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=64, **scores) -> None:
+    """Show the module's observers the queries and keys ``(B, H|Hkv, L, D)`` of one call and the probabilities of
+    the query rows they watch (:func:`observed_rows`), scored in blocks by :func:`block_scores` with ``scores``
+    (bias, logits, softcap): for paths whose kernel never holds the probabilities."""
     watched = observed_rows(module, query.shape[2])
     if watched is None:
         return
+    notify_queries_keys(module, query, key)
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     first_query = first_query_slot(attention_mask, q_len, k_len)
-    causal = getattr(module, "is_causal", True)
     step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
     for rows in watched.to(query.device).split(step):
-        cols = slice(0, min(k_len, first_query + int(rows[-1]) + 1) if causal else k_len)
+        cols = key_columns(module, slice(int(rows[0]), int(rows[-1]) + 1), first_query, k_len)
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)
-        scores = block_scores(rows, cols, query[:, :, rows], key[:, :, cols], mask, scaling, bias=bias, softcap=softcap)
-        notify_probabilities(module, torch.softmax(scores, dim=-1), rows, cols, (q_len, k_len))
+        scores_ = block_scores(rows, cols, query[:, :, rows], key[:, :, cols], mask, scaling, **scores)
+        notify_probabilities(module, torch.softmax(scores_, dim=-1), rows, cols, (q_len, k_len))
 
 
 def notify_queries_keys(module, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -364,14 +363,15 @@ def chunked_attention(
     The module's observers (:func:`pos_swap.observe`) see the probabilities of the rows they watch. Returns
     ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
     """
-    notify_queries_keys(module, query, key)
-    k_len = key.shape[2]
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     keep_weights = module.config._attn_implementation == PREFIX + "eager"
     fused = logits is None and not keep_weights and softcap is None
     watched = None if fused else observed_rows(module, query.shape[2])
-    watched = None if watched is None else watched.to(query.device)
+    if watched is not None:
+        notify_queries_keys(module, query, key)
+        watched = watched.to(query.device)
+    k_len = key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     outputs, weights = [], []
     for rows, cols, q_rows, k_cols, mask in query_blocks(module, query, key, attention_mask, budget_mib):
         v_cols = value[:, :, cols]
@@ -391,7 +391,7 @@ def chunked_attention(
         if keep_weights:
             weights.append(F.pad(probs, (0, k_len - cols.stop)))
     if fused:
-        show_observers(module, query, key, attention_mask, scaling, bias=bias, budget_mib=budget_mib)
+        notify_blocks(module, query, key, attention_mask, scaling, bias=bias, budget_mib=budget_mib)
     output = torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
     return output, torch.cat(weights, dim=2) if keep_weights else None
 

@@ -10,8 +10,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .. import archs
-from ..attention import backend_of, chunked_attention, first_query_slot, observers_of, positions
+from .. import archs, fused
+from ..attention import backend_of, chunked_attention, first_query_slot, notify_blocks, observers_of, positions
 from ..errors import InvalidParameterError
 from ..functional import alibi
 from ..registry import Scheme, SchemeConfig, greater_than, param, register
@@ -63,6 +63,14 @@ class AlibiBias(nn.Module):
 
         def bias(rows, cols):
             return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric)  # (B, H, C, W)
+
+        if fused.applies(module, query, kwargs.get("softcap"), self.slopes) and getattr(module, "is_causal", True):
+            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+            output = fused.alibi_attention(
+                query, key, value, self.slopes, q_pos, k_pos, scaling, first_query=first, mask=attention_mask
+            )
+            notify_blocks(module, query, key, attention_mask, scaling, bias=bias)  # observers, if any
+            return output, None
 
         return chunked_attention(
             module, query, key, value, attention_mask, scaling, bias=bias, dropout=dropout,

@@ -12,8 +12,8 @@ import warnings
 import torch
 from torch import nn
 
-from .. import archs
-from ..attention import chunked_attention, chunked_backend, positions
+from .. import archs, fused
+from ..attention import chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
 from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
@@ -48,6 +48,12 @@ class SelfExtendConfig(SchemeConfig):
             )
 
 
+def _slots(query_positions: torch.Tensor) -> bool:
+    """Whether the queries' positions follow their cache slots (one apart, as without padding or packing): then
+    neighbours are a band of slots and the fused passes apply."""
+    return bool((query_positions.diff(dim=-1) == 1).all())
+
+
 class GroupedAttention(nn.Module):
     """The attention hook of one rotary table: rotates queries and cached keys at neighbour and grouped positions
     and attends with the merged scores (in chunks of query rows, never an L x L tensor per head)."""
@@ -72,16 +78,22 @@ class GroupedAttention(nn.Module):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)  # (B, Lq), (B, Lk)
         q_group, k_group = self.far_positions(q_pos, k_pos)
-        far_query = self._rotate(query, q_group)  # (B, H, Lq, D)
-        far_key = self._rotate(key, k_group).repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, Lk, D)
+        near_query, near_key = self._rotate(query, q_pos), self._rotate(key, k_pos)  # (B, H, Lq, D), (B, Hkv, Lk, D)
+        far_query, far_key = self._rotate(query, q_group), self._rotate(key, k_group)
 
-        def logits(rows, cols, near_query, near_key, mask):
-            near = near_query @ near_key.transpose(-1, -2)  # (B, H, C, W)
-            far = far_query[:, :, rows] @ far_key[:, :, cols].transpose(-1, -2)  # (B, H, C, W)
+        def logits(rows, cols, near_rows, near_cols, mask):
+            far_cols = far_key[:, :, cols].repeat_interleave(heads // far_key.shape[1], dim=1)  # (B, H, W, D)
+            near = near_rows @ near_cols.transpose(-1, -2)  # (B, H, C, W)
+            far = far_query[:, :, rows] @ far_cols.transpose(-1, -2)  # (B, H, C, W)
             neighbours = self_extend.in_window(q_pos[:, rows], k_pos[:, cols], self.window)[:, None]  # (B, 1, C, W)
             return torch.where(neighbours, near, far).float() * scaling
 
-        near_query, near_key = self._rotate(query, q_pos), self._rotate(key, k_pos)  # (B, H, Lq, D), (B, Hkv, Lk, D)
+        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _slots(q_pos):
+            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+            near, far = (near_query, near_key), (far_query, far_key)
+            output = fused.windowed_attention(near, far, value, scaling, first, self.window)
+            notify_blocks(module, near_query, near_key, attention_mask, scaling, logits=logits)  # observers, if any
+            return output, None
         return chunked_attention(
             module, near_query, near_key, value, attention_mask, scaling, logits=logits, dropout=dropout,
             softcap=kwargs.get("softcap"),

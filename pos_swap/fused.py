@@ -1,0 +1,152 @@
+"""Fused attention passes for the schemes that change the scores (ALiBi, Self-Extend), merged by log-sum-exp.
+
+A scheme whose scores are not a plain scaled dot product can still run in a fused kernel (no L x L tensor) when
+its attention splits into passes the kernel computes: each pass returns its output and the log-sum-exp of its
+scores per query row, and :func:`merge_by_lse` combines them exactly, as flash implementations of SelfExtend do.
+ALiBi needs no second pass: -m·(i - j) is m·j plus a row constant the softmax ignores, a per-key bias that folds
+into a few extra query/key features (:func:`alibi_attention`).
+
+These paths are for inference: the log-sum-exp of the kernel carries no gradient, so a scheme falls back to
+:func:`pos_swap.attention.chunked_attention` when gradients, dropout, a softcap or eager attention weights
+are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch's
+``_scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)`` is the kernel to wire in next.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .attention import additive_mask, backend_of
+
+# Query rows per pass. The CPU kernel splits queries finely below 768 rows (slower), and ALiBi's folded bias near
+# the diagonal stays below slope x ALIBI_BLOCK / 2 (float32 error about 3e-5 in the logits at slope 1/2).
+ALIBI_BLOCK = 2048
+BAND_BLOCK = 1024  # Self-Extend's neighbour pass reads the window plus this many keys per row
+
+
+def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
+    """Whether a scheme's hook may use the fused passes instead of the chunked path: a CPU tensor (the kernel
+    that returns the log-sum-exp), sdpa routing (eager must return weights), no softcap, evaluation mode (dropout)
+    and no gradient wanted through ``query`` or ``parameters`` (the kernel's log-sum-exp has none). A hook that
+    takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`)."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *parameters))
+    return (
+        query.device.type == "cpu" and backend_of(module) == "sdpa" and softcap is None and not module.training
+        and not wants_grad
+    )  # fmt: skip
+
+
+def attention_with_lse(query, key, value, scale: float, *, causal: bool = False, mask=None):
+    """Attention ``(B, H, Lq, D)`` and the log-sum-exp of the scaled scores ``(B, H, Lq)`` in float32, from one
+    fused CPU kernel (torch's flash attention for CPU); keys and values may have fewer heads than the queries
+    (grouped-query attention, each shared by consecutive query heads), all one head dim; ``causal`` is top-left
+    aligned (row r sees keys <= r), ``mask`` is additive in the query's dtype."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, causal, attn_mask=mask, scale=scale
+    )
+
+
+def merge_by_lse(parts):
+    """One attention from passes over disjoint key sets: ``parts`` is a list of ``(output, lse)``; each output is
+    weighted by its share exp(lse_i - lse) of the softmax normaliser. Rows a pass did not reach have lse -inf."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])  # (P, B, H, Lq)
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total).nan_to_num(0.0)  # rows no pass reached: 0, not nan
+    output = sum(out.float() * w[..., None] for (out, _), w in zip(parts, weights))
+    return output.to(parts[0][0].dtype), total
+
+
+def shifted_causal_attention(query, key, value, scale: float, shift: int):
+    """Attention in which query row r sees key slots c <= r + shift, in at most two fused passes: the keys every
+    row sees (c < shift, no mask) and the square block after them (top-left causal). Rows that see no key get a
+    zero output and lse -inf. Needs ``shift + Lq <= Lk``."""
+    batch, heads, rows, _ = query.shape
+    parts = []
+    if shift > 0:
+        parts.append(attention_with_lse(query, key[:, :, :shift], value[:, :, :shift], scale))
+    blind = max(0, -shift)  # rows before the first key: only when shift < 0
+    if blind < rows:
+        keys = slice(shift + blind, shift + rows)
+        out, lse = attention_with_lse(query[:, :, blind:], key[:, :, keys], value[:, :, keys], scale, causal=True)
+        if blind:
+            out = F.pad(out, (0, 0, blind, 0))
+            lse = F.pad(lse, (blind, 0), value=float("-inf"))
+        parts.append((out, lse))
+    if not parts:
+        return query.new_zeros(batch, heads, rows, value.shape[-1]), query.new_full((batch, heads, rows), float("-inf"))
+    return merge_by_lse(parts)
+
+
+def two_terms(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (float32) as ``hi + lo`` in ``dtype``: about twice the dtype's precision, so that bfloat16 features
+    still carry key distances in the thousands and slopes to float32 accuracy."""
+    hi = x.to(dtype)
+    return hi, (x - hi.float()).to(dtype)
+
+
+def _fold(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``x (B, H, L, D)`` with ``features (B|1, H|1, L|1, F)`` appended along the head dimension."""
+    return torch.cat([x, features.expand(*x.shape[:-1], features.shape[-1])], dim=-1)
+
+
+def alibi_attention(query, key, value, slopes, query_positions, key_positions, scale, *, first_query, mask):
+    """ALiBi, -slope·(i - j), causal, in the plain fused kernel: ``(B, Lq, H, D)`` like the attention functions.
+
+    Per block of query rows around position c, the bias is slope·(j - c) plus a row constant the softmax drops:
+    q gets slope/scale and k gets j - c as extra features (each split in two terms, :func:`two_terms`), so the
+    bias stays small near the diagonal in any dtype. ``mask`` is transformers' attention mask (or None: causal,
+    queries from key slot ``first_query``).
+    """
+    q_len, dim = query.shape[2:]
+    slope_hi, slope_lo = two_terms(slopes.float().to(query.device) / scale, query.dtype)
+    query = _fold(query, torch.stack([slope_hi, slope_hi, slope_lo, slope_lo], -1)[None, :, None])
+    value = F.pad(value, (0, 4))  # the kernel wants one head dim for q, k and v
+    outputs = []
+    for start in range(0, q_len, ALIBI_BLOCK):
+        rows = slice(start, min(start + ALIBI_BLOCK, q_len))
+        cols = slice(0, first_query + rows.stop)
+        middle = (rows.start + rows.stop) // 2
+        distance = (key_positions[:, cols] - query_positions[:, middle : middle + 1]).float()  # (B, W)
+        d_hi, d_lo = two_terms(distance, query.dtype)
+        block_key = _fold(key[:, :, cols], torch.stack([d_hi, d_lo, d_hi, d_lo], -1)[:, None])
+        block_query, block_value = query[:, :, rows], value[:, :, cols]
+        if mask is None:
+            out, _ = shifted_causal_attention(block_query, block_key, block_value, scale, first_query + rows.start)
+        else:
+            block_mask = additive_mask(mask, None, rows, cols, first_query, query.device)
+            block_mask = block_mask.to(query.dtype).clamp(min=torch.finfo(query.dtype).min)
+            out, _ = attention_with_lse(block_query, block_key, block_value, scale, mask=block_mask)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2)[..., :dim].transpose(1, 2).contiguous()
+
+
+def band_attention(query, key, value, scale: float, first_query: int, window: int):
+    """``(output, lse)`` of query row r (key slot first_query + r) attending to the ``window`` key slots up to its
+    own, in blocks of :data:`BAND_BLOCK` rows, each one fused pass with a small band mask."""
+    q_len = query.shape[2]
+    outputs, lses = [], []
+    for start in range(0, q_len, BAND_BLOCK):
+        stop = min(start + BAND_BLOCK, q_len)
+        slots = torch.arange(first_query + start, first_query + stop, device=query.device)[:, None]  # (C, 1)
+        first_key = max(0, first_query + start - window + 1)
+        keys = torch.arange(first_key, first_query + stop, device=query.device)[None]  # (1, W)
+        inside = (keys <= slots) & (keys > slots - window)
+        band = torch.zeros(inside.shape, dtype=query.dtype, device=query.device)
+        band = band.masked_fill(~inside, torch.finfo(query.dtype).min)[None, None]
+        cols = slice(first_key, first_query + stop)
+        out, lse = attention_with_lse(query[:, :, start:stop], key[:, :, cols], value[:, :, cols], scale, mask=band)
+        outputs.append(out)
+        lses.append(lse)
+    return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
+
+
+def windowed_attention(near, far, value, scale: float, first_query: int, window: int):
+    """Causal attention ``(B, Lq, H, D)`` in which keys closer than ``window`` slots score with ``near = (query,
+    key)`` and farther keys with ``far = (query, key)`` (each rotated at its own positions), in fused passes
+    merged by log-sum-exp; no padding mask. Self-Extend's far pair uses grouped positions; ReRoPE's would be the
+    query at position ``window`` and the unrotated key (leaky ReRoPE: positions i/k + W - W/k and j/k)."""
+    neighbours = band_attention(*near, value, scale, first_query, window)
+    distant = shifted_causal_attention(*far, value, scale, first_query - window)
+    output, _ = merge_by_lse([neighbours, distant])
+    return output.transpose(1, 2).contiguous()

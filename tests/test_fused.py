@@ -1,0 +1,189 @@
+"""The fused passes (pos_swap.fused): the kernel's log-sum-exp and the merge against float64 math, and the ALiBi and
+Self-Extend fast paths against the chunked path they replace and a float64 model, through caches, padding, grouped
+heads and half precision."""
+
+import pytest
+import torch
+
+import pos_swap
+from pos_swap import fused
+from conftest import tiny
+
+IDS = torch.randint(3, 100, (2, 70), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
+SCHEMES = [("alibi", {}), ("self-extend", dict(window=8, group=4))]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of a few rows, so that 70 tokens cross many block boundaries."""
+    monkeypatch.setattr(fused, "ALIBI_BLOCK", 16)
+    monkeypatch.setattr(fused, "BAND_BLOCK", 8)
+
+
+def reference_attention(query, key, value, scale, allowed):
+    """Float64 softmax attention and log-sum-exp with a boolean ``allowed (Lq, Lk)``."""
+    scores = (query.double() @ key.double().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ value.double(), torch.logsumexp(scores, dim=-1)
+
+
+def random_qkv(q_len=11, k_len=19, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, n, dim, generator=generator) for n in (q_len, k_len, k_len)]
+
+
+def test_attention_with_lse_equals_float64_math():
+    query, key, value = random_qkv(q_len=19)
+    for causal in (False, True):
+        out, lse = fused.attention_with_lse(query, key, value, 0.3, causal=causal)
+        allowed = torch.ones(19, 19, dtype=torch.bool)
+        allowed = allowed.tril() if causal else allowed
+        ref_out, ref_lse = reference_attention(query, key, value, 0.3, allowed)
+        torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_with_lse_shares_grouped_key_heads_like_transformers():
+    query, key, value = random_qkv(q_len=19)
+    grouped = [x[:, :1] for x in (key, value)]  # one key/value head for the three query heads
+    out, lse = fused.attention_with_lse(query, *grouped, 0.3, causal=True)
+    repeated = [x.repeat_interleave(3, dim=1) for x in grouped]
+    ref_out, ref_lse = reference_attention(query, *repeated, 0.3, torch.ones(19, 19, dtype=torch.bool).tril())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_passes_over_split_keys_equals_one_pass():
+    query, key, value = random_qkv()
+    parts = [fused.attention_with_lse(query, key[:, :, cols], value[:, :, cols], 0.3) for cols in (slice(0, 7), slice(7, 19))]
+    out, lse = fused.merge_by_lse(parts)
+    ref_out, ref_lse = reference_attention(query, key, value, 0.3, torch.ones(11, 19, dtype=torch.bool))
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [-12, -4, 0, 3, 8])
+def test_shifted_causal_attention_sees_keys_up_to_row_plus_shift(shift):
+    query, key, value = random_qkv()
+    out, lse = fused.shifted_causal_attention(query, key, value, 0.3, shift)
+    allowed = torch.arange(19)[None, :] <= torch.arange(11)[:, None] + shift
+    ref_out, ref_lse = reference_attention(query, key, value, 0.3, allowed)
+    seen = allowed.any(-1)  # rows that see some key; the others are zero with lse -inf
+    torch.testing.assert_close(out[:, :, seen].double(), ref_out[:, :, seen], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[:, :, seen].double(), ref_lse[:, :, seen], atol=1e-5, rtol=1e-5)
+    assert (out[:, :, ~seen] == 0).all() and (lse[:, :, ~seen] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_terms_carry_distances_and_slopes_beyond_the_dtype(dtype):
+    values = torch.tensor([-8191.0, -4097.0, -300.0, -1.0, 0.0, 5.0, 0.70710677 * 8, 2**-8 * 8])
+    hi, lo = fused.two_terms(values, dtype)
+    assert (hi.float() + lo.float() - values).abs().max() <= 1e-5 * values.abs().max()
+
+
+def chunked(monkeypatch):
+    """Route the hooks through the chunked path they had before the fused passes."""
+    monkeypatch.setattr(fused, "applies", lambda *args, **kwargs: False)
+
+
+def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
+    model = tiny("llama").to(dtype)
+    pos_swap.patch(model, scheme, **params)
+    with torch.no_grad():
+        return model(ids, **kwargs).logits.double()
+
+
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, params):
+    called = []
+    for name in ("alibi_attention", "windowed_attention"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=original, **k: called.append(1) or _f(*a, **k))
+    fast = patched_logits(scheme, params)
+    assert called, "the fused path did not run"
+    chunked(monkeypatch)
+    torch.testing.assert_close(fast, patched_logits(scheme, params), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, patched_logits(scheme, params, dtype=torch.float64), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+def test_half_precision_is_as_close_to_float64_as_the_chunked_path(monkeypatch, scheme, params, dtype):
+    ids = torch.randint(3, 100, (1, 600), generator=torch.Generator().manual_seed(1))  # distances in the hundreds
+    fast = patched_logits(scheme, params, ids, dtype)
+    chunked(monkeypatch)
+    slow = patched_logits(scheme, params, ids, dtype)
+    exact = patched_logits(scheme, params, ids, torch.float64)
+    fast_error, slow_error = (fast - exact).abs().max(), (slow - exact).abs().max()
+    assert fast_error <= 2 * slow_error + 1e-2, (fast_error, slow_error)
+
+
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cached_generation_equals_the_chunked_path(monkeypatch, scheme, params, cache):
+    def generate():
+        model = tiny("llama")
+        pos_swap.patch(model, scheme, **params)
+        out = model.generate(IDS[:, :40], max_new_tokens=12, do_sample=False, cache_implementation=cache,
+                             output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        return out.sequences, torch.stack(out.scores)
+
+    fast_tokens, fast_scores = generate()
+    chunked(monkeypatch)
+    slow_tokens, slow_scores = generate()
+    assert torch.equal(fast_tokens, slow_tokens)
+    torch.testing.assert_close(fast_scores, slow_scores, atol=2e-5, rtol=1e-5)
+
+
+def test_alibi_left_padded_batch_equals_each_sequence_alone():
+    model = tiny("llama")
+    pos_swap.patch(model, "alibi")
+    short = IDS[1, :50]
+    batch = torch.stack([IDS[0, :70], torch.cat([torch.zeros(20, dtype=torch.long), short])])
+    mask = (torch.arange(70)[None] >= torch.tensor([[0], [20]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask, position_ids=positions).logits
+        alone = model(short[None]).logits
+    torch.testing.assert_close(padded[1, 20:], alone[0], atol=2e-5, rtol=1e-5)
+
+
+def test_training_keeps_the_chunked_path_and_slope_gradients(monkeypatch):
+    model = tiny("llama")
+    pos_swap.patch(model, "alibi", trainable=True)
+    monkeypatch.setattr(fused, "alibi_attention", lambda *a, **k: pytest.fail("fused path used with gradients"))
+    model(IDS).logits.square().mean().backward()
+    slopes = [p for name, p in model.named_parameters() if name.endswith("slopes")]
+    assert slopes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in slopes)
+
+
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+def test_observers_see_the_probabilities_of_the_chunked_path(monkeypatch, scheme, params):
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)
+
+    class Probe:
+        def __init__(self):
+            self.seen = []
+
+        def queries_keys(self, module, query, key):
+            pass
+
+        def probabilities(self, module, probs, rows, cols, shape):
+            self.seen.append(probs)
+
+    def observed():
+        probe = Probe()
+        with pos_swap.observe(model, probe), torch.no_grad():
+            output = model(IDS[:, :40]).logits
+        return output, probe.seen
+
+    fast_output, fast_seen = observed()
+    with torch.no_grad():
+        assert torch.equal(fast_output, model(IDS[:, :40]).logits)  # observing changes nothing
+    chunked(monkeypatch)
+    slow_output, slow_seen = observed()
+    torch.testing.assert_close(fast_output, slow_output, atol=2e-5, rtol=1e-5)
+    assert len(fast_seen) == len(slow_seen) > 0
+    for fast, slow in zip(fast_seen, slow_seen):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

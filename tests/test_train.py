@@ -370,3 +370,15 @@ def test_alibi_distances_follow_pose_ids():
     assert not torch.allclose(outputs(model, tokens), outputs(model, tokens, position_ids=ids))
     shifted = torch.arange(16)[None] + 7  # a uniform shift keeps every distance
     torch.testing.assert_close(outputs(model, tokens), outputs(model, tokens, position_ids=shifted))
+
+
+@pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED")])
+def test_example_accelerate_configs_load_with_accelerate(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.name == kind and config.num_processes >= 2
+    assert f"--config_file examples/accelerate/{name}.yaml -m pos_swap finetune" in path.read_text().splitlines()[0]
+    if kind == "FSDP":  # LoRA mixes frozen and trained weights in one wrapped module
+        assert config.fsdp_config["fsdp_use_orig_params"] is True

@@ -141,8 +141,15 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         if logx:
             ax.set_xscale("log", base=2)
-        if logy:
+        if logy:  # plain numbers (310, 350) rather than 3.1 x 10^2 when the range spans less than a decade
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            low, high = ax.get_ylim()
+            if high < 10 * low:  # no decade inside: the minor ticks carry the labels
+                ax.yaxis.set_minor_formatter(plain)
         if xticks:
             ax.set_xticks(list(xticks), list(xticks.values()))
             ax.set_xticks([], minor=True)

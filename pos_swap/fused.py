@@ -150,3 +150,20 @@ def windowed_attention(near, far, value, scale: float, first_query: int, window:
     distant = shifted_causal_attention(*far, value, scale, first_query - window)
     output, _ = merge_by_lse([neighbours, distant])
     return output.transpose(1, 2).contiguous()
+
+
+def sink_attention(near_query, far_query, key, value, scale: float, first_query: int, sink_tokens: int, window: int):
+    """Attention sinks ``(B, Lq, H, D)``, causal, no padding: query row r (key slot s = first_query + r) sees the
+    ``window + 1`` slots up to its own with ``near_query`` and the first ``sink_tokens`` slots before those with
+    ``far_query`` (rotated at its place in the cache), in two fused passes merged by log-sum-exp."""
+    neighbours = band_attention(near_query, key, value, scale, first_query, window + 1)
+    sink_tokens = min(sink_tokens, key.shape[2])
+    if sink_tokens == 0:
+        return neighbours[0].transpose(1, 2).contiguous()
+    slots = torch.arange(first_query, first_query + near_query.shape[2], device=near_query.device)[:, None]  # (Lq, 1)
+    seen = torch.arange(sink_tokens, device=key.device)[None] < slots - window  # (Lq, S): sinks beyond the band
+    mask = torch.zeros(seen.shape, dtype=far_query.dtype, device=key.device)
+    mask = mask.masked_fill(~seen, torch.finfo(far_query.dtype).min)[None, None]
+    out, lse = attention_with_lse(far_query, key[:, :, :sink_tokens], value[:, :, :sink_tokens], scale, mask=mask)
+    output, _ = merge_by_lse([neighbours, (out, lse.masked_fill(~seen.any(-1), float("-inf")))])
+    return output.transpose(1, 2).contiguous()

@@ -3,13 +3,14 @@ recommendation for a target length, and the one-command demo.
 
     from pos_swap import evaluate
     rows = evaluate.perplexity(model, ids, lengths=[2048, 8192])           # one dict per window
+    losses, held = evaluate.stream_losses(model, ids, SinkCache(model), step=512)   # a stream through a cache
     hits = evaluate.passkey(model, tokenizer, lengths=[4096], depths=[0.0, 0.5, 1.0])
     run = evaluate.evaluate(model, tokenizer, evaluate.Plan(schemes=evaluate.parse_schemes("native,dynamic-yarn"),
                                                             lengths=[2048, 16384]), out="runs/eval")
 """
 
 from . import choose, demo, run, specs  # modules: the CLI reads their docs
-from .ppl import perplexity, summarize, token_losses
+from .ppl import perplexity, stream_losses, summarize, token_losses
 from .choose import recommend
 from .retrieval import DEPTHS, multikey, passkey
 from .run import Plan, evaluate, load, write_report
@@ -17,5 +18,5 @@ from .specs import parse_lengths, parse_schemes
 
 __all__ = [
     "DEPTHS", "Plan", "evaluate", "load", "multikey", "parse_lengths", "parse_schemes", "passkey", "perplexity",
-    "recommend", "summarize", "token_losses", "write_report",
+    "recommend", "stream_losses", "summarize", "token_losses", "write_report",
 ]  # fmt: skip

@@ -22,24 +22,52 @@ def token_losses(model, ids: torch.Tensor, chunk: int | None = None) -> torch.Te
     """Negative log-likelihood (float32, shape ``(L - 1,)``) of each token of ``ids (1, L)`` given the tokens
     before it, in one forward pass of the whole window; the head runs over ``chunk`` positions at a time
     (default: as many as fit in LOGITS_MIB of float32 logits)."""
+    head = _head(model)
+    ids = ids.to(head.weight.device)
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (L - 1, hidden)
+        return _losses(model, hidden, ids[0, 1:], chunk)
+
+
+def stream_losses(model, ids: torch.Tensor, cache, *, step: int = 512, progress: bool = True):
+    """Negative log-likelihood ``(L - 1,)`` of each token of ``ids (1, L)``, fed ``step`` tokens at a time through
+    ``cache`` (a transformers ``Cache``: a ``DynamicCache`` grows with the stream, a bounded one such as
+    ``pos_swap.schemes.sinks.SinkCache`` does not), and the keys the cache's first layer holds after each step."""
+    head = _head(model)
+    ids = ids.to(head.weight.device)
+    losses, held = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, ids.shape[1] - 1, step), desc="stream", disable=not progress, leave=False):
+            piece = ids[:, start : start + step]
+            hidden = model.base_model(input_ids=piece, past_key_values=cache, use_cache=True).last_hidden_state
+            targets = ids[0, start + 1 : start + 1 + piece.shape[1]]
+            losses.append(_losses(model, hidden[0, : targets.numel()], targets))
+            held.append(cache.layers[0].keys.shape[-2])
+    return torch.cat(losses), held
+
+
+def _head(model):
     head = model.get_output_embeddings()
     if head is None:
         raise PosSwapError(
             f"{type(model).__name__} has no language-model head, so it has no perplexity. Load the model with "
             f"AutoModelForCausalLM (encoders such as BERT: use the probing tools instead)."
         )
+    return head
+
+
+def _losses(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The loss of each of ``targets (N,)`` from the final hidden states ``(N, hidden)``, the head run over
+    ``chunk`` positions at a time."""
+    head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     chunk = chunk or max(16, LOGITS_MIB * 2**20 // (4 * head.weight.shape[0]))
-    ids = ids.to(head.weight.device)
-    with torch.no_grad():
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (L - 1, hidden)
-        targets = ids[0, 1:]
-        losses = []
-        for start in range(0, hidden.shape[0], chunk):
-            logits = head(hidden[start : start + chunk]).float()  # (chunk, vocab)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            losses.append(torch.nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none"))
+    losses = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start : start + chunk]).float()  # (chunk, vocab)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        losses.append(torch.nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none"))
     return torch.cat(losses).cpu()
 
 

@@ -31,6 +31,7 @@ CASES = [  # (arch, scheme, params, model overrides)
     ("mistral", "rerope", dict(window=4), SLIDING),
     ("llama", "dual-chunk", dict(chunk_size=12, local_window=3), {}),
     ("mistral", "dual-chunk", dict(chunk_size=6, local_window=2), SLIDING),
+    ("llama", "sinks", dict(sink_tokens=2, window=6), {}),
 ]
 HELD_OUT = [
     ("gemma2", "alibi", {}, {}),  # eager, soft-capping, sliding layers alternating with full ones

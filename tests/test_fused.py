@@ -10,7 +10,7 @@ from pos_swap import fused
 from conftest import tiny
 
 IDS = torch.randint(3, 100, (2, 70), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
-SCHEMES = [("alibi", {}), ("self-extend", dict(window=8, group=4))]
+SCHEMES = [("alibi", {}), ("self-extend", dict(window=8, group=4)), ("sinks", dict(sink_tokens=2, window=8))]
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
 @pytest.mark.parametrize("scheme, params", SCHEMES)
 def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, params):
     called = []
-    for name in ("alibi_attention", "windowed_attention"):
+    for name in ("alibi_attention", "windowed_attention", "sink_attention"):
         original = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _f=original, **k: called.append(1) or _f(*a, **k))
     fast = patched_logits(scheme, params)

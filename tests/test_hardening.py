@@ -64,6 +64,7 @@ EVERY_SCHEME = [
     ("llama", "dynamic", dict(factor=2.0)), ("llama", "dynamic-yarn", {}), ("llama", "llama3", dict(factor=4.0)),
     ("llama", "alibi", dict(trainable=True)), ("llama", "cope", dict(init="normal")),
     ("llama", "self-extend", dict(window=8, group=2)), ("llama", "nope", {}),
+    ("llama", "sinks", dict(sink_tokens=2, window=6)),
     ("gpt2", "learned-interpolate", dict(factor=4.0)), ("gpt2", "sinusoidal", {}), ("gpt2", "rope", {}),
     ("gpt2", "nope", {}), ("opt", "learned-interpolate", dict(factor=2.0)), ("bert", "sinusoidal", {}),
     ("bert", "alibi", {}), ("opt", "cope", {}),

@@ -28,6 +28,9 @@ from ..functional import rope, sinks
 from ..registry import MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
 
 
+HIDDEN = -1e30  # the logit of a key the pattern hides
+
+
 def _not_negative(value):
     return None if value >= 0 else "must be >= 0 (0 keeps no sinks: a plain sliding window)"
 
@@ -95,34 +98,43 @@ class SinkAttention(nn.Module):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         sizes = self.sink_tokens, self.window
         q_len, k_len = query.shape[2], key.shape[2]
-        first = first_query_slot(attention_mask, q_len, k_len) if self.pending is None else k_len - q_len
+        from_sink_cache = self.pending is not None  # its keys end with the queries; transformers' mask knows only those
+        first = k_len - q_len if from_sink_cache else first_query_slot(attention_mask, q_len, k_len)
         k_rank = self.key_ranks(key, attention_mask, first, q_len, module)  # (B, Lk)
         q_rank = k_rank[:, first : first + q_len]  # (B, Lq)
         near_query, far_query = self._rotate(query, q_rank), self._rotate(query, sinks.cache_query_positions(q_rank, *sizes))
         keys = self._rotate(key, k_rank)
 
         def logits(rows, cols, q_rows, k_cols, mask):
-            recent = sinks.in_window(q_rank[:, rows], k_rank[:, cols], self.window)[:, None]  # (B, 1, C, W)
+            """Recent keys scored at true distances, sinks from the query's place in the cache, the rest hidden (a
+            finite -1e30, so that adding transformers' mask cannot overflow to -inf)."""
+            q_ranks, k_ranks = q_rank[:, rows], k_rank[:, cols]
             near, far = q_rows @ k_cols.transpose(-1, -2), far_query[:, :, rows] @ k_cols.transpose(-1, -2)
-            return torch.where(recent, near, far).float() * scaling
+            scores = torch.where(sinks.in_window(q_ranks, k_ranks, self.window)[:, None], near, far).float() * scaling
+            return scores.masked_fill(~sinks.visible(q_ranks, k_ranks, *sizes)[:, None], HIDDEN)
 
-        if fused.applies(module, query, kwargs.get("softcap")) and torch.equal(k_rank, _slots_of(k_rank)):
+        if fused.applies(module, query, kwargs.get("softcap")) and _bands_apply(k_rank, first, *sizes):
             output = fused.sink_attention(near_query, far_query, keys, value, scaling, first, *sizes)
-            masked = lambda rows, cols, q_rows, k_cols, mask: logits(rows, cols, q_rows, k_cols, mask).masked_fill(  # noqa: E731
-                ~sinks.visible(q_rank[:, rows], k_rank[:, cols], *sizes)[:, None], torch.finfo(torch.float32).min
-            )
-            notify_blocks(module, near_query, keys, None, scaling, logits=masked)  # observers, if any
+            notify_blocks(module, near_query, keys, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None
-        seen = sinks.visible(q_rank, k_rank, *sizes)[:, None]  # (B, 1, Lq, Lk): the chunked path reads masks whole
+        if from_sink_cache:  # a mask for the few keys the cache holds: (B, 1, Lq, S + W + Lq) at most
+            attention_mask = sinks.visible(q_rank, k_rank, *sizes)[:, None]
         return chunked_attention(
-            module, near_query, keys, value, seen, scaling, logits=logits, dropout=dropout,
+            module, near_query, keys, value, attention_mask, scaling, logits=logits, dropout=dropout,
             softcap=kwargs.get("softcap"),
         )  # fmt: skip
 
 
-def _slots_of(ranks: torch.Tensor) -> torch.Tensor:
-    """The ranks of a batch of unpadded sequences held whole: 0, 1, 2, ... in every row."""
-    return torch.arange(ranks.shape[-1], device=ranks.device).expand_as(ranks)
+def _bands_apply(key_ranks: torch.Tensor, first_query: int, sink_tokens: int, window: int) -> bool:
+    """Whether the fused passes (a band of slots plus the first ``sink_tokens`` slots) see what the ranks say: no
+    padding, the sinks in the first slots, each later slot one rank after the one before it, and, where a cache
+    dropped the tokens between sinks and window, every query at least ``window`` slots past the sinks."""
+    sinks_held, rest = key_ranks[:, :sink_tokens], key_ranks[:, sink_tokens:]
+    in_order = torch.arange(sinks_held.shape[-1], device=key_ranks.device)
+    if not (torch.equal(sinks_held, in_order.expand_as(sinks_held)) and bool((rest.diff(dim=-1) == 1).all())):
+        return False
+    dropped = rest.shape[-1] > 0 and bool((rest[:, 0] > sink_tokens).any())
+    return not dropped or first_query >= sink_tokens + window
 
 
 @register

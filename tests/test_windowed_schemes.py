@@ -148,6 +148,10 @@ def test_every_backend_gives_the_same_logits(scheme, params):
         ("dual-chunk", dict(chunk_size=8, local_window=0), "must be > 0"),
         ("dual-chunk", dict(chunk_size=1, local_window=1), "must be > 1"),
         ("dual-chunk", dict(chunk_size=8), "needs parameter 'local_window'"),
+        ("sinks", dict(window=0), "must be > 0"),
+        ("sinks", dict(window=6.0), "must be int"),
+        ("sinks", dict(sink_tokens=-1, window=6), "must be >= 0"),
+        ("sinks", dict(sink_tokens=True, window=6), "must be int"),
     ],
 )
 def test_bad_parameters_raise_and_leave_the_model_alone(scheme, params, message):

@@ -96,6 +96,16 @@ def test_a_sink_cache_streams_exactly_what_one_forward_computes(layers, chunks):
     torch.testing.assert_close(torch.cat(streamed, 1), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen3", "phi3", "gpt_neox"])
+def test_other_rope_architectures_stream_the_same(arch):
+    model = tiny(arch)
+    pos_swap.patch(model, "sinks", sink_tokens=SINKS, window=WINDOW)
+    cache = SinkCache(model)
+    streamed = [logits(model, IDS[:1, t : t + 5], past_key_values=cache, use_cache=True) for t in range(0, 40, 5)]
+    torch.testing.assert_close(torch.cat(streamed, 1), logits(model, IDS[:1]), rtol=0, atol=1e-5)
+    assert all(layer.keys.shape[-2] <= SINKS + WINDOW for layer in cache.layers)
+
+
 def test_a_dynamic_cache_gives_the_same_stream():
     model = tiny("llama")
     pos_swap.patch(model, "sinks", sink_tokens=SINKS, window=WINDOW)

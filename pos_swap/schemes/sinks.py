@@ -90,9 +90,15 @@ class SinkAttention(nn.Module):
         valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
         if allowed is not None:
             valid = valid & (allowed[:, 0, 0] == 0)
-        if layer is not None and layer.handed is key:
-            return layer.commit(valid[:, -query_length:])  # the cache's own slots: the mask only knows the new ones
-        return sinks.ranks(valid)
+        if layer is None:
+            return sinks.ranks(valid)
+        if layer.handed is not key:
+            raise PosSwapError(
+                f"A SinkCache handed keys to {type(module).__name__} that reached its attention changed, so their "
+                f"ranks are unknown. This architecture cannot stream with SinkCache; use a DynamicCache (the sinks "
+                f"scheme gives the same logits with it, without bounding memory)."
+            )
+        return layer.commit(valid[:, -query_length:])  # the cache's own slots: the mask only knows the new ones
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling

@@ -8,7 +8,7 @@ from . import schemes  # the subpackage: importing it registers every scheme
 from .engine import Patch, __version__, describe, export_hf, from_pretrained, observe, patch, patched, unpatch
 from .errors import PosSwapError
 from .registry import get_scheme, list_schemes
-from .schemes.sinks import SinkCache  # the bounded cache of the sinks scheme, for generate(past_key_values=...)
+from .schemes.sinks import SinkCache  # the bounded cache of the sinks scheme, for generate(cache=...)
 
 __all__ = [
     "Patch", "PosSwapError", "SinkCache", "__version__", "describe", "export_hf", "from_pretrained", "get_scheme", "list_schemes",

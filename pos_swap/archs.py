@@ -6,11 +6,15 @@ This is the only module that names model types or module paths. Schemes ask it f
 
 from dataclasses import dataclass
 
+import transformers
+from packaging.version import Version
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
 
 ROTARY, LEARNED = "rotary", "learned"
+# the keyword a model's forward and generate take a KV cache under: transformers 5.24 renamed past_key_values
+CACHE_ARGUMENT = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 @dataclass(frozen=True)

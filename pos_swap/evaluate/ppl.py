@@ -10,6 +10,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from ..archs import CACHE_ARGUMENT
 from ..errors import PosSwapError
 
 TAIL = 0.25  # the share of a window at its end whose tokens need the long context
@@ -39,7 +40,7 @@ def stream_losses(model, ids: torch.Tensor, cache, *, step: int = 512, progress:
     with torch.no_grad():
         for start in tqdm(range(0, ids.shape[1] - 1, step), desc="stream", disable=not progress, leave=False):
             piece = ids[:, start : start + step]
-            hidden = model.base_model(input_ids=piece, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = model.base_model(input_ids=piece, use_cache=True, **{CACHE_ARGUMENT: cache}).last_hidden_state
             targets = ids[0, start + 1 : start + 1 + piece.shape[1]]
             losses.append(_losses(model, hidden[0, : targets.numel()], targets))
             held.append(cache.layers[0].keys.shape[-2])

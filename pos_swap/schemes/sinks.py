@@ -10,7 +10,7 @@ forward, a plain ``DynamicCache``, or a :class:`SinkCache` fed in chunks of any 
 the :class:`SinkCache` drops what no later token can see, keeping at most ``sink_tokens + window`` keys per layer::
 
     pos_swap.patch(model, "sinks", sink_tokens=4, window=1020)
-    model.generate(ids, past_key_values=SinkCache(model), max_new_tokens=100_000)
+    model.generate(ids, cache=SinkCache(model), max_new_tokens=100_000)  # past_key_values= before transformers 5.24
 """
 
 import dataclasses
@@ -232,7 +232,7 @@ class SinkLayer(DynamicLayer):
 
 class SinkCache(Cache):
     """The bounded KV cache of a model patched with ``sinks``: per layer the first ``sink_tokens`` tokens and the
-    latest ``window``, so ``generate(..., past_key_values=SinkCache(model))`` holds at most ``sink_tokens + window``
+    latest ``window``, so ``generate(..., cache=SinkCache(model))`` holds at most ``sink_tokens + window``
     keys per layer however long it runs. One cache per stream; it works with the model it was made for."""
 
     def __init__(self, model: nn.Module):

@@ -4,6 +4,8 @@ The reference rebuilds the model's rotary module with transformers' ROPE_INIT_FU
 the scheme's ``rope_parameters`` (what ``from_pretrained(..., rope_parameters=...)`` would do).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -51,6 +53,18 @@ def test_dynamic_yarn_is_yarn_with_the_length_as_factor():
     pos_swap.patch(capped, "yarn", factor=2.0)
     with pos_swap.patched(model, "dynamic-yarn", max_factor=2.0, **WHOLE_WINDOW):
         torch.testing.assert_close(logits(model, ids), logits(capped, ids), rtol=0, atol=1e-5)
+
+
+def test_dynamic_yarn_temperature_follows_its_mscale():
+    model = tiny("llama")
+    ids = torch.randint(3, 100, (1, 80), generator=torch.Generator().manual_seed(0))
+    factor = 80 / 32
+    with pos_swap.patched(model, "yarn", factor=factor, attention_factor=0.1 * 0.5 * math.log(factor) + 1):
+        static = logits(model, ids)
+    with pos_swap.patched(model, "dynamic-yarn", mscale=0.5, **WHOLE_WINDOW):
+        torch.testing.assert_close(logits(model, ids), static, rtol=0, atol=1e-5)
+    with pos_swap.patched(model, "dynamic-yarn", **WHOLE_WINDOW):
+        assert (logits(model, ids) - static).abs().max() > 1e-3  # the temperature mattered
 
 
 def test_gemma3_rescales_only_global_layers():

@@ -2,6 +2,8 @@
 against the papers' rules written out by hand, the patched attention against an independent float64 computation,
 and the life cycle every scheme must survive (KV caches, left padding, backends, bad input, save and load)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -166,8 +168,27 @@ def test_bad_parameters_raise_and_leave_the_model_alone(scheme, params, message)
 @pytest.mark.parametrize("scheme, params", SHORT)
 def test_save_and_load_round_trip(tmp_path, scheme, params):
     model = tiny("llama")
-    pos_swap.patch(model, scheme, **params)
+    pos_swap.patch(model, scheme, rope_factor=2.0, **params)
     model.save_pretrained(tmp_path)
     loaded = pos_swap.from_pretrained(tmp_path)
-    assert pos_swap.describe(loaded)["params"] == params
+    assert pos_swap.describe(loaded)["params"] == {**params, "rope_factor": 2.0}
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+@pytest.mark.parametrize(
+    "scheme, params",
+    [
+        ("self-extend", dict(window=40, group=4)),
+        ("rerope", dict(window=40)),
+        ("dual-chunk", dict(chunk_size=48, local_window=4)),
+    ],
+)
+def test_rope_factor_rotates_with_yarn_frequencies(scheme, params):
+    """With every pair inside the window (or one chunk), a windowed scheme with rope_factor is YaRN at that factor."""
+    model = tiny("llama")
+    with pos_swap.patched(model, "yarn", factor=2.0):
+        expected = logits(model, IDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a window covering the trained context warns
+        with pos_swap.patched(model, scheme, rope_factor=2.0, **params):
+            torch.testing.assert_close(logits(model, IDS), expected, rtol=0, atol=1e-5)

@@ -16,12 +16,12 @@ from .. import archs
 from ..attention import chunked_attention, positions
 from ..errors import InvalidParameterError
 from ..functional import dual_chunk, rope
-from ..registry import MAX_POSITIONS, SchemeConfig, greater_than, param, register
-from .self_extend import SelfExtend
+from ..registry import MAX_POSITIONS, greater_than, param, register
+from .self_extend import SelfExtend, WindowedConfig
 
 
 @dataclasses.dataclass
-class DualChunkConfig(SchemeConfig):
+class DualChunkConfig(WindowedConfig):
     chunk_size: int = param(
         None,
         "c: no relative distance reaches c (e.g. 3/4 of the trained context, as ChunkLlama uses)",

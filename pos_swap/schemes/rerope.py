@@ -12,12 +12,12 @@ import torch
 
 from .. import archs
 from ..functional import rerope
-from ..registry import MAX_FACTOR, MAX_POSITIONS, SchemeConfig, greater_than, param, register
-from .self_extend import GroupedAttention, SelfExtend
+from ..registry import MAX_FACTOR, MAX_POSITIONS, greater_than, param, register
+from .self_extend import GroupedAttention, SelfExtend, WindowedConfig
 
 
 @dataclasses.dataclass
-class ReropeConfig(SchemeConfig):
+class ReropeConfig(WindowedConfig):
     window: int = param(
         512, "window W: keys closer than W keep their normal positions", greater_than(0, at_most=MAX_POSITIONS)
     )

@@ -20,7 +20,18 @@ from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_
 
 
 @dataclasses.dataclass
-class SelfExtendConfig(SchemeConfig):
+class WindowedConfig(SchemeConfig):
+    """What the schemes that keep near distances and change far ones share: the frequencies they rotate with."""
+
+    rope_factor: float | None = param(
+        None,
+        "rotate with YaRN's frequencies and temperature for this factor instead of the model's own (default: none)",
+        greater_than(1, " (1 leaves the model's frequencies)", at_most=MAX_FACTOR),
+    )
+
+
+@dataclasses.dataclass
+class SelfExtendConfig(WindowedConfig):
     window: int = param(
         512, "neighbour window W: keys closer than W keep their normal positions", greater_than(0, at_most=MAX_POSITIONS)
     )
@@ -111,10 +122,18 @@ class SelfExtend(Scheme):
         """The attention hook of one rotary table with frequencies ``inv_freq``."""
         return GroupedAttention(inv_freq, attention_scaling, self.config.window, self.config.group)
 
+    def rotary(self, slot, model) -> tuple[torch.Tensor, float]:
+        """The frequencies and cos/sin scaling the hook rotates with: the model's own, or YaRN's for ``rope_factor``
+        (from the default RoPE of the slot's base and the trained context)."""
+        if self.config.rope_factor is None:
+            return slot.inv_freq.float().clone(), slot.attention_scaling
+        base = slot.rope_parameters(model.config)["rope_theta"]
+        return rope.yarn(slot.dim, base, self.config.rope_factor, archs.trained_context(model.config))
+
     def apply(self, patch) -> None:
         model = patch.model
         backend = chunked_backend(model)
         for slot in archs.rotary_slots(model):  # Gemma 3's sliding layers keep their native RoPE
-            hook = self.hook(slot.inv_freq.float().clone(), slot.attention_scaling)
+            hook = self.hook(*self.rotary(slot, model))
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=backend)

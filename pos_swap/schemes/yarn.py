@@ -57,6 +57,9 @@ class DynamicYarnConfig(YarnRampConfig, FollowsLengthConfig):
     max_factor: float | None = param(
         None, "upper bound for the factor (default: none)", greater_than(0, at_most=MAX_FACTOR)
     )
+    mscale: float = param(
+        1.0, "temperature coefficient: cos/sin multiplier 0.1 mscale ln(s) + 1 at factor s (YaRN's is 1)", positive
+    )
 
 
 @register
@@ -73,4 +76,7 @@ class DynamicYarn(RopeScaling):
             factor = min(factor, c.max_factor)
         if factor == 1.0:
             return rope.default_inv_freq(dim, base), 1.0
-        return rope.yarn(dim, base, factor, self.original_length, c.beta_fast, c.beta_slow, truncate=c.truncate)
+        temperature = rope.yarn_mscale(factor, c.mscale)
+        return rope.yarn(
+            dim, base, factor, self.original_length, c.beta_fast, c.beta_slow, temperature, truncate=c.truncate
+        )

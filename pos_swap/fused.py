@@ -1,8 +1,11 @@
-"""Fused attention passes for the schemes that change the scores (ALiBi, Self-Extend), merged by log-sum-exp.
+"""Fused attention passes for the schemes that change the scores (ALiBi, Self-Extend, ReRoPE, attention sinks,
+Dual Chunk Attention), merged by log-sum-exp.
 
 A scheme whose scores are not a plain scaled dot product can still run in a fused kernel (no L x L tensor) when
 its attention splits into passes the kernel computes: each pass returns its output and the log-sum-exp of its
 scores per query row, and :func:`merge_by_lse` combines them exactly, as flash implementations of SelfExtend do.
+Self-Extend and ReRoPE split into a band of neighbours and the keys beyond it (:func:`windowed_attention`), Dual
+Chunk Attention into a query's own chunk, the chunk before and older chunks (:func:`dual_chunk_attention`).
 ALiBi needs no second pass: -m·(i - j) is m·j plus a row constant the softmax ignores, a per-key bias that folds
 into a few extra query/key features (:func:`alibi_attention`).
 
@@ -167,3 +170,27 @@ def sink_attention(near_query, far_query, key, value, scale: float, first_query:
     out, lse = attention_with_lse(far_query, key[:, :, :sink_tokens], value[:, :, :sink_tokens], scale, mask=mask)
     output, _ = merge_by_lse([neighbours, (out, lse.masked_fill(~seen.any(-1), float("-inf")))])
     return output.transpose(1, 2).contiguous()
+
+
+def dual_chunk_attention(intra, successive, inter, key, value, scale: float, first_query: int, first_position: int,
+                         length: int):  # fmt: skip
+    """Dual Chunk Attention ``(B, Lq, H, D)``, causal, no padding mask. Query row r (key slot first_query + r, at
+    position first_position + r; every slot c at c + first_position - first_query) sees the keys of its own chunk of
+    ``length`` positions with the ``intra`` query (causal), the chunk before with ``successive`` and older chunks
+    with ``inter``: per chunk of queries at most three fused passes, merged by log-sum-exp. ``key`` is rotated at
+    each key's place in its chunk."""
+    q_len = intra.shape[2]
+    offset = first_position - first_query
+    outputs = []
+    for chunk in range(first_position // length, (first_position + q_len - 1) // length + 1):
+        start = chunk * length  # the chunk's first position
+        rows = slice(max(start - first_position, 0), min(start + length - first_position, q_len))
+        own, previous = (max(0, position - offset) for position in (start, start - length))  # their first key slots
+        keys = slice(own, first_query + rows.stop)
+        shift = first_query + rows.start - own
+        parts = [shifted_causal_attention(intra[:, :, rows], key[:, :, keys], value[:, :, keys], scale, shift)]
+        for query, cols in ((successive, slice(previous, own)), (inter, slice(0, previous))):
+            if cols.start < cols.stop:
+                parts.append(attention_with_lse(query[:, :, rows], key[:, :, cols], value[:, :, cols], scale))
+        outputs.append(merge_by_lse(parts)[0])
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()

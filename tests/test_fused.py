@@ -1,6 +1,6 @@
-"""The fused passes (pos_swap.fused): the kernel's log-sum-exp and the merge against float64 math, and the ALiBi and
-Self-Extend fast paths against the chunked path they replace and a float64 model, through caches, padding, grouped
-heads and half precision."""
+"""The fused passes (pos_swap.fused): the kernel's log-sum-exp, the merge and Dual Chunk Attention's passes against
+float64 math, and the ALiBi, Self-Extend, sinks and Dual Chunk fast paths against the chunked path they replace and
+a float64 model, through caches, padding, grouped heads and half precision."""
 
 import pytest
 import torch
@@ -10,7 +10,13 @@ from pos_swap import fused
 from conftest import tiny
 
 IDS = torch.randint(3, 100, (2, 70), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
-SCHEMES = [("alibi", {}), ("self-extend", dict(window=8, group=4)), ("sinks", dict(sink_tokens=2, window=8))]
+SCHEMES = [
+    ("alibi", {}),
+    ("self-extend", dict(window=8, group=4)),
+    ("sinks", dict(sink_tokens=2, window=8)),
+    ("dual-chunk", dict(chunk_size=12, local_window=4)),
+    ("dual-chunk", dict(chunk_size=8, local_window=3)),  # chunks of 5: the 40-token prompt of the cache test spans 8
+]
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +80,25 @@ def test_shifted_causal_attention_sees_keys_up_to_row_plus_shift(shift):
     assert (out[:, :, ~seen] == 0).all() and (lse[:, :, ~seen] == float("-inf")).all()
 
 
+@pytest.mark.parametrize(
+    "q_len, first_query, first_position",
+    [(19, 0, 0), (19, 0, 4), (11, 8, 8), (11, 8, 13), (11, 3, 3), (1, 18, 18), (1, 12, 21)],
+)  # a prefill, one continuing a cache (mid-chunk too), a decode step; positions offset from slots; empty slots after
+def test_dual_chunk_attention_equals_float64_math(q_len, first_query, first_position):
+    generator = torch.Generator().manual_seed(0)
+    intra, successive, inter = (torch.randn(2, 3, q_len, 8, generator=generator) for _ in range(3))
+    key, value = (torch.randn(2, 1, 19, 8, generator=generator) for _ in range(2))  # one key head: grouped queries
+    out = fused.dual_chunk_attention(intra, successive, inter, key, value, 0.3, first_query, first_position, 5)
+    slots = torch.arange(first_query, first_query + q_len)[:, None]  # (Lq, 1)
+    chunk = (slots + first_position - first_query) // 5, (torch.arange(19)[None] + first_position - first_query) // 5
+    apart = chunk[0] - chunk[1]  # (Lq, Lk)
+    scores = [(q.double() @ key.double().transpose(-1, -2)) * 0.3 for q in (intra, successive, inter)]
+    scores = torch.where(apart == 0, scores[0], torch.where(apart == 1, scores[1], scores[2]))
+    scores = scores.masked_fill(torch.arange(19)[None] > slots, float("-inf"))
+    expected = (torch.softmax(scores, dim=-1) @ value.double()).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_two_terms_carry_distances_and_slopes_beyond_the_dtype(dtype):
     values = torch.tensor([-8191.0, -4097.0, -300.0, -1.0, 0.0, 5.0, 0.70710677 * 8, 2**-8 * 8])
@@ -96,7 +121,7 @@ def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
 @pytest.mark.parametrize("scheme, params", SCHEMES)
 def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, params):
     called = []
-    for name in ("alibi_attention", "windowed_attention", "sink_attention"):
+    for name in ("alibi_attention", "windowed_attention", "sink_attention", "dual_chunk_attention"):
         original = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _f=original, **k: called.append(1) or _f(*a, **k))
     fast = patched_logits(scheme, params)

@@ -4,7 +4,10 @@ models.
 Queries attend to keys of their own chunk, of the chunk just before and of older chunks with three position
 assignments (:mod:`pos_swap.functional.dual_chunk`) that keep every relative distance below ``chunk_size``. The
 model's rotary becomes the identity, keys enter the KV cache unrotated, and each call rotates the keys once (at
-their place in their chunk) and the queries three times, and merges the three score matrices pair by pair.
+their place in their chunk) and the queries three times. In inference on the CPU without a padding mask, each chunk
+of queries attends in at most three fused passes (:func:`pos_swap.fused.dual_chunk_attention`: own chunk causal,
+previous chunk, older chunks) merged by log-sum-exp; otherwise (padding, training, eager weights, a softcap, other
+devices) the chunked path merges the three score matrices pair by pair.
 """
 
 import dataclasses
@@ -12,12 +15,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from .. import archs
-from ..attention import chunked_attention, positions
+from .. import archs, fused
+from ..attention import chunked_attention, first_query_slot, notify_blocks, positions
 from ..errors import InvalidParameterError
 from ..functional import dual_chunk, rope
 from ..registry import MAX_POSITIONS, greater_than, param, register
-from .self_extend import SelfExtend, WindowedConfig
+from .self_extend import SelfExtend, WindowedConfig, _slots
 
 
 @dataclasses.dataclass
@@ -40,6 +43,12 @@ class DualChunkConfig(WindowedConfig):
                 f"local_window < chunk_size; got chunk_size={self.chunk_size}, local_window={self.local_window}. "
                 f"ChunkLlama uses chunk_size = 3/4 and local_window = 1/16 of the trained context."
             )
+
+
+def _chunks_on_slots(query_positions: torch.Tensor) -> bool:
+    """Whether the queries' positions follow their cache slots and start at one position in every sequence: then
+    each chunk is a run of key slots, the same for the whole batch, and the fused passes apply."""
+    return _slots(query_positions) and bool((query_positions[:, 0] == query_positions[0, 0]).all())
 
 
 class DualChunkAttention(nn.Module):
@@ -69,6 +78,14 @@ class DualChunkAttention(nn.Module):
             return dual_chunk.pick(apart, *scores).float() * scaling
 
         chunk_keys = self._rotate(key, dual_chunk.chunk_key_positions(k_pos, *sizes))  # (B, Hkv, Lk, D)
+        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _chunks_on_slots(q_pos):
+            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+            length = self.chunk_size - self.local_window
+            output = fused.dual_chunk_attention(
+                intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length
+            )
+            notify_blocks(module, intra, chunk_keys, attention_mask, scaling, logits=logits)  # observers, if any
+            return output, None
         return chunked_attention(
             module, intra, chunk_keys, value, attention_mask, scaling, logits=logits, dropout=dropout,
             softcap=kwargs.get("softcap"),

@@ -200,6 +200,7 @@ class DeferredRotation(torch.nn.Module):
         self.block = block
         self._memo = (None, None, None)  # (position_ids, its version, frequencies)
         self._span_memo = None  # ((length, dtype, device), query positions, key positions, their cos/sin tables)
+        self._keys = None  # the buffer the fused path rotates keys into (:meth:`_key_buffer`)
 
     def extra_repr(self) -> str:
         return "whole window" if self.block is None else f"per position, block={self.block}"
@@ -246,11 +247,13 @@ class DeferredRotation(torch.nn.Module):
             rows = _span(chosen.any(dim=0))
             cols = key_columns(module, rows, first, key.shape[2])
             q_table, k_table = self._rotations(length, q_pos[:, rows], k_pos[:, cols], query.dtype)
-            q_rows, k_cols = rope.rotate(query[:, :, rows], *q_table), rope.rotate(key[:, :, cols], *k_table)
+            q_rows = rope.rotate(query[:, :, rows], *q_table)
             if fast:
+                k_cols = rope.rotate_into(self._key_buffer(key, cols.stop), key[:, :, cols], *k_table)
                 out, _ = fused.shifted_causal_attention(q_rows, k_cols, value[:, :, cols], scale, first + rows.start)
                 out, probs = out.transpose(1, 2), None
             else:
+                k_cols = rope.rotate(key[:, :, cols], *k_table)
                 mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
                 out, probs = inner(module, q_rows, k_cols, value[:, :, cols], mask, **kwargs)  # (B, C, H, D)
             keep = chosen[:, rows]  # (B, C)
@@ -273,6 +276,18 @@ class DeferredRotation(torch.nn.Module):
             tables = tuple(rope.cos_sin(at, inv_freq, scaling, dtype) for at in (q_positions, k_positions))
             self._span_memo = memo = (setting, q_positions, k_positions, tables)
         return memo[3]
+
+    def _key_buffer(self, key: torch.Tensor, width: int) -> torch.Tensor:
+        """Room for ``width`` rotated keys shaped like ``key``, reused by every span, layer and decode step (with a
+        block of slack, so a growing cache rarely needs a new one): rotating a long cache into fresh memory at each
+        call costs more in page faults than the rotation itself. Its keys are read before the next call writes."""
+        batch, heads, _, dim = key.shape
+        keys = self._keys
+        if keys is None or keys.shape[2] < width or (keys.shape[:2], keys.shape[3], keys.dtype, keys.device) != (
+            key.shape[:2], dim, key.dtype, key.device
+        ):  # fmt: skip
+            self._keys = keys = key.new_empty(batch, heads, key.shape[2] + self.block, dim)
+        return keys[:, :, :width]
 
 
 def _span(flags: torch.Tensor) -> slice:

@@ -228,16 +228,16 @@ class DeferredRotation(torch.nn.Module):
         together) against the keys they may see, both rotated with that length's frequencies; each row's output
         is taken from the pass of its own length. Memory is that of one span of rows, never L x L.
 
-        Without a padding mask (:func:`causal_only`), in inference on the CPU with sdpa and no observer, a span
-        runs in :func:`pos_swap.fused.shifted_causal_attention` (causal fast path, no mask built); otherwise
-        ``inner`` gets the span's block of the mask (:func:`mask_block`)."""
+        Without a padding mask (:func:`causal_only`), in inference on the CPU with sdpa, a span runs in
+        :func:`pos_swap.fused.shifted_causal_attention` (causal fast path, no mask built; observers are shown what
+        the generic path shows them); otherwise ``inner`` gets the span's block of the mask (:func:`mask_block`)."""
         from . import fused  # fused imports this module
 
         batch, heads, q_len, head_dim = query.shape
         first = first_query_slot(attention_mask, q_len, key.shape[2])
         fast = (
-            getattr(module, "is_causal", True) and not observers_of(module)
-            and fused.applies(module, query, kwargs.get("softcap")) and causal_only(attention_mask, first)
+            getattr(module, "is_causal", True) and fused.applies(module, query, kwargs.get("softcap"))
+            and causal_only(attention_mask, first)
         )  # fmt: skip
         scale = kwargs.get("scaling") or head_dim**-0.5
         lengths = rope.block_lengths(q_pos, self.block)  # (B, Lq)
@@ -252,6 +252,9 @@ class DeferredRotation(torch.nn.Module):
                 k_cols = rope.rotate_into(self._key_buffer(key, cols.stop), key[:, :, cols], *k_table)
                 out, _ = fused.shifted_causal_attention(q_rows, k_cols, value[:, :, cols], scale, first + rows.start)
                 out, probs = out.transpose(1, 2), None
+                if observers_of(module):  # what the observed backend of the generic path shows them
+                    mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
+                    notify_blocks(module, q_rows, k_cols.clone(), mask, scale)  # the next span rewrites k_cols
             else:
                 k_cols = rope.rotate(key[:, :, cols], *k_table)
                 mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)

@@ -8,6 +8,7 @@ length.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -20,6 +21,7 @@ from pos_swap.archs import CACHE_ARGUMENT
 from pos_swap.attention import HOOK
 from pos_swap.errors import InvalidParameterError
 from pos_swap.functional import rope
+from pos_swap.probe.observers import attention_stats
 from conftest import COMMON, scheme_params, tiny
 
 SCHEMES = ["dynamic", "dynamic-yarn", "longrope"]
@@ -113,6 +115,23 @@ def test_the_fused_path_equals_the_generic_path(scheme, fused_calls, monkeypatch
     monkeypatch.setattr(fused, "applies", lambda *args: False)
     torch.testing.assert_close(fast, chunked_logits(model, ids, chunks), rtol=0, atol=1e-5)
     assert len(fused_calls) == taken  # the reference ran the generic path
+
+
+def test_observers_see_on_the_fused_path_what_the_generic_path_shows(fused_calls, monkeypatch):
+    model = patched("dynamic-yarn", layers=2)
+    ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(10))
+
+    def observed():
+        with torch.no_grad(), attention_stats(model) as stats:
+            model(ids)
+        return stats.result()
+
+    fast = observed()
+    assert fused_calls
+    monkeypatch.setattr(fused, "applies", lambda *args: False)
+    generic = observed()
+    for name in ("distance_profile", "sink_mass", "mean_distance", "entropy"):
+        np.testing.assert_allclose(fast[name], generic[name], rtol=0, atol=1e-5)
 
 
 def test_one_layer_rows_equal_transformers_dynamic_on_their_block():

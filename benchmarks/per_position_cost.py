@@ -10,8 +10,10 @@ Per position (the default of the schemes whose frequencies follow the length), e
 frequencies of its own position rounded up to a block of 512: within the trained context all rows share the
 trained length's, beyond it every block of 512 rows has its own, and its keys are rotated once per block.
 Prefill runs the transformer body (no LM head) without a cache; the decode step feeds one token after a cache of
-``--decode-at`` tokens (built once per variant, untimed, and cropped back after each timed step). Native and
-patched runs alternate in the same process and medians are reported; ratios are patched / native. Time and memory
+``--decode-at`` tokens (built once per variant, untimed, and cropped back after each timed step). The patched
+model is a patched copy of the native one, patched once as in a generation (its hook's tables and key buffer
+persist between calls). Native and patched runs alternate in the same process and medians are reported; ratios
+are patched / native. Time and memory
 are measured by ``patch_overhead.py``'s ``measure_call`` (peak memory: growth of the peak RSS on CPU).
 
 ``--layers N`` keeps the first N decoder layers (every layer costs the same, so the ratios hold);
@@ -22,6 +24,7 @@ decode step at 16k.
 """
 
 import argparse
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -62,13 +65,12 @@ def filled_cache(model, ids) -> DynamicCache:
     return cache
 
 
-def compare(model, scheme: str, native_call, patched_call, repeats: int, device) -> dict:
+def compare(native_call, patched_call, repeats: int, device) -> dict:
     """Median (seconds, MiB) of native and patched calls alternated ``repeats`` times after one warm-up each."""
     native, patched = [], []
     for _ in range(repeats + 1):
         native.append(measure_call(native_call, device))
-        with pos_swap.patched(model, scheme, **SCHEMES[scheme]):
-            patched.append(measure_call(patched_call, device))
+        patched.append(measure_call(patched_call, device))
     native, patched = native[1:], patched[1:]  # the warm-up pair
     t_native, t_patched = (statistics.median(t for t, _ in runs) for runs in (native, patched))
     m_native, m_patched = (statistics.median(m for _, m in runs) for runs in (native, patched))
@@ -98,24 +100,23 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(0)
     run = report.RunFolder(args.out, kind="per_position_cost", meta=vars(args) | {"out": None}, overwrite=True)
 
+    patched = {scheme: pos_swap.patch(copy.deepcopy(model), scheme, **SCHEMES[scheme]).model for scheme in args.schemes}
     rows = []
     for length in args.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
         for scheme in args.schemes:
             row = dict(key=f"prefill {scheme} {length}", step="prefill", scheme=scheme, length=length)
-            rows.append(row | compare(model, scheme, prefill(model, ids), prefill(model, ids), args.repeats, device))
+            rows.append(row | compare(prefill(model, ids), prefill(patched[scheme], ids), args.repeats, device))
             run.add(rows[-1])
 
     ids = torch.randint(0, model.config.vocab_size, (1, args.decode_at + 1), generator=generator)
     context, token = ids[:, :-1], ids[:, -1:]
-    native_cache = filled_cache(model, context)
+    native_step = decode_step(model, token, filled_cache(model, context))
     for scheme in args.schemes:
-        with pos_swap.patched(model, scheme, **SCHEMES[scheme]):
-            cache = filled_cache(model, context)  # unrotated keys: the patch rotates them at attention time
-        native_step = decode_step(model, token, native_cache)
-        patched_step = decode_step(model, token, cache)
+        cache = filled_cache(patched[scheme], context)  # unrotated keys: the patch rotates them at attention time
         row = dict(key=f"decode {scheme} {args.decode_at}", step="decode", scheme=scheme, length=args.decode_at)
-        rows.append(row | compare(model, scheme, native_step, patched_step, args.decode_repeats, device))
+        step = decode_step(patched[scheme], token, cache)
+        rows.append(row | compare(native_step, step, args.decode_repeats, device))
         run.add(rows[-1])
 
     print(f"\nper-position cost: {args.model}, cpu (torch threads: {torch.get_num_threads()}), float32, sdpa"

@@ -199,6 +199,8 @@ class DeferredRotation(torch.nn.Module):
         self.frequencies = frequencies
         self.block = block
         self._memo = (None, None, None)  # (position_ids, its version, frequencies)
+        self._span_memo = None  # ((length, dtype, device), query positions, key positions, their cos/sin tables)
+        self._keys = None  # the buffer the fused path rotates keys into (:meth:`_key_buffer`)
 
     def extra_repr(self) -> str:
         return "whole window" if self.block is None else f"per position, block={self.block}"
@@ -224,20 +226,39 @@ class DeferredRotation(torch.nn.Module):
     def _per_position(self, inner, module, query, key, value, attention_mask, q_pos, k_pos, **kwargs):
         """Attention once per block length: the rows of that length (a span of rows, several sequences' spans
         together) against the keys they may see, both rotated with that length's frequencies; each row's output
-        is taken from the pass of its own length. Memory is that of one span of rows, never L x L."""
+        is taken from the pass of its own length. Memory is that of one span of rows, never L x L.
+
+        Without a padding mask (:func:`causal_only`), in inference on the CPU with sdpa, a span runs in
+        :func:`pos_swap.fused.shifted_causal_attention` (causal fast path, no mask built; observers are shown what
+        the generic path shows them); otherwise ``inner`` gets the span's block of the mask (:func:`mask_block`)."""
+        from . import fused  # fused imports this module
+
         batch, heads, q_len, head_dim = query.shape
         first = first_query_slot(attention_mask, q_len, key.shape[2])
+        fast = (
+            getattr(module, "is_causal", True) and fused.applies(module, query, kwargs.get("softcap"))
+            and causal_only(attention_mask, first)
+        )  # fmt: skip
+        scale = kwargs.get("scaling") or head_dim**-0.5
         lengths = rope.block_lengths(q_pos, self.block)  # (B, Lq)
         output, weights = query.new_zeros(batch, q_len, heads, head_dim), None
         for length in lengths.unique().tolist():
             chosen = lengths == length  # (B, Lq)
             rows = _span(chosen.any(dim=0))
             cols = key_columns(module, rows, first, key.shape[2])
-            inv_freq, scaling = self.frequencies(torch.full((batch,), length, device=query.device))
-            q_rows = rope.rotate_at(query[:, :, rows], q_pos[:, rows], inv_freq, scaling)
-            k_cols = rope.rotate_at(key[:, :, cols], k_pos[:, cols], inv_freq, scaling)
-            mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
-            out, probs = inner(module, q_rows, k_cols, value[:, :, cols], mask, **kwargs)  # (B, C, H, D)
+            q_table, k_table = self._rotations(length, q_pos[:, rows], k_pos[:, cols], query.dtype)
+            q_rows = rope.rotate(query[:, :, rows], *q_table)
+            if fast:
+                k_cols = rope.rotate_into(self._key_buffer(key, cols.stop), key[:, :, cols], *k_table)
+                out, _ = fused.shifted_causal_attention(q_rows, k_cols, value[:, :, cols], scale, first + rows.start)
+                out, probs = out.transpose(1, 2), None
+                if observers_of(module):  # what the observed backend of the generic path shows them
+                    mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
+                    notify_blocks(module, q_rows, k_cols.clone(), mask, scale)  # the next span rewrites k_cols
+            else:
+                k_cols = rope.rotate(key[:, :, cols], *k_table)
+                mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
+                out, probs = inner(module, q_rows, k_cols, value[:, :, cols], mask, **kwargs)  # (B, C, H, D)
             keep = chosen[:, rows]  # (B, C)
             output[:, rows] = torch.where(keep[:, :, None, None], out, output[:, rows])
             if probs is not None:
@@ -245,11 +266,50 @@ class DeferredRotation(torch.nn.Module):
                 weights[:, :, rows, cols] = torch.where(keep[:, None, :, None], probs, weights[:, :, rows, cols])
         return output, weights
 
+    def _rotations(self, length: int, q_positions: torch.Tensor, k_positions: torch.Tensor, dtype):
+        """The cos/sin tables of ``length``'s frequencies at a span's query and key positions ``(B, C)``,
+        ``(B, W)``. The last span's are kept and reused while the length, dtype and positions are equal: a forward
+        whose rows share one length (a decode step, a prefill within the trained context) computes them once for
+        all its layers, not once per layer. One span's tables only, so the memo stays O(L)."""
+        setting = (length, dtype, k_positions.device)
+        memo = self._span_memo
+        same = memo is not None and memo[0] == setting
+        if not (same and torch.equal(memo[1], q_positions) and torch.equal(memo[2], k_positions)):
+            inv_freq, scaling = self.frequencies(torch.full(k_positions.shape[:1], length, device=k_positions.device))
+            tables = tuple(rope.cos_sin(at, inv_freq, scaling, dtype) for at in (q_positions, k_positions))
+            self._span_memo = memo = (setting, q_positions, k_positions, tables)
+        return memo[3]
+
+    def _key_buffer(self, key: torch.Tensor, width: int) -> torch.Tensor:
+        """Room for ``width`` rotated keys shaped like ``key``, reused by every span, layer and decode step (with a
+        block of slack, so a growing cache rarely needs a new one): rotating a long cache into fresh memory at each
+        call costs more in page faults than the rotation itself. Its keys are read before the next call writes."""
+        batch, heads, _, dim = key.shape
+        keys = self._keys
+        if keys is None or keys.shape[2] < width or (keys.shape[:2], keys.shape[3], keys.dtype, keys.device) != (
+            key.shape[:2], dim, key.dtype, key.device
+        ):  # fmt: skip
+            self._keys = keys = key.new_empty(batch, heads, key.shape[2] + self.block, dim)
+        return keys[:, :, :width]
+
 
 def _span(flags: torch.Tensor) -> slice:
     """The smallest slice holding every True of a 1-D boolean tensor (which has at least one)."""
     where = flags.nonzero()
     return slice(int(where[0]), int(where[-1]) + 1)
+
+
+def causal_only(attention_mask, first_query: int) -> bool:
+    """Whether ``attention_mask`` hides only later keys (no padding): None, or a boolean mask ``(B, 1, Lq, Lk)``
+    in which query row r sees exactly the key slots up to ``first_query + r``, as sdpa's for a prefill that
+    continues a cache."""
+    if attention_mask is None:
+        return True
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
+        return False
+    q_len, k_len = attention_mask.shape[-2:]
+    slots = torch.arange(first_query, first_query + q_len, device=attention_mask.device)[:, None]
+    return bool((attention_mask == (torch.arange(k_len, device=attention_mask.device) <= slots)).all())
 
 
 def key_columns(module, rows: slice, first_query: int, key_length: int) -> slice:

@@ -8,16 +8,20 @@ length.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
+from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import pos_swap
-from pos_swap import archs
+from pos_swap import archs, fused
+from pos_swap.archs import CACHE_ARGUMENT
 from pos_swap.attention import HOOK
 from pos_swap.errors import InvalidParameterError
 from pos_swap.functional import rope
+from pos_swap.probe.observers import attention_stats
 from conftest import COMMON, scheme_params, tiny
 
 SCHEMES = ["dynamic", "dynamic-yarn", "longrope"]
@@ -50,12 +54,23 @@ def reference_attention(query, key, value, q_pos, k_pos, frequencies, block, sca
     return out
 
 
-@pytest.mark.parametrize("offset", [0, 13], ids=["prefill", "after-a-cache"])
-def test_attention_equals_a_float64_reference(offset):
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The number of spans the fused causal kernel ran (a list that grows by one per span)."""
+    calls, kernel = [], fused.shifted_causal_attention
+    monkeypatch.setattr(fused, "shifted_causal_attention", lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+@pytest.mark.parametrize("offset, q_len", [(0, 21), (13, 21), (40, 1)], ids=["prefill", "after-a-cache", "decode"])
+def test_attention_equals_a_float64_reference(offset, q_len, path, fused_calls, monkeypatch):
+    if path == "generic":
+        monkeypatch.setattr(fused, "applies", lambda *args: False)
     model = patched("dynamic-yarn", layers=1).double()
     module = model.model.layers[0].self_attn
     hook = module._modules[HOOK]
-    q_len, dim = 21, 16
+    dim = 16
     k_len = offset + q_len
     g = torch.Generator().manual_seed(0)
     query = torch.randn(1, 4, q_len, dim, generator=g, dtype=torch.float64)
@@ -71,7 +86,52 @@ def test_attention_equals_a_float64_reference(offset):
     key, value = (x[0].repeat_interleave(2, dim=0) for x in (key, value))
     expected = reference_attention(query[0], key, value, q_pos, k_pos, frequencies, BLOCK, dim**-0.5)
     torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=0, atol=1e-6)  # float32 cos/sin tables
-    assert len(set(rope.block_lengths(q_pos, BLOCK).tolist())) > 2  # several block lengths, several passes
+    passes = len(set(rope.block_lengths(q_pos, BLOCK).tolist()))
+    assert passes > 2 or q_len == 1  # several block lengths, several passes
+    assert len(fused_calls) == (passes if path == "fused" else 0)
+
+
+def chunked_logits(model, ids, chunks):
+    """Logits of ``ids (1, L)`` fed through one cache in pieces ending at ``chunks``: a prefill, prefills that
+    continue the cache, decode steps."""
+    cache, logits, start = DynamicCache(), [], 0
+    with torch.no_grad():
+        for end in chunks:
+            logits.append(model(ids[:, start:end], use_cache=True, **{CACHE_ARGUMENT: cache}).logits)
+            start = end
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_fused_path_equals_the_generic_path(scheme, fused_calls, monkeypatch):
+    """Prefill, a prefill after a cache and decode steps, across the trained context: the fused spans (causal
+    kernel, tables shared by the layers) give the logits of the generic path (sdpa with a mask per span)."""
+    model = patched(scheme, layers=3)
+    ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(9))
+    chunks = [27, 50, 51, 52, 60]
+    fast = chunked_logits(model, ids, chunks)
+    taken = len(fused_calls)
+    assert taken >= 3 * len(chunks)  # every call of every layer took the fused path
+    monkeypatch.setattr(fused, "applies", lambda *args: False)
+    torch.testing.assert_close(fast, chunked_logits(model, ids, chunks), rtol=0, atol=1e-5)
+    assert len(fused_calls) == taken  # the reference ran the generic path
+
+
+def test_observers_see_on_the_fused_path_what_the_generic_path_shows(fused_calls, monkeypatch):
+    model = patched("dynamic-yarn", layers=2)
+    ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(10))
+
+    def observed():
+        with torch.no_grad(), attention_stats(model) as stats:
+            model(ids)
+        return stats.result()
+
+    fast = observed()
+    assert fused_calls
+    monkeypatch.setattr(fused, "applies", lambda *args: False)
+    generic = observed()
+    for name in ("distance_profile", "sink_mass", "mean_distance", "entropy"):
+        np.testing.assert_allclose(fast[name], generic[name], rtol=0, atol=1e-5)
 
 
 def test_one_layer_rows_equal_transformers_dynamic_on_their_block():

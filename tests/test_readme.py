@@ -38,6 +38,8 @@ def test_benchmark_and_examples_run(tmp_path):
         [ROOT / "benchmarks" / "retrofit_cost.py", "--lengths", "64", "--repeats", "1", "--schemes", "alibi", "rope",
          "--out", tmp_path / "retro"],
         [ROOT / "benchmarks" / "probe_cost.py", "--lengths", "64", "--repeats", "1", "--out", tmp_path / "probe"],
+        [ROOT / "benchmarks" / "per_position_cost.py", "--lengths", "64", "--decode-at", "64", "--repeats", "1",
+         "--decode-repeats", "1", "--layers", "2", "--out", tmp_path / "perpos"],
         [ROOT / "benchmarks" / "sinks_stream.py", "--length", "300", "--step", "64", "--segment", "128", "--window", "60",
          "--out", tmp_path / "stream"],
         [ROOT / "examples" / "quickstart.py"],
@@ -48,5 +50,5 @@ def test_benchmark_and_examples_run(tmp_path):
         done = subprocess.run([sys.executable, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, (argv, done.stderr[-2000:])
     for plot in ("bench/overhead.png", "retro/retrofit_cost.png", "probe/probe_cost.png", "ppl/perplexity.png",
-                 "stream/stream.png", "stream/cache.png"):
+                 "stream/stream.png", "stream/cache.png", "perpos/per_position_cost.png"):
         assert (tmp_path / plot).exists(), plot

@@ -122,6 +122,19 @@ def test_partial_rotation_leaves_the_rest_untouched():
     torch.testing.assert_close(rotated[..., :16].norm(dim=-1), x[..., :16].norm(dim=-1))  # a rotation
 
 
+@pytest.mark.parametrize("rotary_dim", [DIM, 16], ids=["full", "partial"])
+def test_rotating_into_a_buffer_matches_transformers(rotary_dim):
+    torch.manual_seed(1)
+    k = torch.randn(2, 2, 7, DIM)
+    positions = torch.arange(7)[None].expand(2, -1) + torch.tensor([[0], [5]])
+    cos, sin = rope.cos_sin(positions, rope.default_inv_freq(rotary_dim, BASE), 1.3, torch.float32)
+    _, k_ref = apply_rotary_pos_emb(k[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+    buffer = torch.full((2, 2, 9, DIM), float("nan"))[:, :, :7]  # a view of a longer buffer, as DeferredRotation's
+    out = rope.rotate_into(buffer, k, cos, sin)
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(out, torch.cat([k_ref, k[..., rotary_dim:]], dim=-1))
+
+
 def test_per_sequence_frequencies_rotate_each_row_with_its_own():
     inv_a, inv_b = rope.default_inv_freq(DIM, BASE), rope.default_inv_freq(DIM, 4 * BASE)
     positions = torch.arange(6)[None].expand(2, -1)

@@ -164,6 +164,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
+def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate` written into ``out`` (shaped like ``x``) without a temporary of x's size: for inference
+    that reuses a buffer, where fresh pages for each call's keys cost more than the arithmetic. No gradient."""
+    rot_dim, half = cos.shape[-1], cos.shape[-1] // 2
+    cos, sin = cos[:, None], sin[:, None]
+    torch.mul(x[..., :rot_dim], cos, out=out[..., :rot_dim])
+    out[..., :half].addcmul_(x[..., half:rot_dim], sin[..., :half], value=-1)  # x1 cos - x2 sin
+    out[..., half:rot_dim].addcmul_(x[..., :half], sin[..., half:])  # x2 cos + x1 sin
+    out[..., rot_dim:] = x[..., rot_dim:]
+    return out
+
+
 def block_lengths(positions: torch.Tensor, block: int) -> torch.Tensor:
     """The length whose frequencies a query at each position uses in per-position mode: its own length p + 1
     rounded up to a multiple of ``block``, so a prefill and a later decode step at the same position agree."""

@@ -9,8 +9,8 @@ memory at several lengths, and the time of one decode step after a long cache.
 Per position (the default of the schemes whose frequencies follow the length), each query row uses the
 frequencies of its own position rounded up to a block of 512: within the trained context all rows share the
 trained length's, beyond it every block of 512 rows has its own, and its keys are rotated once per block.
-Prefill runs the transformer body (no LM head) without a cache; the decode step feeds one token after a cache of
-``--decode-at`` tokens (built once per variant, untimed, and cropped back after each timed step). The patched
+Prefill runs the transformer body (no LM head) without a cache; decode feeds successive tokens, one per step, after
+a cache of ``--decode-at`` tokens (built once per variant, untimed), as generation does. The patched
 model is a patched copy of the native one, patched once as in a generation (its hook's tables and key buffer
 persist between calls). Native and patched runs alternate in the same process and medians are reported; ratios
 are patched / native. Time and memory
@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache
 
 import pos_swap
@@ -48,12 +49,13 @@ def prefill(model, ids):
     return lambda: model.base_model(input_ids=ids, use_cache=False)
 
 
-def decode_step(model, token, cache):
-    """One decode step after ``cache``, which drops the new token afterwards."""
+def decode_steps(model, tokens, cache):
+    """Successive decode steps after ``cache``, one token of ``tokens (1, n)`` per call, as in generation: every
+    step has new positions, so nothing computed for the step before is reused by mistake."""
+    one_by_one = iter(tokens.split(1, dim=1))
 
     def step():
-        model.base_model(input_ids=token, use_cache=True, **{CACHE_ARGUMENT: cache})
-        cache.crop(-1)
+        model.base_model(input_ids=next(one_by_one), use_cache=True, **{CACHE_ARGUMENT: cache})
 
     return step
 
@@ -85,7 +87,7 @@ def main(argv=None):
     parser.add_argument("--decode-at", type=int, default=16384, help="cache length before the timed decode step")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--repeats", type=int, default=3, help="alternating native/patched prefills per length")
-    parser.add_argument("--decode-repeats", type=int, default=10, help="alternating native/patched decode steps")
+    parser.add_argument("--decode-repeats", type=int, default=10, help="successive decode steps (alternating)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch; 1 is steadier on a busy machine")
     parser.add_argument("--layers", type=int, help="keep only the first N decoder layers (same ratios, less time)")
     parser.add_argument("--out", type=Path, help="folder for results.json and per_position_cost.png")
@@ -102,22 +104,29 @@ def main(argv=None):
 
     patched = {scheme: pos_swap.patch(copy.deepcopy(model), scheme, **SCHEMES[scheme]).model for scheme in args.schemes}
     rows = []
+    progress = tqdm(total=(len(args.lengths) + 1) * len(args.schemes), desc="per-position cost", unit="run")
     for length in args.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
         for scheme in args.schemes:
+            progress.set_postfix_str(f"prefill {scheme} @ {length}")
             row = dict(key=f"prefill {scheme} {length}", step="prefill", scheme=scheme, length=length)
             rows.append(row | compare(prefill(model, ids), prefill(patched[scheme], ids), args.repeats, device))
             run.add(rows[-1])
+            progress.update()
 
-    ids = torch.randint(0, model.config.vocab_size, (1, args.decode_at + 1), generator=generator)
-    context, token = ids[:, :-1], ids[:, -1:]
-    native_step = decode_step(model, token, filled_cache(model, context))
+    steps = args.decode_repeats + 1  # one warm-up
+    ids = torch.randint(0, model.config.vocab_size, (1, args.decode_at + steps), generator=generator)
+    context, tokens = ids[:, : args.decode_at], ids[:, args.decode_at :]
     for scheme in args.schemes:
+        progress.set_postfix_str(f"decode {scheme} @ {args.decode_at}")
+        native_step = decode_steps(model, tokens, filled_cache(model, context))
         cache = filled_cache(patched[scheme], context)  # unrotated keys: the patch rotates them at attention time
         row = dict(key=f"decode {scheme} {args.decode_at}", step="decode", scheme=scheme, length=args.decode_at)
-        step = decode_step(patched[scheme], token, cache)
+        step = decode_steps(patched[scheme], tokens, cache)
         rows.append(row | compare(native_step, step, args.decode_repeats, device))
         run.add(rows[-1])
+        progress.update()
+    progress.close()
 
     print(f"\nper-position cost: {args.model}, cpu (torch threads: {torch.get_num_threads()}), float32, sdpa"
           + (f", first {args.layers} decoder layers" if args.layers else "")

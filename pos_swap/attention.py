@@ -200,6 +200,7 @@ class DeferredRotation(torch.nn.Module):
         self.block = block
         self._memo = (None, None, None)  # (position_ids, its version, frequencies)
         self._span_memo = None  # ((length, dtype, device), query positions, key positions, their cos/sin tables)
+        self._length_table = None  # ((length, dtype, device), cos, sin (1, P, R)) at positions 0..P-1
         self._keys = None  # the buffer the fused path rotates keys into (:meth:`_key_buffer`)
 
     def extra_repr(self) -> str:
@@ -275,10 +276,26 @@ class DeferredRotation(torch.nn.Module):
         memo = self._span_memo
         same = memo is not None and memo[0] == setting
         if not (same and torch.equal(memo[1], q_positions) and torch.equal(memo[2], k_positions)):
-            inv_freq, scaling = self.frequencies(torch.full(k_positions.shape[:1], length, device=k_positions.device))
-            tables = tuple(rope.cos_sin(at, inv_freq, scaling, dtype) for at in (q_positions, k_positions))
+            tables = tuple(self._at_positions(setting, at) for at in (q_positions, k_positions))
             self._span_memo = memo = (setting, q_positions, k_positions, tables)
         return memo[3]
+
+    def _at_positions(self, setting, positions: torch.Tensor):
+        """cos/sin ``(B|1, W, R)`` of ``setting``'s length at ``positions (B, W)``, read from a table of that
+        length at positions 0..P-1 that later calls reuse (built with a block of slack): consecutive decode steps
+        share one length for a block of positions, so each step only reads the table (a slice when the positions
+        are 0..W-1 in every sequence, as without padding) instead of computing cos and sin for the whole cache."""
+        length, dtype, device = setting
+        table, needed = self._length_table, int(positions.max()) + 1
+        if table is None or table[0] != setting or table[1].shape[1] < needed:
+            inv_freq, scaling = self.frequencies(torch.full((1,), length, device=device))
+            at = torch.arange(needed + self.block, device=device)[None]
+            self._length_table = table = (setting, *rope.cos_sin(at, inv_freq, scaling, dtype))
+        width = positions.shape[1]
+        if bool((positions == torch.arange(width, device=device)).all()):
+            return table[1][:, :width], table[2][:, :width]
+        at = positions.clamp(min=0)  # a padding slot's position (masked, never seen) may be negative
+        return table[1][0, at], table[2][0, at]
 
     def _key_buffer(self, key: torch.Tensor, width: int) -> torch.Tensor:
         """Room for ``width`` rotated keys shaped like ``key``, reused by every span, layer and decode step (with a

@@ -1,5 +1,5 @@
 """Fused attention passes for the schemes that change the scores (ALiBi, Self-Extend, ReRoPE, attention sinks,
-Dual Chunk Attention), merged by log-sum-exp.
+Dual Chunk Attention), merged by log-sum-exp, and a cache-sized CoPE path.
 
 A scheme whose scores are not a plain scaled dot product can still run in a fused kernel (no L x L tensor) when
 its attention splits into passes the kernel computes: each pass returns its output and the log-sum-exp of its
@@ -7,7 +7,9 @@ scores per query row, and :func:`merge_by_lse` combines them exactly, as flash i
 Self-Extend and ReRoPE split into a band of neighbours and the keys beyond it (:func:`windowed_attention`), Dual
 Chunk Attention into a query's own chunk, the chunk before and older chunks (:func:`dual_chunk_attention`).
 ALiBi needs no second pass: -m·(i - j) is m·j plus a row constant the softmax ignores, a per-key bias that folds
-into a few extra query/key features (:func:`alibi_attention`).
+into a few extra query/key features (:func:`alibi_attention`). CoPE's scores depend on a running sum over the
+keys, which no fused kernel computes; :func:`cope_attention` runs it in blocks small enough to stay in the CPU's
+cache and stops counting where every position has reached the table's end.
 
 These paths are for inference: the log-sum-exp of the kernel carries no gradient, so a scheme falls back to
 :func:`pos_swap.attention.chunked_attention` when gradients, dropout, a softcap or eager attention weights
@@ -24,6 +26,8 @@ from .attention import additive_mask, backend_of
 # the diagonal stays below slope x ALIBI_BLOCK / 2 (float32 error about 3e-5 in the logits at slope 1/2).
 ALIBI_BLOCK = 2048
 BAND_BLOCK = 1024  # Self-Extend's neighbour pass reads the window plus this many keys per row
+COPE_BLOCK_BYTES = 2**22  # float32 scores of one block of CoPE query rows: about a core's share of the cache
+COPE_COLUMNS = 512  # keys counted at a time, before CoPE checks whether every position has reached the table's end
 
 
 def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
@@ -65,6 +69,8 @@ def shifted_causal_attention(query, key, value, scale: float, shift: int):
     row sees (c < shift, no mask) and the square block after them (top-left causal). Rows that see no key get a
     zero output and lse -inf. Needs ``shift + Lq <= Lk``."""
     batch, heads, rows, _ = query.shape
+    if rows == 1 and shift >= 0:  # a decode step: one pass, no mask
+        return attention_with_lse(query, key[:, :, : shift + 1], value[:, :, : shift + 1], scale)
     parts = []
     if shift > 0:
         parts.append(attention_with_lse(query, key[:, :, :shift], value[:, :, :shift], scale))
@@ -194,3 +200,60 @@ def dual_chunk_attention(intra, successive, inter, key, value, scale: float, fir
                 parts.append(attention_with_lse(query[:, :, rows], key[:, :, cols], value[:, :, cols], scale))
         outputs.append(merge_by_lse(parts)[0])
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def cope_attention(query, key, value, table, scale: float, first_query: int):
+    """CoPE attention ``(B, Lq, H, D)``, causal, no padding mask, equal to
+    :func:`pos_swap.functional.cope.logits` followed by a softmax. Query row r sits at key slot first_query + r;
+    ``key``/``value`` may have fewer heads (grouped queries share consecutive heads), ``table`` is ``(npos, D)``.
+
+    Keys are read newest first, so a row's contextual positions are a plain cumulative sum of its gates and grow
+    along the columns; once every row of a block reaches npos - 1, the older keys all take the table's last logit
+    and their gates are never computed. Blocks of rows are sized to ``COPE_BLOCK_BYTES``."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, last = key.shape[1], table.shape[0] - 1
+    group = heads // kv_heads
+    newest_first = key[:, :, : first_query + q_len].flip(2), value[:, :, : first_query + q_len].flip(2)
+    per_integer = (query.float() @ table.float().T) * scale  # (B, H, Lq, npos): q . E[n]
+    step = F.pad(per_integer.diff(dim=-1), (0, 1))  # (B, H, Lq, npos): E[n + 1] - E[n], 0 past the end
+    rows_per_block = max(1, COPE_BLOCK_BYTES // (4 * batch * heads * (first_query + q_len)))
+    outputs = []
+    for start in range(0, q_len, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, q_len))
+        count, newest = rows.stop - rows.start, first_query + rows.stop - 1  # rows, the block's last key slot
+        keys, values = (x[:, :, x.shape[2] - newest - 1 :] for x in newest_first)  # column c: key slot newest - c
+        grouped = query[:, :, rows].reshape(batch, kv_heads, group * count, dim)
+        scores = (grouped @ keys.transpose(-1, -2)).float().mul_(scale).view(batch, heads, count, -1)  # (B, H, C, W)
+        slots = torch.arange(first_query + rows.start, newest + 1, device=query.device)[:, None]  # (C, 1)
+        later = newest - torch.arange(count, device=query.device) > slots  # (C, C): the keys a row may not see
+        _add_positions(scores, later, per_integer[:, :, rows], step[:, :, rows], last)
+        scores[..., :count].masked_fill_(later, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, group * count, -1)
+        outputs.append((probs @ values).view(batch, heads, count, -1))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def _add_positions(scores, later, per_integer, step, last: int):
+    """Add CoPE's interpolated position logits to ``scores (B, H, C, W)`` in place, counting gates over
+    ``COPE_COLUMNS`` columns at a time; ``later (C, C)`` hides the first columns' keys from the rows before them."""
+    visible = (~later).to(scores.dtype)  # (C, C): 0 for a later key
+    carry = scores.new_zeros(*scores.shape[:-1], 1)
+    for start in range(0, scores.shape[-1], COPE_COLUMNS):
+        block = scores[..., start : start + COPE_COLUMNS]
+        positions = torch.sigmoid(block)  # the gates
+        hidden = visible[:, start : start + COPE_COLUMNS]  # empty past the first C columns
+        positions[..., : hidden.shape[1]].mul_(hidden)
+        positions = torch.cumsum(positions, dim=-1).add_(carry)
+        carry = positions[..., -1:].clone()  # positions is clamped and overwritten below
+        if bool((carry >= last).all()):  # positions only grow: every older key sits at the table's end
+            positions.clamp_(max=last)
+            _interpolate_into(block, positions, per_integer, step)
+            scores[..., start + block.shape[-1] :].add_(per_integer[..., last:])
+            return
+        _interpolate_into(block, positions.clamp_(max=last), per_integer, step)
+
+
+def _interpolate_into(scores, positions, per_integer, step):
+    """``scores += per_integer[floor p] + frac(p) * step[floor p]`` at non-negative positions ``p``."""
+    index = torch.empty(positions.shape, dtype=torch.long, device=positions.device).copy_(positions)  # floor
+    scores.add_(per_integer.gather(-1, index)).addcmul_(positions.frac_(), step.gather(-1, index))

@@ -1,12 +1,13 @@
 """The fused passes (pos_swap.fused): the kernel's log-sum-exp, the merge and Dual Chunk Attention's passes against
-float64 math, and the ALiBi, Self-Extend, sinks and Dual Chunk fast paths against the chunked path they replace and
-a float64 model, through caches, padding, grouped heads and half precision."""
+float64 math, and the ALiBi, Self-Extend, sinks, Dual Chunk and CoPE fast paths against the chunked path they replace
+and a float64 model, through caches, padding, grouped heads and half precision."""
 
 import pytest
 import torch
 
 import pos_swap
 from pos_swap import fused
+from pos_swap.functional import cope
 from conftest import tiny
 
 IDS = torch.randint(3, 100, (2, 70), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
@@ -16,6 +17,7 @@ SCHEMES = [
     ("sinks", dict(sink_tokens=2, window=8)),
     ("dual-chunk", dict(chunk_size=12, local_window=4)),
     ("dual-chunk", dict(chunk_size=8, local_window=3)),  # chunks of 5: the 40-token prompt of the cache test spans 8
+    ("cope", dict(npos=6, init="normal")),
 ]
 
 
@@ -24,6 +26,8 @@ def small_blocks(monkeypatch):
     """Blocks of a few rows, so that 70 tokens cross many block boundaries."""
     monkeypatch.setattr(fused, "ALIBI_BLOCK", 16)
     monkeypatch.setattr(fused, "BAND_BLOCK", 8)
+    monkeypatch.setattr(fused, "COPE_BLOCK_BYTES", 4 * 2 * 4 * 70 * 9)  # 9 rows of 70 keys, 2 x 4 heads
+    monkeypatch.setattr(fused, "COPE_COLUMNS", 16)
 
 
 def reference_attention(query, key, value, scale, allowed):
@@ -99,6 +103,45 @@ def test_dual_chunk_attention_equals_float64_math(q_len, first_query, first_posi
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "q_len, k_len, first_query, npos, columns, block_bytes",
+    [(19, 19, 0, 4, 512, 2**22), (19, 19, 0, 64, 5, 2**22), (5, 19, 14, 3, 4, 200), (1, 19, 18, 3, 4, 2**22),
+     (7, 25, 10, 8, 3, 300), (40, 40, 0, 6, 7, 500)],
+)  # one block; many column blocks, positions below the table's end; a cache continued; a decode step; static slots
+def test_cope_attention_equals_float64_math(monkeypatch, q_len, k_len, first_query, npos, columns, block_bytes):
+    monkeypatch.setattr(fused, "COPE_COLUMNS", columns)
+    monkeypatch.setattr(fused, "COPE_BLOCK_BYTES", block_bytes)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, q_len, 8, generator=generator)
+    key, value = (torch.randn(2, 2, k_len, 8, generator=generator) for _ in range(2))  # grouped: 2 queries per key
+    table = torch.randn(npos, 8, generator=generator)
+    out = fused.cope_attention(query, key, value, table, 0.35, first_query)
+    allowed = torch.arange(k_len)[None] <= torch.arange(first_query, first_query + q_len)[:, None]  # (Lq, Lk)
+    mask = torch.where(allowed, 0.0, float("-inf")).double()
+    key, value = (x.double().repeat_interleave(2, dim=1) for x in (key, value))
+    scores = cope.logits(query.double(), key, table.double(), mask.clamp(min=-1e30), 0.35) + mask
+    expected = (torch.softmax(scores, dim=-1) @ value).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cope_attention_stops_counting_where_every_position_reached_the_table_end(monkeypatch):
+    monkeypatch.setattr(fused, "COPE_COLUMNS", 3)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 2, 4, 8, generator=generator).abs()  # 4 queries continuing a cache of 26 tokens
+    key, value = (torch.randn(1, 2, 30, 8, generator=generator).abs() for _ in range(2))  # q . k > 0: gates > 1/2
+    table = torch.randn(2, 8, generator=generator)
+    calls = []
+    original = fused._interpolate_into
+    monkeypatch.setattr(fused, "_interpolate_into", lambda *a: calls.append(1) or original(*a))
+    out = fused.cope_attention(query, key, value, table, 0.35, 26)
+    assert 0 < len(calls) <= 3  # of 10 blocks of columns: every row's position reaches 1 within 3 + 2 keys
+    allowed = torch.arange(30)[None] <= torch.arange(26, 30)[:, None]
+    mask = torch.where(allowed, 0.0, float("-inf")).double()
+    scores = cope.logits(query.double(), key.double(), table.double(), mask.clamp(min=-1e30), 0.35) + mask
+    expected = (torch.softmax(scores, dim=-1) @ value.double()).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_two_terms_carry_distances_and_slopes_beyond_the_dtype(dtype):
     values = torch.tensor([-8191.0, -4097.0, -300.0, -1.0, 0.0, 5.0, 0.70710677 * 8, 2**-8 * 8])
@@ -112,8 +155,9 @@ def chunked(monkeypatch):
 
 
 def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
-    model = tiny("llama").to(dtype)
-    pos_swap.patch(model, scheme, **params)
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)  # then cast: CoPE's random table is the same in every dtype
+    model.to(dtype)
     with torch.no_grad():
         return model(ids, **kwargs).logits.double()
 
@@ -121,7 +165,7 @@ def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
 @pytest.mark.parametrize("scheme, params", SCHEMES)
 def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, params):
     called = []
-    for name in ("alibi_attention", "windowed_attention", "sink_attention", "dual_chunk_attention"):
+    for name in ("alibi_attention", "windowed_attention", "sink_attention", "dual_chunk_attention", "cope_attention"):
         original = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _f=original, **k: called.append(1) or _f(*a, **k))
     fast = patched_logits(scheme, params)
@@ -182,7 +226,7 @@ def test_training_keeps_the_chunked_path_and_slope_gradients(monkeypatch):
     assert slopes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in slopes)
 
 
-@pytest.mark.parametrize("scheme, params", SCHEMES)
+@pytest.mark.parametrize("scheme, params", [s for s in SCHEMES if s[0] != "cope"])  # observed CoPE runs chunked
 def test_observers_see_the_probabilities_of_the_chunked_path(monkeypatch, scheme, params):
     model = tiny("llama")
     pos_swap.patch(model, scheme, **params)

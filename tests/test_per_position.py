@@ -117,6 +117,23 @@ def test_the_fused_path_equals_the_generic_path(scheme, fused_calls, monkeypatch
     assert len(fused_calls) == taken  # the reference ran the generic path
 
 
+def test_decode_steps_read_one_table_per_block_length(monkeypatch):
+    """Successive decode steps share their frequencies for a block of positions: cos and sin are computed once per
+    block length for every layer and step, and the tables read from it give the logits of fresh tables."""
+    model = patched("dynamic-yarn", layers=3)
+    ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(11))
+    cache, builds, cos_sin = DynamicCache(), [], rope.cos_sin
+    with torch.no_grad():
+        model(ids[:, :20], use_cache=True, **{CACHE_ARGUMENT: cache})
+        monkeypatch.setattr(rope, "cos_sin", lambda *args: builds.append(1) or cos_sin(*args))
+        steps = [model(ids[:, p : p + 1], use_cache=True, **{CACHE_ARGUMENT: cache}).logits for p in range(20, 60)]
+        monkeypatch.setattr(rope, "cos_sin", cos_sin)
+        recomputed = model(ids).logits[:, 20:]
+    new_lengths = set(rope.block_lengths(torch.arange(20, 60), BLOCK).tolist()) - {24}  # 24: the prefill's last
+    assert len(builds) == len(new_lengths) == 5  # 40 steps of 3 layers
+    torch.testing.assert_close(torch.cat(steps, dim=1), recomputed, rtol=0, atol=1e-5)
+
+
 def test_observers_see_on_the_fused_path_what_the_generic_path_shows(fused_calls, monkeypatch):
     model = patched("dynamic-yarn", layers=2)
     ids = torch.randint(3, 100, (1, 60), generator=torch.Generator().manual_seed(10))

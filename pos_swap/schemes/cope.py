@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .. import archs
-from ..attention import chunked_attention, chunked_backend
+from .. import fused
+from ..attention import causal_only, chunked_attention, chunked_backend, first_query_slot, observers_of
 from ..errors import InvalidParameterError
 from ..functional import cope
 from ..registry import Scheme, SchemeConfig, greater_than, param, register
@@ -39,7 +40,8 @@ class CoPEConfig(SchemeConfig):
 
 
 class CoPE(nn.Module):
-    """The per-layer attention hook: adds CoPE position logits and computes attention over chunks of rows."""
+    """The per-layer attention hook: adds CoPE position logits and computes attention over chunks of rows, or, in
+    inference without padding or observers, in :func:`pos_swap.fused.cope_attention`'s cache-sized blocks."""
 
     def __init__(self, npos: int, head_dim: int, init: str, like: torch.Tensor):
         super().__init__()
@@ -51,6 +53,12 @@ class CoPE(nn.Module):
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+        if (
+            fused.applies(module, query, kwargs.get("softcap"), self.table) and causal_only(attention_mask, first)
+            and not observers_of(module)  # they are shown the chunked path's probabilities
+        ):  # fmt: skip
+            return fused.cope_attention(query, key, value, self.table, scaling, first), None
 
         def logits(rows, cols, q_rows, keys, mask):
             return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, W); masked gates: 0

@@ -277,7 +277,8 @@ class DeferredRotation(torch.nn.Module):
         same = memo is not None and memo[0] == setting
         if not (same and torch.equal(memo[1], q_positions) and torch.equal(memo[2], k_positions)):
             tables = tuple(self._at_positions(setting, at) for at in (q_positions, k_positions))
-            self._span_memo = memo = (setting, q_positions, k_positions, tables)
+            # copies: the positions may be views of a position_ids tensor the caller changes in place later
+            self._span_memo = memo = (setting, q_positions.clone(), k_positions.clone(), tables)
         return memo[3]
 
     def _at_positions(self, setting, positions: torch.Tensor):

@@ -241,16 +241,15 @@ def _add_positions(scores, later, per_integer, step, last: int):
     for start in range(0, scores.shape[-1], COPE_COLUMNS):
         block = scores[..., start : start + COPE_COLUMNS]
         positions = torch.sigmoid(block)  # the gates
-        hidden = visible[:, start : start + COPE_COLUMNS]  # empty past the first C columns
-        positions[..., : hidden.shape[1]].mul_(hidden)
+        seen = visible[:, start : start + COPE_COLUMNS]  # empty past the first C columns
+        positions[..., : seen.shape[1]].mul_(seen)
         positions = torch.cumsum(positions, dim=-1).add_(carry)
         carry = positions[..., -1:].clone()  # positions is clamped and overwritten below
-        if bool((carry >= last).all()):  # positions only grow: every older key sits at the table's end
-            positions.clamp_(max=last)
-            _interpolate_into(block, positions, per_integer, step)
+        saturated = bool((carry >= last).all())  # positions only grow: every older key sits at the table's end
+        _interpolate_into(block, positions.clamp_(max=last), per_integer, step)
+        if saturated:
             scores[..., start + block.shape[-1] :].add_(per_integer[..., last:])
             return
-        _interpolate_into(block, positions.clamp_(max=last), per_integer, step)
 
 
 def _interpolate_into(scores, positions, per_integer, step):

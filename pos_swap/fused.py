@@ -26,7 +26,7 @@ from .attention import additive_mask, backend_of
 # the diagonal stays below slope x ALIBI_BLOCK / 2 (float32 error about 3e-5 in the logits at slope 1/2).
 ALIBI_BLOCK = 2048
 BAND_BLOCK = 1024  # Self-Extend's neighbour pass reads the window plus this many keys per row
-COPE_BLOCK_BYTES = 2**22  # float32 scores of one block of CoPE query rows: about a core's share of the cache
+COPE_BLOCK_BYTES = 2**22  # float32 scores of one block of CoPE query rows: small enough that its passes stay in cache
 COPE_COLUMNS = 512  # keys counted at a time, before CoPE checks whether every position has reached the table's end
 
 

@@ -103,6 +103,16 @@ def test_dual_chunk_attention_equals_float64_math(q_len, first_query, first_posi
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def cope_reference(query, key, value, table, scale, first_query):
+    """Float64 causal CoPE attention ``(B, Lq, H, D)`` from the tested formulas (:func:`cope.logits`), queries at
+    key slots first_query.. (keys and values already repeated for every query head)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    allowed = torch.arange(k_len)[None] <= torch.arange(first_query, first_query + q_len)[:, None]  # (Lq, Lk)
+    mask = torch.where(allowed, 0.0, float("-inf")).double()
+    scores = cope.logits(query.double(), key.double(), table.double(), mask.clamp(min=-1e30), scale) + mask
+    return (torch.softmax(scores, dim=-1) @ value.double()).transpose(1, 2)
+
+
 @pytest.mark.parametrize(
     "q_len, k_len, first_query, npos, columns, block_bytes",
     [(19, 19, 0, 4, 512, 2**22), (19, 19, 0, 64, 5, 2**22), (5, 19, 14, 3, 4, 200), (1, 19, 18, 3, 4, 2**22),
@@ -116,11 +126,8 @@ def test_cope_attention_equals_float64_math(monkeypatch, q_len, k_len, first_que
     key, value = (torch.randn(2, 2, k_len, 8, generator=generator) for _ in range(2))  # grouped: 2 queries per key
     table = torch.randn(npos, 8, generator=generator)
     out = fused.cope_attention(query, key, value, table, 0.35, first_query)
-    allowed = torch.arange(k_len)[None] <= torch.arange(first_query, first_query + q_len)[:, None]  # (Lq, Lk)
-    mask = torch.where(allowed, 0.0, float("-inf")).double()
-    key, value = (x.double().repeat_interleave(2, dim=1) for x in (key, value))
-    scores = cope.logits(query.double(), key, table.double(), mask.clamp(min=-1e30), 0.35) + mask
-    expected = (torch.softmax(scores, dim=-1) @ value).transpose(1, 2)
+    key, value = (x.repeat_interleave(2, dim=1) for x in (key, value))
+    expected = cope_reference(query, key, value, table, 0.35, first_query)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -135,10 +142,7 @@ def test_cope_attention_stops_counting_where_every_position_reached_the_table_en
     monkeypatch.setattr(fused, "_interpolate_into", lambda *a: calls.append(1) or original(*a))
     out = fused.cope_attention(query, key, value, table, 0.35, 26)
     assert 0 < len(calls) <= 3  # of 10 blocks of columns: every row's position reaches 1 within 3 + 2 keys
-    allowed = torch.arange(30)[None] <= torch.arange(26, 30)[:, None]
-    mask = torch.where(allowed, 0.0, float("-inf")).double()
-    scores = cope.logits(query.double(), key.double(), table.double(), mask.clamp(min=-1e30), 0.35) + mask
-    expected = (torch.softmax(scores, dim=-1) @ value.double()).transpose(1, 2)
+    expected = cope_reference(query, key, value, table, 0.35, 26)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -74,14 +74,19 @@ def test_malformed_scheme_lists_say_the_expected_form(text, message):
 # -- perplexity ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2"])
 def test_chunked_loss_equals_transformers_loss(arch):
+    """Token by token against transformers' logits (a mean would hide tokens swapped or shifted), and the mean
+    against transformers' own loss."""
     model = tiny(arch)
-    ids = torch.randint(3, 100, (1, 29))
+    ids = torch.randint(3, 100, (1, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = model(ids, labels=ids).loss.double()
+        out = model(ids, labels=ids)
+    per_token = torch.nn.functional.cross_entropy(out.logits[0, :-1].double(), ids[0, 1:], reduction="none")  # (28,)
+    assert per_token.std() > 0.1  # distinct values, so an order or offset error shows
     for chunk in (1, 5, 1024):
         losses = ppl.token_losses(model, ids, chunk=chunk)
         assert losses.shape == (28,)
-        assert torch.allclose(losses.double().mean(), reference, atol=1e-5)
+        torch.testing.assert_close(losses.double(), per_token, rtol=0, atol=1e-5)
+        torch.testing.assert_close(losses.double().mean(), out.loss.double(), rtol=0, atol=1e-5)
 
 
 def test_no_logits_beyond_a_chunk_of_positions():

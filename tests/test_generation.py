@@ -74,7 +74,9 @@ def test_generate_with_cache_equals_recomputation_as_the_frequencies_change(arch
     sequences, cached = generate(model, prompt())
     torch.testing.assert_close(cached, recompute(model, sequences), rtol=0, atol=1e-4)
     pos_swap.patch(constant, scheme, **{**scheme_params(scheme, constant), "block": 512})
-    assert (cached - recompute(constant, sequences)).abs().max() > 1e-3  # the frequencies did change
+    with torch.no_grad():  # one forward gives every step: these rows depend on their prefix only
+        fixed = constant(sequences).logits[:, PROMPT - 1 : -1]
+    assert (cached - fixed).abs().max() > 1e-3  # the frequencies did change during generation
 
 
 def test_dynamic_drifts_about_three_times_less_than_transformers_dynamic():

@@ -101,6 +101,20 @@ SCHEME_PARAMS = {
 }
 
 
+def assert_figure(path, size=None, dpi: int = 120):
+    """``path`` is a PNG of ``size`` inches (width, height) at pos_swap's ``dpi`` (any size when None) with data
+    drawn on it: coloured pixels (lines, bands, heatmap cells), not only the grey frame, ticks and labels."""
+    import matplotlib.image
+    import numpy as np
+
+    image = matplotlib.image.imread(path)  # (H, W, RGBA) in 0..1; raises on a file that is not a PNG
+    if size is not None:
+        assert image.shape[:2] == (round(size[1] * dpi), round(size[0] * dpi)), (path, image.shape)
+    rgb = image[..., :3]
+    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2  # grey, black and white have equal channels
+    assert coloured.mean() > 1e-3, f"{path}: nothing but the frame was drawn"
+
+
 def tiny(arch: str = "llama", seed: int = 0, **overrides):
     """A tiny random model of ``arch`` in eval mode (a causal LM, or BERT's encoder), 32 trained positions."""
     if arch in LEARNED_ARCHS:

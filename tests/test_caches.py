@@ -10,23 +10,26 @@ import pytest
 import torch
 
 import pos_swap
-from conftest import scheme_params, tiny
+from conftest import SCHEME_PARAMS, tiny
 
-PROMPT, NEW = 20, 16  # generation crosses the 32 trained positions (dynamic-yarn and longrope switch there)
+PROMPT, NEW = 20, 16  # generation crosses the 32 trained positions
+# per-position frequencies in blocks of 8: dynamic, dynamic-yarn and longrope switch from their in-context to their
+# scaled frequencies at position 32, during generation (with the default block of 512 nothing would switch here)
+BLOCK = dict(block=8)
 SLIDING = dict(sliding_window=8)
 CASES = [  # (arch, scheme, params, model overrides)
-    ("llama", "dynamic", dict(factor=2.0), {}),
-    ("llama", "dynamic-yarn", {}, {}),
-    ("llama", "longrope", None, {}),
+    ("llama", "dynamic", dict(factor=2.0, **BLOCK), {}),
+    ("llama", "dynamic-yarn", BLOCK, {}),
+    ("llama", "longrope", {**SCHEME_PARAMS["longrope"], **BLOCK}, {}),
     ("llama", "alibi", {}, {}),
     ("llama", "cope", dict(init="normal"), {}),
     ("llama", "self-extend", dict(window=8, group=2), {}),
     ("gpt2", "rope", {}, {}),
-    ("opt", "rope", dict(scaling="dynamic", scaling_params={"factor": 2.0}), {}),
+    ("opt", "rope", dict(scaling="dynamic", scaling_params={"factor": 2.0, **BLOCK}), {}),
     ("gpt2", "alibi", {}, {}),
     ("mistral", "alibi", {}, SLIDING),
     ("mistral", "self-extend", dict(window=4, group=2), SLIDING),
-    ("mistral", "dynamic", dict(factor=2.0), SLIDING),
+    ("mistral", "dynamic", dict(factor=2.0, **BLOCK), SLIDING),
     ("llama", "rerope", dict(window=8, leaky_factor=2.0), {}),
     ("mistral", "rerope", dict(window=4), SLIDING),
     ("llama", "dual-chunk", dict(chunk_size=12, local_window=3), {}),
@@ -42,7 +45,7 @@ HELD_OUT = [
 
 def patched_model(arch, scheme, params, overrides):
     model = tiny(arch, num_hidden_layers=1, **overrides)  # one layer: only the keys carry the past
-    pos_swap.patch(model, scheme, **(scheme_params(scheme, model) if params is None else params))
+    pos_swap.patch(model, scheme, **params)
     return model
 
 

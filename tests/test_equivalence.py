@@ -22,17 +22,64 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def expected_rope_parameters(scheme: str, rope_theta: float, dim: int) -> dict:
+    """By hand, independently of the schemes' ``hf_rope_parameters``: the plain transformers ``rope_parameters``
+    of conftest's SCHEME_PARAMS for a rotary table of ``dim`` dimensions and base ``rope_theta``, trained on 32
+    positions."""
+    half = dim // 2
+    return {
+        "linear": {"rope_type": "linear", "factor": 4.0},
+        # NTK-aware: the base grows by factor^(d / (d - 2)), so the lowest frequency is stretched by the factor
+        "ntk": {"rope_type": "default", "rope_theta": rope_theta * 4.0 ** (dim / (dim - 2))},
+        "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+        "yarn": {
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
+            "beta_slow": 1.0, "truncate": True,
+        },
+        "longrope": {
+            "rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 32,
+            "long_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5][:half],
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7][:half],
+        },
+        "llama3": {
+            "rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 16, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        },
+    }[scheme]  # fmt: skip
+
+
+def expected_by_slot(model, scheme: str) -> dict:
+    """:func:`expected_rope_parameters` for each rotary table the scheme rescales (Gemma 3: the global layers')."""
+    return {
+        slot.layer_type: expected_rope_parameters(scheme, slot.rope_parameters(model.config)["rope_theta"], slot.dim)
+        for slot in archs.rotary_slots(model)
+    }
+
+
+@pytest.mark.parametrize("arch", list(ROPE_ARCHS))
+@pytest.mark.parametrize("scheme", HF_EXPRESSIBLE)
+def test_exported_rope_parameters_match_the_table(arch, scheme):
+    model = tiny(arch)
+    handle = pos_swap.patch(model, scheme, **plain_params(scheme, model))
+    handle.remove()
+    exported = {slot.layer_type: handle.scheme.hf_rope_parameters(model.config, slot) for slot in archs.rotary_slots(model)}
+    expected = expected_by_slot(model, scheme)
+    assert exported.keys() == expected.keys()
+    for slot, params in expected.items():
+        assert exported[slot].keys() == params.keys(), slot
+        for key, value in params.items():  # float parameters to rounding, the rest exactly
+            assert exported[slot][key] == (pytest.approx(value, rel=1e-12) if key != "rope_type" else value), key
+
+
 @pytest.mark.parametrize("arch", list(ROPE_ARCHS))
 @pytest.mark.parametrize("scheme", HF_EXPRESSIBLE)
 @pytest.mark.parametrize("length", [24, 80])  # inside and beyond the 32 trained positions
 def test_patched_model_matches_transformers(arch, scheme, length):
+    """The reference is transformers' rotary built from the hand-written table, not from the code under test."""
     model = tiny(arch)
     ids = torch.randint(3, 100, (2, length), generator=torch.Generator().manual_seed(length))
     native = logits(model, ids)
-    handle = pos_swap.patch(model, scheme, **plain_params(scheme, model))
-    handle.remove()  # the patched config carries the exported rope_parameters already: export from the native one
-    exported = {slot.layer_type: handle.scheme.hf_rope_parameters(model.config, slot) for slot in archs.rotary_slots(model)}
-    reference = logits(transformers_reference(model, exported), ids)
+    reference = logits(transformers_reference(model, expected_by_slot(model, scheme)), ids)
     pos_swap.patch(model, scheme, **plain_params(scheme, model))
     patched = logits(model, ids)
     torch.testing.assert_close(patched, reference, rtol=0, atol=1e-5)

@@ -15,7 +15,7 @@ import pos_swap
 from pos_swap import cli, report
 from pos_swap.errors import PosSwapError
 from pos_swap.evaluate import choose, demo, ppl, retrieval, run, specs
-from tests.conftest import tiny
+from tests.conftest import assert_figure, tiny
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +74,19 @@ def test_malformed_scheme_lists_say_the_expected_form(text, message):
 # -- perplexity ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2"])
 def test_chunked_loss_equals_transformers_loss(arch):
+    """Token by token against transformers' logits (a mean would hide tokens swapped or shifted), and the mean
+    against transformers' own loss."""
     model = tiny(arch)
-    ids = torch.randint(3, 100, (1, 29))
+    ids = torch.randint(3, 100, (1, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = model(ids, labels=ids).loss.double()
+        out = model(ids, labels=ids)
+    per_token = torch.nn.functional.cross_entropy(out.logits[0, :-1].double(), ids[0, 1:], reduction="none")  # (28,)
+    assert per_token.std() > 0.1  # distinct values, so an order or offset error shows
     for chunk in (1, 5, 1024):
         losses = ppl.token_losses(model, ids, chunk=chunk)
         assert losses.shape == (28,)
-        assert torch.allclose(losses.double().mean(), reference, atol=1e-5)
+        torch.testing.assert_close(losses.double(), per_token, rtol=0, atol=1e-5)
+        torch.testing.assert_close(losses.double().mean(), out.loss.double(), rtol=0, atol=1e-5)
 
 
 def test_no_logits_beyond_a_chunk_of_positions():
@@ -203,8 +208,9 @@ def test_a_run_writes_every_cell_plots_and_report(tokenizer, tmp_path):
     native = next(c for c in saved["cells"] if c["key"] == "native|ppl|256|w1")
     assert native["ppl"] == pytest.approx(ppl.window_perplexity(ppl.token_losses(model, tokens[256:512][None]))["ppl"])
     sections = run.write_report(done)
-    for name in ("ppl.png", "ppl_tail.png", "passkey.png", "multikey.png", "report.html"):
-        assert (tmp_path / "run" / name).stat().st_size > 1000, name
+    for name, size in [("ppl.png", (6.4, 4.2)), ("ppl_tail.png", (6.4, 4.2)), ("passkey.png", (12.6, 3.8)),
+                       ("multikey.png", (12.6, 3.8))]:  # heatmaps: one 4.2-inch panel per scheme
+        assert_figure(tmp_path / "run" / name, size=size)
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "dynamic-yarn" in html
     assert [s.heading for s in sections][:2] == ["Last-quarter perplexity", "Whole-window perplexity"]

@@ -7,6 +7,8 @@ when the context was shorter, which no key-caching scheme can change, but the dr
 transformers' own dynamic NTK, whose cached keys keep the old base.
 """
 
+import copy
+
 import pytest
 import torch
 import transformers as T
@@ -43,42 +45,76 @@ def one_layer(arch):
     return tiny(arch, num_hidden_layers=1, **extra)
 
 
+BLOCK = 8  # per-position frequencies switch at 40 and 48 during generation (the default 512 never would here)
+MODES = {"per-position": dict(block=BLOCK), "whole-window": dict(per_position=False)}
+
+
+def follows_length_params(scheme, model, mode):
+    return {**scheme_params(scheme, model), **MODES[mode]}
+
+
 @pytest.mark.parametrize("arch", list(ROPE_ARCHS))
-@pytest.mark.parametrize("scheme", STATIC + FOLLOWS_LENGTH)
+@pytest.mark.parametrize("scheme", STATIC)
 def test_generate_with_cache_equals_recomputation(arch, scheme):
-    """Exact for static schemes; for length-following ones on a one-layer model, where only the keys (cached
-    before rotation) carry the past, which proves they stay consistent as the frequencies change."""
-    model = tiny(arch) if scheme in STATIC else one_layer(arch)
+    model = tiny(arch)
     pos_swap.patch(model, scheme, **scheme_params(scheme, model))
     sequences, cached = generate(model, prompt())
     torch.testing.assert_close(cached, recompute(model, sequences), rtol=0, atol=1e-4)
 
 
-def test_dynamic_drifts_far_less_than_transformers_dynamic():
-    """Mean over five random 4-layer models of the largest cached-vs-recomputed logit gap."""
+@pytest.mark.parametrize("arch", list(ROPE_ARCHS))
+@pytest.mark.parametrize("scheme", FOLLOWS_LENGTH)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_generate_with_cache_equals_recomputation_as_the_frequencies_change(arch, scheme, mode):
+    """Per position: exact at any depth (two layers here). Whole window: exact on a one-layer model, where only the
+    keys (cached before rotation) carry the past, which proves they are re-rotated as the frequencies change."""
+    model = tiny(arch) if mode == "per-position" else one_layer(arch)
+    constant = copy.deepcopy(model)  # frequencies that stay fixed over the whole generation
+    pos_swap.patch(model, scheme, **follows_length_params(scheme, model, mode))
+    sequences, cached = generate(model, prompt())
+    torch.testing.assert_close(cached, recompute(model, sequences), rtol=0, atol=1e-4)
+    pos_swap.patch(constant, scheme, **{**scheme_params(scheme, constant), "block": 512})
+    with torch.no_grad():  # one forward gives every step: these rows depend on their prefix only
+        fixed = constant(sequences).logits[:, PROMPT - 1 : -1]
+    assert (cached - fixed).abs().max() > 1e-3  # the frequencies did change during generation
+
+
+def test_dynamic_drifts_about_three_times_less_than_transformers_dynamic():
+    """The README: with ``per_position=False`` generation drifts from recomputation "about 3x less than
+    transformers' own dynamic NTK". Drift: the largest cached-vs-recomputed logit gap, mean over five random
+    4-layer models (measured 3.9x here). Per position (the default) there is no drift at all."""
     kwargs = {**COMMON, "num_hidden_layers": 4}
-    drift = {"ours": 0.0, "theirs": 0.0}
+    drift = {"whole window": 0.0, "per position": 0.0, "transformers": 0.0}
     for seed in range(5):
         torch.manual_seed(seed)
-        ours = T.LlamaForCausalLM(T.LlamaConfig(**kwargs)).eval()
         theirs = T.LlamaForCausalLM(
             T.LlamaConfig(**kwargs, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
         ).eval()
-        theirs.load_state_dict(ours.state_dict())
-        pos_swap.patch(ours, "dynamic", factor=2.0)
-        for name, model in (("ours", ours), ("theirs", theirs)):
+        models = {"transformers": theirs}
+        for name, params in (("whole window", dict(per_position=False)), ("per position", dict(block=BLOCK))):
+            models[name] = ours = T.LlamaForCausalLM(T.LlamaConfig(**kwargs)).eval()
+            ours.load_state_dict(theirs.state_dict())
+            pos_swap.patch(ours, "dynamic", factor=2.0, **params)
+        for name, model in models.items():
             sequences, cached = generate(model, prompt())
             drift[name] += (cached - recompute(model, sequences)).abs().max().item() / 5
-    assert drift["ours"] < drift["theirs"] / 2, drift
+    assert drift["per position"] < 1e-4, drift
+    assert 2 < drift["transformers"] / drift["whole window"] < 6, drift
 
 
-def test_generation_can_cross_the_threshold_twice_and_reset():
-    """A second generate() on the same patched model starts from native frequencies again."""
-    model = one_layer("llama")
-    pos_swap.patch(model, "dynamic", factor=2.0)
-    first, _ = generate(model, prompt(seed=1))
-    second, _ = generate(model, prompt(seed=1))
-    assert torch.equal(first, second)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_generation_can_cross_the_threshold_twice_and_reset(mode):
+    """A second generate() on the same patched model starts from native frequencies again: its logits equal
+    those of the first and of a freshly patched model."""
+    model, fresh = one_layer("llama"), one_layer("llama")
+    for each in (model, fresh):
+        pos_swap.patch(each, "dynamic", factor=2.0, **MODES[mode])
+    first = generate(model, prompt(seed=1))
+    second = generate(model, prompt(seed=1))
+    alone = generate(fresh, prompt(seed=1))
+    for sequences, logits in (second, alone):
+        assert torch.equal(sequences, first[0])
+        torch.testing.assert_close(logits, first[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", list(ROPE_ARCHS))

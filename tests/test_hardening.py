@@ -20,17 +20,22 @@ def ids(length=20, seed=0):
 
 
 @pytest.mark.parametrize("change", ["add_", "slice"])
-def test_position_ids_changed_in_place_between_forwards(change):
+@pytest.mark.parametrize("mode", [dict(per_position=False), dict(block=8)], ids=["whole-window", "per-position"])
+def test_position_ids_changed_in_place_between_forwards(change, mode):
+    """Whole-window frequencies are memoized per ``position_ids`` object and its version counter; per-position
+    ones per block length and a copy of the positions (a block of 8, so positions 32..39 take new frequencies)."""
     model = tiny("llama")
-    pos_swap.patch(model, "dynamic", factor=2.0)
+    pos_swap.patch(model, "dynamic", factor=2.0, **mode)
     expected = outputs(model, ids(10), position_ids=torch.arange(30, 40)[None])
     positions = torch.arange(10)[None]
-    outputs(model, ids(10), position_ids=positions)  # frequencies of length 10
+    outputs(model, ids(10), position_ids=positions)  # frequencies of length 10: native
     if change == "add_":
         positions.add_(30)  # now 30..39: past the 32 trained positions, so the base grows
     else:
         positions[:] = torch.arange(30, 40)
     torch.testing.assert_close(outputs(model, ids(10), position_ids=positions), expected, rtol=0, atol=0)
+    stale = outputs(tiny("llama"), ids(10), position_ids=torch.arange(30, 40)[None])  # the length-10 frequencies
+    assert (expected - stale).abs().max() > 1e-3  # so a memo that missed the change would fail
 
 
 # -- casts and moves, then unpatch ----------------------------------------------------------------------------

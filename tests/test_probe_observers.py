@@ -167,15 +167,17 @@ def test_observing_leaves_outputs_bit_identical_and_hooks_gone(scheme, params):
         pos_swap.patch(model, scheme, **params)
     ids = torch.randint(2, 100, (2, LENGTH), generator=torch.Generator().manual_seed(3))
     config, implementation = model.config, model.config._attn_implementation
+    described = copy.deepcopy(pos_swap.describe(model))  # recorded before observing
     before = outputs(model, ids)
+    generated = model.generate(ids[:, :10], max_new_tokens=4, do_sample=False)
     with attention_stats(model):
         during = outputs(model, ids)
-        generated = model.generate(ids[:, :10], max_new_tokens=4, do_sample=False)
-    assert torch.equal(before, during)
+        assert torch.equal(generated, model.generate(ids[:, :10], max_new_tokens=4, do_sample=False))
+    assert torch.equal(before, during) and torch.equal(outputs(model, ids), before)
     assert torch.equal(generated, model.generate(ids[:, :10], max_new_tokens=4, do_sample=False))
     assert model.config is config and model.config._attn_implementation == implementation
     assert not any(OBSERVERS in vars(m) for m in model.modules())
-    assert pos_swap.describe(model) == (pos_swap.describe(model) if scheme else None)
+    assert pos_swap.describe(model) == described and (described is None) == (scheme is None)
 
 
 def test_hooks_gone_after_an_error_and_other_models_untouched():

@@ -23,7 +23,8 @@ def test_least_squares_matches_numpy_with_intercept_and_min_norm():
         np.testing.assert_allclose(w.numpy(), expected, atol=1e-9)
         np.testing.assert_allclose(b.item(), y.double().mean().item() - x.double().numpy().mean(0) @ expected, atol=1e-9)
     w, b = regression.least_squares(tall, tall @ torch.arange(8.0) + 3.0)
-    np.testing.assert_allclose(w.numpy(), np.arange(8.0), atol=1e-5) and np.testing.assert_allclose(b.item(), 3.0, atol=1e-5)
+    np.testing.assert_allclose(w.numpy(), np.arange(8.0), atol=1e-5)
+    np.testing.assert_allclose(b.item(), 3.0, atol=1e-5)
     x, y = tall.double().numpy(), np.sin(np.arange(50.0))
     w, _ = regression.least_squares(tall, torch.tensor(y), ridge=2.0)
     xc = x - x.mean(0)
@@ -50,9 +51,12 @@ def test_logistic_regression_matches_scipy():
 def test_sinusoid_table_gives_zero_absolute_error_and_learned_tables_do_not():
     result = tables.embedding_probes(tables.sinusoid_table(256, 128), seeds=2, pairs=1024)
     assert result["absolute_mae"] == 0.0 and result["absolute_mae_std"] == 0.0
-    assert len(result["relative_error_per_seed"]) == 2 and 0 <= result["relative_error"] < 0.5
+    # measured 3.3% (seeds 0 and 1); the README's real tables give 1.3-1.9%. 1024 pairs leave about a point of
+    # seed noise, so 6% is the bound; a probe that learned nothing is at chance (50%)
+    assert len(result["relative_error_per_seed"]) == 2 and 0 <= result["relative_error"] < 0.06
     noise = tables.embedding_probes(torch.randn(256, 16, generator=torch.Generator().manual_seed(0)), seeds=2, pairs=1024)
-    assert noise["absolute_mae"] > 30 and noise["relative_error"] > 0.3  # random rows carry no position
+    # random rows carry no position: measured MAE 66 (guessing the middle gives 64) and 43% wrong
+    assert noise["absolute_mae"] > 50 and noise["relative_error"] > 0.38
 
 
 def test_model_table_reads_through_the_architecture_map():

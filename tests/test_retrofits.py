@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -23,6 +24,11 @@ FITS = {  # which retrofits make sense on which family
     "llama": ["alibi", "nope"], "qwen3": ["alibi", "nope"], "gpt_neox": ["alibi", "nope"], "gemma3_text": ["alibi", "nope"],
 }  # fmt: skip
 RELATIVE = ["alibi", "rope", "nope", "rope+yarn"]
+
+
+def fitting(archs, names):
+    """(arch, name) pairs of ``archs`` x ``names`` that FITS allows, so no parametrization exists only to skip."""
+    return [(arch, name) for arch in archs for name in names if name in FITS[arch]]
 
 
 def patch(model, name):
@@ -114,12 +120,40 @@ def test_retrofit_runs_changes_the_model_and_removes_exactly(arch, name):
     assert torch.equal(outputs(model, ids), native)
 
 
+def expected_gpt2_table(name: str, native: torch.Tensor, length: int) -> torch.Tensor:
+    """By hand: the position rows ``(length, D)`` a table retrofit gives GPT-2 with the ``native (32, D)`` table."""
+    positions, dim = torch.arange(length, dtype=torch.float64), native.shape[1]
+    if name == "nope":
+        return torch.zeros(length, dim)
+    if name == "learned-interpolate":  # position p reads the native table at p / 4, linearly, clamped to its end
+        columns = [np.interp(positions.numpy() / 4, np.arange(len(native)), column) for column in native.double().T.numpy()]
+        return torch.tensor(np.stack(columns, axis=1), dtype=torch.float32)
+    angle = positions[:, None] / 10000.0 ** (2 * (torch.arange(dim) // 2) / dim)  # sinusoidal, RMS-matched
+    table = torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos())
+    rms = lambda t: t.double().pow(2).mean().sqrt()  # noqa: E731
+    return (table * rms(native) / rms(table[: len(native)])).float()
+
+
 @pytest.mark.parametrize("arch", LEARNED)
 @pytest.mark.parametrize("name", ["alibi", "sinusoidal", "rope", "learned-interpolate", "nope"])
 def test_learned_models_run_at_four_times_their_table(arch, name):
-    model = tiny(arch)
+    """On GPT-2, a table retrofit at 4x the table equals transformers' GPT-2 holding the expected 128 rows; the
+    causal models' rows at 4x the table depend on their prefix only."""
+    model, ids = tiny(arch), ids_of(4 * 32, batch=1)
+    reference = None
+    if arch == "gpt2" and name in ("sinusoidal", "learned-interpolate", "nope"):
+        reference = tiny(arch, n_positions=4 * 32)
+        state = {k: v for k, v in model.state_dict().items() if k != "transformer.wpe.weight"}
+        reference.load_state_dict(state, strict=False)
+        with torch.no_grad():
+            reference.transformer.wpe.weight.copy_(expected_gpt2_table(name, model.transformer.wpe.weight, 4 * 32))
     patch(model, name)
-    assert torch.isfinite(outputs(model, ids_of(4 * 32, batch=1))).all()
+    long = outputs(model, ids)
+    assert torch.isfinite(long).all()
+    if reference is not None:
+        torch.testing.assert_close(long, outputs(reference, ids), rtol=0, atol=1e-4)
+    if arch != "bert":  # an encoder's rows see the whole input
+        torch.testing.assert_close(long[:, :80], outputs(model, ids[:, :80]), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch,name", [(a, n) for a, n in PAIRS if n in RELATIVE])
@@ -190,11 +224,10 @@ def test_alibi_attention_weights_equal_an_independent_computation():
             torch.testing.assert_close(weights[h, i], expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama", "gpt_neox"])
-@pytest.mark.parametrize("name", ["alibi", "rope", "sinusoidal", "nope", "learned-interpolate"])
+@pytest.mark.parametrize(
+    "arch,name", fitting(["gpt2", "opt", "llama", "gpt_neox"], ["alibi", "rope", "sinusoidal", "nope", "learned-interpolate"])
+)
 def test_generate_with_cache_equals_recomputation(arch, name):
-    if name not in FITS[arch]:
-        pytest.skip("scheme does not fit this family")
     model = tiny(arch)
     patch(model, name)
     ids = ids_of(20, batch=1)
@@ -205,11 +238,8 @@ def test_generate_with_cache_equals_recomputation(arch, name):
     torch.testing.assert_close(torch.stack(out.logits, 1)[0], recomputed, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
-@pytest.mark.parametrize("name", ["alibi", "rope", "sinusoidal", "nope"])
+@pytest.mark.parametrize("arch,name", fitting(["gpt2", "opt", "llama"], ["alibi", "rope", "sinusoidal", "nope"]))
 def test_left_padding_equals_each_sequence_alone(arch, name):
-    if name not in FITS[arch]:
-        pytest.skip("scheme does not fit this family")
     model = tiny(arch)
     patch(model, name)
     long, short = ids_of(30, batch=1, seed=1)[0], ids_of(22, batch=1, seed=2)[0]
@@ -278,11 +308,8 @@ def test_trainable_alibi_slopes_get_gradients_and_survive_save_load(tmp_path):
     torch.testing.assert_close(outputs(loaded, ids_of(10)), outputs(model, ids_of(10)), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "bert", "llama"])
-@pytest.mark.parametrize("name", ["alibi", "rope+yarn", "sinusoidal", "nope"])
+@pytest.mark.parametrize("arch,name", fitting(["gpt2", "bert", "llama"], ["alibi", "rope+yarn", "sinusoidal", "nope"]))
 def test_save_and_load_round_trip(tmp_path, arch, name):
-    if name not in FITS[arch]:
-        pytest.skip("scheme does not fit this family")
     model, ids = tiny(arch), ids_of(40)
     patch(model, name)
     model.save_pretrained(tmp_path)

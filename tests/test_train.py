@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import pos_swap
-from conftest import outputs, tiny
+from conftest import outputs, skip_missing, tiny
 from pos_swap import train
 from pos_swap.errors import PosSwapError
 from pos_swap.evaluate import token_losses
@@ -307,7 +307,7 @@ def test_two_process_accelerate_run_on_cpu(tiny_folder, tmp_path):
     (accelerate 1.15); `--multi_gpu` with CUDA hidden starts two, which join one gloo group."""
     text = tmp_path / "corpus.txt"
     text.write_text(pos_swap.offline.pydoc_text()[:20000])
-    launcher = shutil.which("accelerate") or pytest.skip("accelerate's launcher is not on PATH")
+    launcher = shutil.which("accelerate") or skip_missing("accelerate's launcher is not on PATH")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(pos_swap.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     argv = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",

@@ -141,13 +141,13 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
                   progress: bool = True) -> report.RunFolder:  # fmt: skip
     """:func:`finetune` on a checkpoint (Hub name, folder, offline alias) and a text (file, folder, dataset, None:
     pydoc topics): what ``pos-swap finetune`` runs. The output folder is checked before anything loads."""
-    from ..evaluate import load
+    from ..loading import load
     from .data import load_tokens
 
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)
     device = str(process_state().device)
-    model, tokenizer = load(model_name, device=device, longest=max(settings.lengths) if device == "cpu" else None)
+    model, tokenizer = load(model_name, device=device, dtype="float32", longest=max(settings.lengths) if device == "cpu" else None)
     tokens, label = load_tokens(tokenizer, text)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip

@@ -111,3 +111,23 @@ def test_one_loader_gives_the_saved_model_with_its_patch(model_dir, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     half, tokenizer = loading.load(model_dir, dtype="bfloat16")
     assert half.dtype == torch.bfloat16 and tokenizer("ab").input_ids == [64, 65]
+
+
+def test_the_memory_check_counts_reclaimable_memory(model_dir, monkeypatch):
+    """Free pages are a fraction of what a process can get (the page cache is reclaimable): the check reads
+    psutil's ``available`` (MemAvailable), so a run that fits in it is not refused for lack of free pages."""
+    import collections
+
+    import psutil
+
+    from pos_swap.evaluate import ppl
+
+    memory = collections.namedtuple("Memory", "total available free")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(16 * 2**30, 8 * 2**30, 2**20))
+    assert ppl.available_memory() == 8 * 2**30
+    config = T.AutoConfig.from_pretrained(model_dir)
+    assert 2**20 < ppl.estimate_memory(config, 1024) < 8 * 2**30
+    loading.load(model_dir, longest=1024)  # fits in the available 8 GiB, not in the free 1 MiB
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(16 * 2**30, 2**20, 2**20))
+    with pytest.raises(pos_swap.PosSwapError, match="GiB is free"):
+        loading.load(model_dir, longest=1024)

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 import pos_swap
 from pos_swap import report
 from pos_swap.evaluate import stream_losses
-from pos_swap.evaluate.run import load, text_tokens
+from pos_swap.loading import load, text_tokens
 from pos_swap.schemes.sinks import SinkCache
 
 

@@ -10,9 +10,8 @@ import dataclasses
 import json
 import sys
 import typing
-from pathlib import Path
 
-from . import archs, engine, evaluate, offline, report
+from . import archs, engine, evaluate, loading, report
 from .errors import PosSwapError, did_you_mean
 from .registry import get_scheme, list_schemes
 
@@ -77,33 +76,6 @@ spectrum, hidden-state probe per layer, distance profiles, sink mass, previous-t
 and report.html."""
 
 
-def _load(name_or_path: str, *, weights: bool):
-    """A model from a Hub name, folder or offline alias; without weights it is built empty, on the meta device."""
-    import transformers
-    from accelerate import init_empty_weights
-
-    path = offline.resolve(name_or_path)
-    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
-        raise PosSwapError(
-            f"No model folder at '{name_or_path}'. Give an existing folder, a Hub name such as "
-            f"HuggingFaceTB/SmolLM2-135M, or offline:smollm2 / offline:minilm."
-        )
-    try:
-        if weights:
-            return engine.from_pretrained(path)
-        config = transformers.AutoConfig.from_pretrained(path)
-    except OSError as error:  # transformers' missing-file, unknown-repo and no-network errors
-        raise PosSwapError(
-            f"Cannot load '{name_or_path}': {str(error).splitlines()[0]} Give a local model folder, a Hub name "
-            f"(needs the network), or offline:smollm2 / offline:minilm."
-        ) from error
-    record = engine.read_record(config)
-    with init_empty_weights():
-        model_class = engine.saved_model_class(config)
-        model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
-    return model, record
-
-
 def cmd_schemes(args) -> None:
     for name in list_schemes():
         scheme = get_scheme(name)
@@ -115,7 +87,7 @@ def cmd_schemes(args) -> None:
 
 
 def cmd_info(args) -> None:
-    model, record = _load(args.model, weights=False)
+    model, record = loading.load_empty(args.model)
     summary = {**archs.summarize(model), "patch": record}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -127,7 +99,7 @@ def cmd_info(args) -> None:
 def cmd_patch(args) -> None:
     params = _scheme_params(args)
     get_scheme(args.scheme)  # an unknown name fails before the checkpoint loads
-    model = _load(args.model, weights=True)
+    model, tokenizer = loading.load(args.model, require_tokenizer=False)
     saved = engine.describe(model)
     if saved is not None and not args.replace:
         raise PosSwapError(
@@ -138,12 +110,8 @@ def cmd_patch(args) -> None:
         engine.export_hf(model, args.out)
     else:
         model.save_pretrained(args.out)
-    try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(offline.resolve(args.model)).save_pretrained(args.out)
-    except (OSError, ValueError):
-        pass  # no tokenizer to copy
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
     how = "plain transformers rope_parameters" if args.export == "hf" else "pos_swap.from_pretrained"
     print(f"saved {handle!r} to {args.out} (load it with {how})")
 
@@ -156,7 +124,7 @@ def cmd_eval(args) -> None:
         depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials, windows=args.windows, seed=args.seed,
     )  # fmt: skip
     report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest())
+    model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest())
     run = evaluate.evaluate(model, tokenizer, plan, out=args.out, model_name=args.model, text=args.text,
                             resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     evaluate.run.print_sections(evaluate.write_report(run))
@@ -167,7 +135,7 @@ def cmd_recommend(args) -> None:
     target = evaluate.specs.parse_length(args.length)
     if args.out:
         report.check_output(args.out, overwrite=args.overwrite)
-    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=target)
+    model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target)
     result = evaluate.recommend(model, tokenizer, target, text=args.text, windows=args.windows,
                                 tolerance=args.tolerance, out=args.out, overwrite=args.overwrite)  # fmt: skip
     rows = [{**r, "inside_change": f"{r['inside_change']:+.1%}"} for r in result["ranking"]]
@@ -187,7 +155,7 @@ def _add_model_options(p) -> None:
     p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub name, folder (a saved patch is re-applied) or offline:smollm2")
     p.add_argument("--text", metavar="FILE", help="text to measure on (default: Python's pydoc topics, ~110k tokens)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="float32", choices=loading.DTYPES, help="(default: float32)")
     p.add_argument("--windows", type=int, default=1, help="perplexity windows per length, for mean and spread (default: 1)")
 
 
@@ -198,15 +166,15 @@ def _add_run_options(p, default_out: str | None) -> None:
 
 
 def cmd_probe(args) -> None:
-    from .probe.run import load, run_probe
+    from .probe.run import run_probe
 
     params = _scheme_params(args)
     if params and not args.scheme:
         raise PosSwapError(f"Scheme parameters ({', '.join(params)}) need --scheme NAME.")
     if args.compare and not args.scheme:
         raise PosSwapError("--compare shows the native model beside a patched one: give --scheme NAME.")
-    text = args.text.read() if args.text else None
-    model, tokenizer = load(args.model)
+    text = loading.read_text(args.text) if args.text else None
+    model, tokenizer = loading.load(args.model)
     run_probe(
         model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
         text=text, length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
@@ -272,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for probe.json, PNG plots and report.html")
     p.add_argument("--scheme", help=f"probe the model patched with this scheme: one of {', '.join(list_schemes())}")
     p.add_argument("--compare", action="store_true", help="probe the native model too, side by side")
-    p.add_argument("--text", type=argparse.FileType("r"), help="text file to probe on (default: Python's pydoc topics)")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text file to probe on (default: Python's pydoc topics)")
     p.add_argument("--length", type=int, help="tokens of the attention-statistics window (default: 1024 or the trained context)")
     p.add_argument("--probe-window", type=int, default=512, help="tokens per window of the hidden-state probe")
     p.add_argument("--probe-windows", type=int, default=4, help="windows of the hidden-state probe")

@@ -103,26 +103,19 @@ def format_table(rows: list[dict], columns: list[str], floats: str = "{:.2f}") -
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 @contextlib.contextmanager
 def figure(path, nrows: int = 1, ncols: int = 1, size=(6.4, 4.2), **kwargs):
-    """``with figure("x.png", 1, 2) as (fig, axes):`` draw, then the PNG is written and the figure closed."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False, **kwargs)
-    try:
-        yield fig, axes if nrows * ncols > 1 else axes[0, 0]
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
+    """``with figure("x.png", 1, 2) as (fig, axes):`` draw, then the PNG is written. A standalone Figure on its own
+    Agg canvas: no pyplot, no backend switch, nothing global (a Jupyter session keeps its backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    yield fig, axes if nrows * ncols > 1 else axes[0, 0]
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", marks: dict | None = None,
@@ -133,9 +126,9 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
     the ticks (e.g. 16384 -> "16k")."""
     with figure(path) as (_, ax):
         for name, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o", ms=3, label=name)
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
             if bands and name in bands:
-                ax.fill_between(xs, *bands[name], alpha=0.2)
+                ax.fill_between(xs, *bands[name], alpha=0.2, color=line.get_color())
         for label, x in (marks or {}).items():
             ax.axvline(x, color="gray", lw=0.8, ls="--", label=label)
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)

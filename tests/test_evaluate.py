@@ -129,7 +129,7 @@ def test_memory_estimate_fails_before_loading():
     small, large = ppl.estimate_memory(config, 4096), ppl.estimate_memory(config, 2**26)
     assert small < 2 * 2**30 < large
     with pytest.raises(PosSwapError, match="GiB is free"):
-        run.load("offline:smollm2", longest=2**26)
+        pos_swap.loading.load("offline:smollm2", longest=2**26)
 
 
 # -- retrieval -----------------------------------------------------------------------------------------------------

@@ -133,6 +133,29 @@ def test_adapter_and_merged_model_give_the_run_s_logits(gpt2_run):
     assert losses.double().mean().exp().item() == pytest.approx(cells(_saved(out))["recovered|32"]["ppl"], rel=1e-5)
 
 
+def test_an_adapter_loads_the_base_it_recorded_through_an_offline_alias(tmp_path, monkeypatch):
+    """The record keeps the name the run was given (here offline:smollm2, pointed at a tiny GPT-2); load_adapter
+    with no base_model resolves it as the CLI does."""
+    base = tmp_path / "base"
+    tiny("gpt2").save_pretrained(base)
+    monkeypatch.setattr(pos_swap.offline, "smollm2", lambda: base)
+    out = tmp_path / "run"
+    train.finetune(pos_swap.from_pretrained(base), bigram_tokens(), settings(max_steps=2), out=out,
+                   model_name="offline:smollm2", progress=False)  # fmt: skip
+    assert json.loads((out / "adapter" / "pos_swap.json").read_text())["base_model"] == "offline:smollm2"
+    adapter = train.load_adapter(out / "adapter")
+    ids = bigram_tokens(30)[None]  # within the native table, for the comparison with the native model
+    merged = pos_swap.from_pretrained(out / "merged")
+    torch.testing.assert_close(outputs(adapter, ids), outputs(merged, ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs(adapter, ids), outputs(tiny("gpt2"), ids))  # the adapter and patch are on
+
+
+def test_an_adapter_without_a_recorded_base_asks_for_one(gpt2_run):
+    _, out, _ = gpt2_run  # trained from an in-memory model: no name to record
+    with pytest.raises(PosSwapError, match="does not name its base model; pass base_model="):
+        train.load_adapter(out / "adapter")
+
+
 def _saved(out):
     return type("SavedRun", (), json.loads((out / "results.json").read_text()))
 

@@ -13,10 +13,10 @@ from . import choose, demo, run, specs  # modules: the CLI reads their docs
 from .ppl import perplexity, stream_losses, summarize, token_losses
 from .choose import recommend
 from .retrieval import DEPTHS, multikey, passkey
-from .run import Plan, evaluate, load, write_report
+from .run import Plan, evaluate, write_report
 from .specs import parse_lengths, parse_schemes
 
 __all__ = [
-    "DEPTHS", "Plan", "evaluate", "load", "multikey", "parse_lengths", "parse_schemes", "passkey", "perplexity",
+    "DEPTHS", "Plan", "evaluate", "multikey", "parse_lengths", "parse_schemes", "passkey", "perplexity",
     "recommend", "stream_losses", "summarize", "token_losses", "write_report",
 ]  # fmt: skip

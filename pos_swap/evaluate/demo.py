@@ -7,7 +7,8 @@ context, and a passkey sweep; then the report. The default settings fit in about
 """
 
 from .. import report
-from .run import Plan, evaluate, load, print_sections, write_report
+from ..loading import load
+from .run import Plan, evaluate, print_sections, write_report
 from .specs import parse_schemes
 
 MODEL = "offline:smollm2"
@@ -22,7 +23,7 @@ def demo(out="runs/demo", *, full: bool = False, resume: bool = False, overwrite
     """Run the demo into ``out`` and print its tables; returns the run."""
     plan = Plan(schemes=parse_schemes("native,dynamic-yarn"), tasks=("ppl", "passkey"), **SETTINGS[full])
     report.check_output(out, resume=resume, overwrite=overwrite)
-    model, tokenizer = load(MODEL, longest=plan.longest())
+    model, tokenizer = load(MODEL, dtype="float32", longest=plan.longest())
     run = evaluate(model, tokenizer, plan, out=out, model_name="SmolLM2-135M-Instruct (offline:smollm2)",
                    resume=resume, overwrite=overwrite, progress=progress)  # fmt: skip
     print_sections(write_report(run, title="pos_swap demo: SmolLM2-135M beyond its 8k context"))

@@ -5,7 +5,6 @@ positions, so a 32k window over a 49k vocabulary costs a chunk of logits (32 MiB
 """
 
 import math
-import os
 
 import torch
 from tqdm.auto import tqdm
@@ -122,11 +121,11 @@ def summarize(rows: list[dict], keys=("ppl", "ppl_tail")) -> dict:
 
 
 def available_memory() -> int:
-    """Bytes of memory this process can still use on the CPU (MemAvailable)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 2**62
+    """Bytes of memory a new allocation can still get: free pages plus the page cache the system can reclaim
+    (psutil's ``available``, Linux's MemAvailable). Free pages alone undercount it and refuse runs that fit."""
+    import psutil  # a dependency of accelerate
+
+    return psutil.virtual_memory().available
 
 
 def estimate_memory(config, length: int, dtype_bytes: int = 4) -> int:

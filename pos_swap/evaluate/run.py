@@ -4,14 +4,14 @@ terminal tables, PNG plots and ``report.html``. ``pos-swap eval``, ``recommend``
 import contextlib
 import dataclasses
 import math
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import archs, engine, offline, report
+from .. import archs, engine, report
 from ..errors import PosSwapError
-from .ppl import check_fits, summarize, token_losses, window_perplexity, windows
+from ..loading import text_tokens
+from .ppl import summarize, token_losses, window_perplexity, windows
 from .retrieval import DEPTHS, PROMPTS, _rng, retrieval_trial
 from .specs import SchemeSpec, format_length
 
@@ -58,60 +58,6 @@ class Plan:
 def cell_key(spec: SchemeSpec, task: str, length: int, index) -> str:
     where = f"w{index}" if task == "ppl" else f"d{index[0]:g}/t{index[1]}"
     return f"{spec.label}|{task}|{length}|{where}"
-
-
-# -- loading ------------------------------------------------------------------------------------------------------
-def load(name_or_path: str, *, device: str = "cpu", dtype: str = "float32", longest: int | None = None):
-    """Model and tokenizer from a Hub name, a folder (a saved patch is re-applied) or an offline alias. The memory
-    a ``longest``-token forward needs is checked before the weights are loaded."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        path = offline.resolve(name_or_path)
-    except offline.OfflineCheckpointMissing as error:
-        raise PosSwapError(str(error)) from None
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise PosSwapError(f"Cannot read a model config from '{name_or_path}': give a model folder, a Hub name "
-                           f"(online), or offline:smollm2. ({str(error).splitlines()[0]})") from None  # fmt: skip
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise PosSwapError(f"Unknown dtype '{dtype}'; use float32, bfloat16 or float16.")
-    if longest and device == "cpu":
-        check_fits(config, longest, torch_dtype.itemsize)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        raise PosSwapError(
-            f"'{name_or_path}' has no tokenizer. Save one into the folder (tokenizer.save_pretrained(DIR)); "
-            f"`pos-swap patch` copies it for you."
-        ) from None
-    model = engine.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    return model, tokenizer
-
-
-def text_tokens(tokenizer, text: str | Path | None = None) -> tuple[torch.Tensor, str]:
-    """Token ids ``(N,)`` of a text file (default: Python's pydoc topics) and a label naming the text."""
-    if text is None:
-        content, label = offline.pydoc_text(), "pydoc_data.topics"
-    else:
-        path = Path(text)
-        if not path.is_file():
-            raise PosSwapError(f"Text file '{text}' does not exist; give a UTF-8 text file with --text FILE.")
-        content, label = path.read_text(encoding="utf-8", errors="replace"), str(path)
-    return tokenize(tokenizer, content, label), label
-
-
-def tokenize(tokenizer, content: str, label: str) -> torch.Tensor:
-    """Token ids ``(N,)`` of a whole text (no length limit); ``label`` names the text in the error when it is empty."""
-    if not content.strip():
-        raise PosSwapError(f"The text '{label}' is empty; give a text with at least as many tokens as the longest length.")
-    limit, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)  # no "sequence too long" warning
-    try:
-        return tokenizer(content, return_tensors="pt").input_ids[0]
-    finally:
-        tokenizer.model_max_length = limit
 
 
 # -- the run ------------------------------------------------------------------------------------------------------

@@ -23,14 +23,6 @@ from .observers import attention_stats
 MAX_DRAWN_ROWS = 512  # rows of a table drawn in the heatmaps (evenly subsampled beyond)
 
 
-def load(name_or_path: str):
-    """Model (eval mode, a saved patch re-applied) and tokenizer from a Hub name, folder or offline alias."""
-    from transformers import AutoTokenizer
-
-    path = offline.resolve(name_or_path)
-    return engine.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-
-
 def position_table(model, length: int) -> torch.Tensor:
     """The table the embedding probes read: the learned one (its trained rows), else the rotary cos/sin table."""
     if archs.lookup(model).family == archs.LEARNED:

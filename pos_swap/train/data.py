@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PosSwapError
-from ..evaluate.run import text_tokens, tokenize
+from ..loading import read_text, text_tokens, tokenize
 from .pose import pose_position_ids
 
 FOLDER_SUFFIXES = (".txt", ".md", ".rst")
@@ -21,7 +21,7 @@ def load_tokens(tokenizer, source=None) -> tuple[torch.Tensor, str]:
         files = sorted(p for p in Path(source).rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
         if not files:
             raise PosSwapError(f"The folder '{source}' holds no {', '.join(FOLDER_SUFFIXES)} files; give text files.")
-        content = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+        content = "\n\n".join(read_text(p) for p in files)
         return tokenize(tokenizer, content, str(source)), str(source)
     columns = getattr(source, "column_names", None)
     if columns is None or "text" not in columns:

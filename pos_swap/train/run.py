@@ -22,7 +22,7 @@ import torch
 import transformers
 from accelerate import PartialState
 
-from .. import archs, engine, report
+from .. import archs, engine, loading, report
 from ..errors import PosSwapError
 from ..evaluate.ppl import summarize
 from ..evaluate import perplexity
@@ -141,13 +141,13 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
                   progress: bool = True) -> report.RunFolder:  # fmt: skip
     """:func:`finetune` on a checkpoint (Hub name, folder, offline alias) and a text (file, folder, dataset, None:
     pydoc topics): what ``pos-swap finetune`` runs. The output folder is checked before anything loads."""
-    from ..evaluate import load
+    from ..loading import load
     from .data import load_tokens
 
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)
     device = str(process_state().device)
-    model, tokenizer = load(model_name, device=device, longest=max(settings.lengths) if device == "cpu" else None)
+    model, tokenizer = load(model_name, device=device, dtype="float32", longest=max(settings.lengths) if device == "cpu" else None)
     tokens, label = load_tokens(tokenizer, text)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
@@ -244,8 +244,8 @@ def save(wrapped, path: Path, base_model: str, tokenizer=None):
 
 
 def load_adapter(adapter_dir, base_model=None, **kwargs):
-    """A recovered model from its ``adapter/`` folder: the base model (default: the one recorded), patched as
-    recorded, with the adapter on top. ``kwargs`` go to ``from_pretrained``."""
+    """A recovered model from its ``adapter/`` folder: the base model (default: the one recorded, a Hub name, folder
+    or ``offline:`` alias), patched as recorded, with the adapter on top. ``kwargs`` go to ``from_pretrained``."""
     import peft
 
     record_file = Path(adapter_dir) / ADAPTER_RECORD
@@ -253,7 +253,10 @@ def load_adapter(adapter_dir, base_model=None, **kwargs):
         raise PosSwapError(f"'{adapter_dir}' is not a pos_swap adapter folder (no {ADAPTER_RECORD}); give a run's adapter/.")
     record = json.loads(record_file.read_text())
     if base_model is None or isinstance(base_model, (str, Path)):
-        base_model = engine.from_pretrained(base_model or record["base_model"], **kwargs)
+        name = base_model or record.get("base_model")
+        if not name:
+            raise PosSwapError(f"'{adapter_dir}' does not name its base model; pass base_model=MODEL_OR_DIR.")
+        base_model = engine.from_pretrained(loading.model_path(name), **kwargs)  # offline: aliases too
     engine.patch(base_model, record["patch"]["scheme"], **record["patch"]["params"])
     return peft.PeftModel.from_pretrained(base_model, adapter_dir).eval()
 

@@ -190,22 +190,24 @@ class DeferredRotation(torch.nn.Module):
 
     ``block=None`` (whole window): every row of a forward uses the frequencies of its sequence's current length,
     transformers' semantics; computed once per forward and shared by all layers. ``block=B`` (per position): each
-    query row uses those of its own position rounded up to a block of B (:func:`~pos_swap.functional.rope.
-    block_lengths`), and its scores use keys rotated with the same frequencies. A row then depends on its prefix
-    only, so cached generation equals recomputation at any depth.
+    query row uses those of its own position rounded up to a block of B, but not past ``trained_length`` inside
+    it (:func:`~pos_swap.functional.rope.block_lengths`), and its scores use keys rotated with the same
+    frequencies. A row then depends on its prefix only, so cached generation equals recomputation at any depth.
     """
 
-    def __init__(self, frequencies, block: int | None = None):
+    def __init__(self, frequencies, block: int | None = None, trained_length: int | None = None):
         super().__init__()
         self.frequencies = frequencies
-        self.block = block
+        self.block, self.trained_length = block, trained_length
         self._memo = (None, None, None)  # (position_ids, its version, frequencies)
         self._span_memo = None  # ((length, dtype, device), query positions, key positions, their cos/sin tables)
         self._length_table = None  # ((length, dtype, device), cos, sin (1, P, R)) at positions 0..P-1
         self._keys = None  # the buffer the fused path rotates keys into (:meth:`_key_buffer`)
 
     def extra_repr(self) -> str:
-        return "whole window" if self.block is None else f"per position, block={self.block}"
+        if self.block is None:
+            return "whole window"
+        return f"per position, block={self.block}, trained_length={self.trained_length}"
 
     def _tables(self, source, positions: torch.Tensor):
         """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once. The
@@ -240,7 +242,7 @@ class DeferredRotation(torch.nn.Module):
             and causal_only(attention_mask, first)
         )  # fmt: skip
         scale = kwargs.get("scaling") or head_dim**-0.5
-        lengths = rope.block_lengths(q_pos, self.block)  # (B, Lq)
+        lengths = rope.block_lengths(q_pos, self.block, self.trained_length)  # (B, Lq)
         output, weights = query.new_zeros(batch, q_len, heads, head_dim), None
         for length in lengths.unique().tolist():
             chosen = lengths == length  # (B, Lq)

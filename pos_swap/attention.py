@@ -16,12 +16,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import fused
+from .attention_base import BLOCK_MIB, PREFIX, additive_mask, backend_of, row_indices, rows_per_block
 from .errors import IncompatibleSchemeError
 from .functional import rope
 
 HOOK = "pos_swap"  # the submodule name a hook gets on each attention module
 OBSERVERS = "_pos_swap_observers"  # the attribute holding an attention module's observers (pos_swap.observe)
-PREFIX = "pos_swap_"
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -64,7 +65,7 @@ def observed_rows(module, query_length: int) -> torch.Tensor | None:
     return torch.linspace(0, query_length - 1, limit, dtype=torch.float64).round().long().unique()
 
 
-def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=64, **scores) -> None:
+def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=BLOCK_MIB, **scores) -> None:
     """Show the module's observers the queries and keys ``(B, H|Hkv, L, D)`` of one call and the probabilities of
     the query rows they watch (:func:`observed_rows`), scored in blocks by :func:`block_scores` with ``scores``
     (bias, logits, softcap): for paths whose kernel never holds the probabilities."""
@@ -76,7 +77,7 @@ def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=64,
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     first_query = first_query_slot(attention_mask, q_len, k_len)
-    step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
+    step = rows_per_block(budget_mib * 2**20, batch, heads, k_len)
     for rows in watched.to(query.device).split(step):
         cols = key_columns(module, slice(int(rows[0]), int(rows[-1]) + 1), first_query, k_len)
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)
@@ -189,22 +190,24 @@ class DeferredRotation(torch.nn.Module):
 
     ``block=None`` (whole window): every row of a forward uses the frequencies of its sequence's current length,
     transformers' semantics; computed once per forward and shared by all layers. ``block=B`` (per position): each
-    query row uses those of its own position rounded up to a block of B (:func:`~pos_swap.functional.rope.
-    block_lengths`), and its scores use keys rotated with the same frequencies. A row then depends on its prefix
-    only, so cached generation equals recomputation at any depth.
+    query row uses those of its own position rounded up to a block of B, but not past ``trained_length`` inside
+    it (:func:`~pos_swap.functional.rope.block_lengths`), and its scores use keys rotated with the same
+    frequencies. A row then depends on its prefix only, so cached generation equals recomputation at any depth.
     """
 
-    def __init__(self, frequencies, block: int | None = None):
+    def __init__(self, frequencies, block: int | None = None, trained_length: int | None = None):
         super().__init__()
         self.frequencies = frequencies
-        self.block = block
+        self.block, self.trained_length = block, trained_length
         self._memo = (None, None, None)  # (position_ids, its version, frequencies)
         self._span_memo = None  # ((length, dtype, device), query positions, key positions, their cos/sin tables)
         self._length_table = None  # ((length, dtype, device), cos, sin (1, P, R)) at positions 0..P-1
         self._keys = None  # the buffer the fused path rotates keys into (:meth:`_key_buffer`)
 
     def extra_repr(self) -> str:
-        return "whole window" if self.block is None else f"per position, block={self.block}"
+        if self.block is None:
+            return "whole window"
+        return f"per position, block={self.block}, trained_length={self.trained_length}"
 
     def _tables(self, source, positions: torch.Tensor):
         """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once. The
@@ -232,8 +235,6 @@ class DeferredRotation(torch.nn.Module):
         Without a padding mask (:func:`causal_only`), in inference on the CPU with sdpa, a span runs in
         :func:`pos_swap.fused.shifted_causal_attention` (causal fast path, no mask built; observers are shown what
         the generic path shows them); otherwise ``inner`` gets the span's block of the mask (:func:`mask_block`)."""
-        from . import fused  # fused imports this module
-
         batch, heads, q_len, head_dim = query.shape
         first = first_query_slot(attention_mask, q_len, key.shape[2])
         fast = (
@@ -241,7 +242,7 @@ class DeferredRotation(torch.nn.Module):
             and causal_only(attention_mask, first)
         )  # fmt: skip
         scale = kwargs.get("scaling") or head_dim**-0.5
-        lengths = rope.block_lengths(q_pos, self.block)  # (B, Lq)
+        lengths = rope.block_lengths(q_pos, self.block, self.trained_length)  # (B, Lq)
         output, weights = query.new_zeros(batch, q_len, heads, head_dim), None
         for length in lengths.unique().tolist():
             chosen = lengths == length  # (B, Lq)
@@ -355,49 +356,13 @@ def mask_block(attention_mask, module, rows: slice, cols: slice, first_query: in
     return None if mask is None else mask.to(dtype).clamp(min=torch.finfo(dtype).min)
 
 
-def row_indices(rows, device) -> torch.Tensor:
-    """Query rows given as a slice or as indices, as indices ``(C,)``."""
-    return torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows.to(device)
 
 
-def additive_mask(attention_mask, module, rows, cols: slice, first_query: int, device):
-    """The attention mask's ``rows`` (a slice or indices) x ``cols`` block as an additive float32 tensor ``(B|1, 1, C, W)``, or None.
-
-    ``None`` from transformers means "causal, no padding" for a causal module (sdpa's ``is_causal``, with the
-    first query at key slot ``first_query``) and "no mask" otherwise; boolean masks mark allowed keys; float masks
-    are additive already. Disallowed entries get the float32 minimum rather than -inf, so a fully masked padding
-    row stays finite, as in eager attention.
-    """
-    floor = torch.finfo(torch.float32).min
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # flex's BlockMask
-        return torch.where(_allowed_by_block_mask(attention_mask, rows, cols, device), 0.0, floor)
-    if attention_mask is None:
-        if not getattr(module, "is_causal", True):
-            return None
-        query_index = row_indices(rows, device)[:, None] + first_query
-        allowed = torch.arange(cols.start, cols.stop, device=device)[None, :] <= query_index
-        return torch.where(allowed, 0.0, floor)[None, None]
-    mask = attention_mask[:, :, rows, cols]
-    if mask.dtype == torch.bool:
-        return torch.where(mask, 0.0, floor)
-    return mask.float().clamp(min=floor)
 
 
-def _allowed_by_block_mask(block_mask, rows, cols: slice, device) -> torch.Tensor:
-    """Which keys ``cols`` the query rows ``rows`` may see under flex's ``block_mask``, asked of its ``mask_mod``
-    on broadcast indices (transformers' mask functions are elementwise): boolean ``(B, 1, C, W)``."""
-    batch = block_mask.shape[0]
-    query_index = row_indices(rows, device)
-    if block_mask.mask_mod is None:
-        return torch.ones(batch, 1, len(query_index), cols.stop - cols.start, dtype=torch.bool, device=device)
-    allowed = block_mask.mask_mod(
-        torch.arange(batch, device=device)[:, None, None, None], torch.zeros((), dtype=torch.long, device=device),
-        query_index[None, None, :, None], torch.arange(cols.start, cols.stop, device=device)[None, None, None, :],
-    )  # fmt: skip
-    return allowed.expand(batch, 1, len(query_index), cols.stop - cols.start)
 
 
-def query_blocks(module, query, key, attention_mask, budget_mib=64):
+def query_blocks(module, query, key, attention_mask, budget_mib=BLOCK_MIB):
     """The blocks of query rows attention is computed in, so that no more than ``budget_mib`` of float32 scores
     exist at once: ``(rows, cols, query rows, key columns, additive mask or None)`` for ``query (B, H, Lq, D)`` and
     ``key (B, H, Lk, D)`` (already repeated for grouped-query heads). A causal module's block reads only the keys up
@@ -405,7 +370,7 @@ def query_blocks(module, query, key, attention_mask, budget_mib=64):
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
     first_query = first_query_slot(attention_mask, q_len, k_len)
-    step = max(1, int(budget_mib * 2**20) // (4 * batch * heads * k_len))
+    step = rows_per_block(budget_mib * 2**20, batch, heads, k_len)
     for start in range(0, q_len, step):
         rows = slice(start, min(start + step, q_len))
         cols = key_columns(module, rows, first_query, k_len)
@@ -429,7 +394,7 @@ def block_scores(rows, cols, q_rows, k_cols, mask, scaling, *, logits=None, bias
 
 def chunked_attention(
     module, query, key, value, attention_mask, scaling, *, logits=None, bias=None, dropout=0.0, softcap=None,
-    budget_mib=64,
+    budget_mib=BLOCK_MIB,
 ):  # fmt: skip
     """Attention computed over the blocks of query rows of :func:`query_blocks` (never an L x L tensor per head on
     the long path).
@@ -474,9 +439,6 @@ def chunked_attention(
     return output, torch.cat(weights, dim=2) if keep_weights else None
 
 
-def backend_of(module) -> str:
-    """The transformers backend pos_swap's attention function wraps for ``module``."""
-    return (module.config._attn_implementation or "eager").removeprefix(PREFIX)
 
 
 def chunked_backend(model) -> str:

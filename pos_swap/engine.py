@@ -23,6 +23,7 @@ from .errors import AlreadyPatchedError, IncompatibleSchemeError, NotPatchedErro
 from .registry import Scheme, get_scheme
 
 PATCH_ATTR = "_pos_swap_patch"  # the model attribute holding the live Patch
+OBSERVED_ATTR = "_pos_swap_observed"  # set on a model while pos_swap.observe watches it
 RECORD_KEY = "pos_swap"  # the config key that save_pretrained writes the patch under
 
 
@@ -165,6 +166,7 @@ class Patch:
         """Undo every change in reverse order; the model is then exactly as before the patch."""
         if not self._undo:
             raise NotPatchedError("This patch was already removed.")
+        refuse_while_observed(self.model, "unpatch")
         self._undo_all()
 
     def _undo_all(self) -> list[tuple[object, str, object]]:
@@ -244,6 +246,16 @@ def _follow(old, current):
     return old.to(device=current.device, dtype=dtype)
 
 
+def refuse_while_observed(model: torch.nn.Module, action: str) -> None:
+    """Refuse to patch or unpatch a model inside its ``pos_swap.observe`` block: the block's exit restores what it
+    found, so the change would be half undone (the record saying one scheme, the attention another)."""
+    if model.__dict__.get(OBSERVED_ATTR):
+        raise PosSwapError(
+            f"Cannot {action} this model inside a pos_swap.observe block: leaving the block would half undo it. "
+            f"{action.capitalize()} before the `with pos_swap.observe(...)` block or after it."
+        )
+
+
 def current_patch(model: torch.nn.Module) -> Patch | None:
     return resolve(model).__dict__.get(PATCH_ATTR)
 
@@ -256,6 +268,7 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
     one patch at a time: patching again raises unless ``replace=True``.
     """
     model = resolve(model)
+    refuse_while_observed(model, "patch")
     scheme_class = get_scheme(scheme)
     scheme_class.check_family(model, archs.lookup(model).family)
     previous = current_patch(model)
@@ -308,10 +321,11 @@ def observe(model: torch.nn.Module, *observers):
     ``probabilities(module, probs, rows, cols, (Lq, Lk))`` (float32 probabilities ``(B, H, C, W)`` of a block
     of query rows, their indices ``rows (C,)``, against keys ``cols``, a slice from 0). An observer with a
     ``query_rows`` attribute (an int) is shown an evenly spaced sample of that many rows per call. An unpatched model is routed through pos_swap's attention function as a pass-through; a patch is
-    left as it is. Everything is undone on exit, also on error; do not patch or unpatch inside the block.
+    left as it is. Everything is undone on exit, also on error; patching or unpatching inside the block is refused.
     """
     changes = Patch(resolve(model), scheme=None)  # an undo stack only
     try:
+        changes.set(changes.model, OBSERVED_ATTR, True)
         changes.own_config()
         changes.route_attention()
         for module in archs.attention_modules(model):

@@ -20,7 +20,7 @@ are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch'
 import torch
 import torch.nn.functional as F
 
-from .attention import additive_mask, backend_of
+from .attention_base import additive_mask, backend_of, rows_per_block
 
 # Query rows per pass. The CPU kernel splits queries finely below 768 rows (slower), and ALiBi's folded bias near
 # the diagonal stays below slope x ALIBI_BLOCK / 2 (float32 error about 3e-5 in the logits at slope 1/2).
@@ -216,10 +216,10 @@ def cope_attention(query, key, value, table, scale: float, first_query: int):
     newest_first = key[:, :, : first_query + q_len].flip(2), value[:, :, : first_query + q_len].flip(2)
     per_integer = (query.float() @ table.float().T) * scale  # (B, H, Lq, npos): q . E[n]
     step = F.pad(per_integer.diff(dim=-1), (0, 1))  # (B, H, Lq, npos): E[n + 1] - E[n], 0 past the end
-    rows_per_block = max(1, COPE_BLOCK_BYTES // (4 * batch * heads * (first_query + q_len)))
+    rows_per_pass = rows_per_block(COPE_BLOCK_BYTES, batch, heads, first_query + q_len)
     outputs = []
-    for start in range(0, q_len, rows_per_block):
-        rows = slice(start, min(start + rows_per_block, q_len))
+    for start in range(0, q_len, rows_per_pass):
+        rows = slice(start, min(start + rows_per_pass, q_len))
         count, newest = rows.stop - rows.start, first_query + rows.stop - 1  # rows, the block's last key slot
         keys, values = (x[:, :, x.shape[2] - newest - 1 :] for x in newest_first)  # column c: key slot newest - c
         grouped = query[:, :, rows].reshape(batch, kv_heads, group * count, dim)

@@ -137,6 +137,8 @@ def test_removing_twice_is_an_error(model):
         ("yarn", dict(factor=4.0, original_max_position_embeddings=0), errors.InvalidParameterError, "> 0"),
         ("yarn", dict(factor=4.0, original_max_position_embeddings=32.5), errors.InvalidParameterError, "must be int"),
         ("llama3", dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0), errors.InvalidParameterError, "high_freq_factor"),
+        ("dynamic-yarn", dict(max_factor=0.5), errors.InvalidParameterError, "max_factor.* must be > 1 .*trained context"),
+        ("dynamic-yarn", dict(max_factor=1.0), errors.InvalidParameterError, "max_factor.* must be > 1"),
         ("longrope", dict(factor=4.0, long_factor=[1.0, 2.0]), errors.InvalidParameterError, "8 for this model"),
         ("longrope", dict(factor=4.0, long_factor=[0.0] * 8), errors.InvalidParameterError, "> 0"),
         ("longrope", dict(factor=4.0, long_factor=[1.0] * 7 + [math.nan]), errors.InvalidParameterError, "finite"),

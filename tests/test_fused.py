@@ -2,11 +2,15 @@
 float64 math, and the ALiBi, Self-Extend, sinks, Dual Chunk and CoPE fast paths against the chunked path they replace
 and a float64 model, through caches, padding, grouped heads and half precision."""
 
+import ast
+import inspect
+
 import pytest
 import torch
 
 import pos_swap
 from pos_swap import fused
+from pos_swap.attention_base import rows_per_block
 from pos_swap.functional import cope
 from conftest import tiny
 
@@ -262,3 +266,16 @@ def test_observers_see_the_probabilities_of_the_chunked_path(monkeypatch, scheme
     assert len(fast_seen) == len(slow_seen) > 0
     for fast, slow in zip(fast_seen, slow_seen):
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_imports_only_the_base_below_attention():
+    """attention.py calls the fused passes, so fused.py must not import attention.py back (no import circle)."""
+    tree = ast.parse(inspect.getsource(fused))
+    own = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert "attention_base" in own and "attention" not in own
+
+
+def test_rows_per_block_fits_the_float32_scores_in_the_budget():
+    assert rows_per_block(64 * 2**20, 1, 4, 1024) == 4096  # 4096 rows x 4 heads x 1024 keys x 4 bytes = 64 MiB
+    assert rows_per_block(64 * 2**20, 2, 4, 1000) == 2097  # rounded down: 2098 rows would exceed it
+    assert rows_per_block(100, 2, 4, 70) == 1  # at least one row, whatever the budget

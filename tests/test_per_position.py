@@ -86,7 +86,7 @@ def test_attention_equals_a_float64_reference(offset, q_len, path, fused_calls, 
     key, value = (x[0].repeat_interleave(2, dim=0) for x in (key, value))
     expected = reference_attention(query[0], key, value, q_pos, k_pos, frequencies, BLOCK, dim**-0.5)
     torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=0, atol=1e-6)  # float32 cos/sin tables
-    passes = len(set(rope.block_lengths(q_pos, BLOCK).tolist()))
+    passes = len(set(rope.block_lengths(q_pos, BLOCK, 32).tolist()))
     assert passes > 2 or q_len == 1  # several block lengths, several passes
     assert len(fused_calls) == (passes if path == "fused" else 0)
 
@@ -129,7 +129,7 @@ def test_decode_steps_read_one_table_per_block_length(monkeypatch):
         steps = [model(ids[:, p : p + 1], use_cache=True, **{CACHE_ARGUMENT: cache}).logits for p in range(20, 60)]
         monkeypatch.setattr(rope, "cos_sin", cos_sin)
         recomputed = model(ids).logits[:, 20:]
-    new_lengths = set(rope.block_lengths(torch.arange(20, 60), BLOCK).tolist()) - {24}  # 24: the prefill's last
+    new_lengths = set(rope.block_lengths(torch.arange(20, 60), BLOCK, 32).tolist()) - {24}  # 24: the prefill's last
     assert len(builds) == len(new_lengths) == 5  # 40 steps of 3 layers
     torch.testing.assert_close(torch.cat(steps, dim=1), recomputed, rtol=0, atol=1e-5)
 
@@ -250,12 +250,26 @@ def test_eager_and_sdpa_agree_and_eager_returns_the_weights():
     assert torch.all(weights.triu(1) == 0)  # causal: no weight on later keys
 
 
-def test_within_the_trained_context_it_is_the_native_model():
-    native = tiny("llama")
-    model = patched("dynamic")
-    ids = torch.randint(3, 100, (1, 32), generator=torch.Generator().manual_seed(6))
+@pytest.mark.parametrize("trained, block", [(32, BLOCK), (36, BLOCK), (29, BLOCK), (36, None)])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_within_the_trained_context_it_is_the_native_model(scheme, trained, block):
+    """Every row inside the trained context uses the frequencies of that context, also where it is not a
+    multiple of the block (36 and 29 with blocks of 8; 36 with the default block of 512): the native model for
+    dynamic and dynamic-yarn, longrope's short factors (its whole-window form at that length)."""
+    native = tiny("llama", max_position_embeddings=trained)
+    native_params = dict(per_position=False) if scheme == "longrope" else None
+    if native_params is not None:
+        pos_swap.patch(native, scheme, **scheme_params(scheme, native), **native_params)
+    model = tiny("llama", max_position_embeddings=trained)
+    pos_swap.patch(model, scheme, **scheme_params(scheme, model), **({} if block is None else {"block": block}))
+    ids = torch.randint(3, 100, (1, trained), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, native(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_block_lengths_round_up_to_the_block_but_not_past_the_trained_context():
+    lengths = rope.block_lengths(torch.tensor([0, 7, 8, 31, 32, 35, 36, 39, 40]), 8, 36)
+    assert lengths.tolist() == [8, 8, 16, 32, 36, 36, 40, 40, 48]
 
 
 def test_save_and_load_keep_the_mode(tmp_path):

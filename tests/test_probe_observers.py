@@ -206,3 +206,39 @@ def test_bad_input_is_refused():
         with attention_stats(model) as stats:
             pass
         stats.result()
+
+
+class Watcher:
+    """An observer that only counts the blocks of probabilities it is shown."""
+
+    def __init__(self):
+        self.blocks = 0
+
+    def queries_keys(self, module, query, key):
+        pass
+
+    def probabilities(self, module, probs, rows, cols, shape):
+        self.blocks += 1
+
+
+@pytest.mark.parametrize("action", ["patch", "replace", "unpatch", "remove"])
+def test_patching_inside_an_observe_block_is_refused_and_leaves_the_model_as_it_was(action):
+    model = tiny("llama")
+    handle = pos_swap.patch(model, "alibi") if action != "patch" else None
+    ids = torch.randint(2, 100, (1, LENGTH), generator=torch.Generator().manual_seed(4))
+    record, before, config = pos_swap.describe(model), outputs(model, ids), model.config.to_dict()  # a copy each
+    change = {
+        "patch": lambda: pos_swap.patch(model, "yarn", factor=4.0),
+        "replace": lambda: pos_swap.patch(model, "yarn", factor=4.0, replace=True),
+        "unpatch": lambda: pos_swap.unpatch(model),
+        "remove": lambda: handle.remove(),
+    }[action]
+    watcher = Watcher()
+    with pos_swap.observe(model, watcher):
+        with pytest.raises(pos_swap.PosSwapError, match="patch this model inside a pos_swap.observe block"):
+            change()
+        assert torch.equal(outputs(model, ids), before) and watcher.blocks > 0  # still observed, unchanged
+    assert pos_swap.describe(model) == record
+    assert model.config.to_dict() == config and torch.equal(outputs(model, ids), before)
+    change()  # after the block it is allowed
+    assert pos_swap.describe(model) != record

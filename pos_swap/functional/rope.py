@@ -176,7 +176,9 @@ def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torc
     return out
 
 
-def block_lengths(positions: torch.Tensor, block: int) -> torch.Tensor:
+def block_lengths(positions: torch.Tensor, block: int, trained_length: int) -> torch.Tensor:
     """The length whose frequencies a query at each position uses in per-position mode: its own length p + 1
-    rounded up to a multiple of ``block``, so a prefill and a later decode step at the same position agree."""
-    return (positions // block + 1) * block
+    rounded up to a multiple of ``block`` (a function of p alone, so a prefill and a later decode step at the same
+    position agree), but never past ``trained_length`` for a position inside it: those rows stay native."""
+    rounded = (positions // block + 1) * block
+    return torch.where(positions < trained_length, rounded.clamp(max=trained_length), rounded)

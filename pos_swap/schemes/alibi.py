@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import archs, fused
 from ..attention import backend_of, chunked_attention, first_query_slot, notify_blocks, observers_of, positions
+from ..attention_base import BLOCK_MIB
 from ..errors import InvalidParameterError
 from ..functional import alibi
 from ..registry import Scheme, SchemeConfig, greater_than, param, register
@@ -23,7 +24,7 @@ class AlibiConfig(SchemeConfig):
     trainable: bool = param(False, "make the slopes trainable parameters, one set per layer")
     symmetric: bool | None = param(None, "-slope*|i-j| for both directions (default: True for encoders)")
     chunk_mib: int = param(
-        64, "memory for the bias of one chunk of query rows (eager / sdpa)", greater_than(0, at_most=2**20)
+        BLOCK_MIB, "memory for the bias of one chunk of query rows (eager / sdpa)", greater_than(0, at_most=2**20)
     )
 
     def validate(self, model):

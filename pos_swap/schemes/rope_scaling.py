@@ -28,7 +28,8 @@ class RopeScalingConfig(SchemeConfig):
 class FollowsLengthConfig(RopeScalingConfig):
     per_position: bool = param(
         True,
-        "each query row uses the frequencies of its own position (rounded up to a block), so cached generation "
+        "each query row uses the frequencies of its own position (rounded up to a block, not past the trained "
+        "context), so cached generation "
         "equals recomputation; False: every row uses the current length's, as transformers does",
     )
     block: int = param(512, "per-position block B: positions share frequencies within B", greater_than(0, at_most=MAX_POSITIONS))
@@ -65,9 +66,13 @@ class RopeScaling(Scheme):
                 patch.set_rotary(slot, *self.frequencies(dim, base))
                 continue
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
-            frequencies = functools.partial(self.per_sequence, dim, base)
-            hook = DeferredRotation(frequencies, self.block)
+            hook = self.rotation(functools.partial(self.per_sequence, dim, base))
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=self.backend(model))
+
+    def rotation(self, frequencies) -> DeferredRotation:
+        """The attention hook that rotates at attention time with ``frequencies`` (a length-following rule's):
+        per position with this config's block, rows inside the trained context native."""
+        return DeferredRotation(frequencies, self.block, self.original_length)
 
     def per_sequence(self, dim: int, base: float, seq_lens: torch.Tensor):
         """One row of frequencies and one scaling per sequence, from each one's own length ``(B,)``."""

@@ -55,8 +55,9 @@ class Yarn(RopeScaling):
 @dataclasses.dataclass
 class DynamicYarnConfig(YarnRampConfig, FollowsLengthConfig):
     max_factor: float | None = param(
-        None, "upper bound for the factor (default: none)", greater_than(0, at_most=MAX_FACTOR)
-    )
+        None, "upper bound for the factor, > 1 (default: none)",
+        greater_than(1, " (a factor below 1 would compress positions inside the trained context too)", at_most=MAX_FACTOR),
+    )  # fmt: skip
     mscale: float = param(
         1.0, "temperature coefficient: cos/sin multiplier 0.1 mscale ln(s) + 1 at factor s (YaRN's is 1)", positive
     )

@@ -2,7 +2,9 @@
 (Barbero et al. 2024, "Round and round we go! What makes Rotary Positional Encodings useful?", ICLR 2025).
 
 A static change of the model's own frequencies (those of a scaled checkpoint included): written into the rotary
-module once, so it runs on every backend and cache at no cost. Not training-free: the paper trains with it.
+module once, so it runs on every backend and cache at no cost. On Gemma 3 it changes the global (full-attention)
+layers and leaves the sliding-window ones rotating, as Gemma 4 uses it (p = 0.25 there). Not training-free: the
+paper trains with it.
 """
 
 import dataclasses
@@ -27,7 +29,7 @@ class PRopeConfig(SchemeConfig):
     )  # fmt: skip
 
     def validate(self, model):
-        planes = min(slot.dim // 2 for slot in archs.rotary_slots(model, every_layer_type=True))
+        planes = min(slot.dim // 2 for slot in archs.rotary_slots(model))
         if rope.p_rope_planes(planes, self.p) == 0:
             raise InvalidParameterError(
                 f"p-rope's p={self.p} rotates floor(p * {planes}) = 0 of this model's {planes} rotary planes, which "
@@ -43,7 +45,7 @@ class PRope(Scheme):
     families = (archs.ROTARY,)
 
     def apply(self, patch) -> None:
-        for slot in archs.rotary_slots(patch.model, every_layer_type=True):
+        for slot in archs.rotary_slots(patch.model):
             patch.set_rotary(slot, rope.p_rope(slot.inv_freq, self.config.p), slot.attention_scaling)
 
     def hf_rope_parameters(self, config, slot):

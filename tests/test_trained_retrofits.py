@@ -30,7 +30,7 @@ def four_layers(arch):
 
 def generate_and_recompute(model, ids, cache):
     """Logits of greedy generation with a KV cache, and the same steps recomputed without one."""
-    new = 16
+    new = 8
     with torch.no_grad():
         out = model.generate(
             ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -100,8 +100,8 @@ def test_p_rope_on_partial_rotary_keeps_the_top_planes_of_the_rotated_part(arch)
     assert not slot.inv_freq[planes // 2 :].any()
 
 
-@pytest.mark.parametrize("arch, name, params", [(a, n, p) for a in ("llama", "gemma3_text", "gpt_neox", "qwen3")
-                                                for n, p in SETTINGS])  # fmt: skip
+@pytest.mark.parametrize("arch, name, params", [(a, n, p) for a in ("llama", "gemma3_text", "gpt_neox")
+                                                for n, p in SETTINGS[1:3]])  # fmt: skip
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_cached_generation_equals_recomputation(arch, name, params, cache):
     model = four_layers(arch)
@@ -163,7 +163,7 @@ def test_flex_attention_agrees_with_sdpa(name, params):
 # -- nope on chosen layers ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layers", range(1, 13))
+@pytest.mark.parametrize("layers", [1, 3, 4, 7, 12])
 @pytest.mark.parametrize("k", range(1, 6))
 def test_every_kth_is_the_smollm3_and_llama4_rule(layers, k):
     marks = T.SmolLM3Config(num_hidden_layers=layers, no_rope_layer_interval=k).no_rope_layers  # 1: uses RoPE

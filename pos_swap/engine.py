@@ -10,11 +10,13 @@ import contextlib
 import copy
 import json
 import warnings
+from collections import OrderedDict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from packaging.version import InvalidVersion, Version
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from . import archs
@@ -113,6 +115,17 @@ class Patch:
                 self.set_rotary_identity(slot)
         else:
             self.replace_table(zero_rows)
+
+    def remove_rotation(self, modules) -> None:
+        """Make the given attention modules position-free: each receives cos 1, sin 0 instead of the rotary tables
+        (:class:`WithoutRotation`, a forward pre-hook), while the others keep theirs. On every backend, and keys
+        enter the cache unrotated."""
+        for module in modules:
+            key = RemovableHandle(module._forward_pre_hooks).id  # a fresh key, as register_forward_pre_hook takes
+            for name, value in (("_forward_pre_hooks", WithoutRotation()), ("_forward_pre_hooks_with_kwargs", True)):
+                hooks = OrderedDict(getattr(module, name))  # new dicts: undo puts the old ones back
+                hooks[key] = value
+                self.set(module, name, hooks)
 
     def replace_table(self, embed) -> None:
         """Make the learned position table return ``embed(table, position_ids)`` instead of its rows. Its weights
@@ -231,6 +244,20 @@ class TableForward:
     def __call__(self, *args, **kwargs):
         positions = kwargs[self.positions_keyword] if self.positions_keyword else args[0]  # archs.ArchSpec says which
         return self.embed(self.table, positions)
+
+
+class WithoutRotation:
+    """The forward pre-hook of a position-free attention module: it replaces the ``position_embeddings`` the
+    decoder layer hands over with cos 1, sin 0, so the module's queries and keys stay unrotated."""
+
+    def __call__(self, module, args, kwargs):
+        if kwargs.get("position_embeddings") is None:
+            raise PosSwapError(
+                f"{type(module).__name__} was called without the keyword position_embeddings, which pos_swap "
+                f"replaces to switch its rotation off; this transformers version calls it differently."
+            )
+        cos, sin = kwargs["position_embeddings"]
+        return args, {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
 
 
 def zero_rows(table: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:

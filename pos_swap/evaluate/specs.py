@@ -46,10 +46,12 @@ def parse_value(annotation, text: str):
     options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
     base = options[0] if typing.get_origin(annotation) is not list else annotation
     if typing.get_origin(base) is list:
+        (element,) = typing.get_args(base)
         try:
-            return [float(v) for v in text.strip("[]").replace(";", ",").split(",")]
+            return [element(v) for v in text.strip("[]").replace(";", ",").split(",")]
         except ValueError:
-            raise ValueError(f"expected comma-separated numbers such as 1,1.5,2, got {text!r}") from None
+            example = "3,7,11" if element is int else "1,1.5,2"
+            raise ValueError(f"expected comma-separated numbers such as {example}, got {text!r}") from None
     if base is dict:
         try:
             value = json.loads(text)

@@ -129,6 +129,21 @@ def llama3(
     return torch.where(is_medium, smoothed, scaled), 1.0
 
 
+def p_rope_planes(planes: int, p: float) -> int:
+    """How many of ``planes`` rotary planes keep rotating under p-RoPE: floor(p * planes), with transformers'
+    float rounding for its ``proportional`` rope type (``int(p * head_dim // 2)``)."""
+    return int(p * (2 * planes) // 2)
+
+
+def p_rope(inv_freq: torch.Tensor, p: float) -> torch.Tensor:
+    """p-RoPE (Barbero et al. 2024, "Round and round we go"): the :func:`p_rope_planes` highest of the
+    frequencies ``inv_freq (F,)`` keep their value, the lowest others get 0, so those planes stop rotating and
+    carry no position. p = 1 is RoPE, no plane left rotating is NoPE."""
+    keep = p_rope_planes(len(inv_freq), p)
+    rank = inv_freq.argsort(descending=True, stable=True).argsort()  # 0 for the highest frequency
+    return torch.where(rank < keep, inv_freq, torch.zeros_like(inv_freq))
+
+
 def cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, scaling: torch.Tensor | float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

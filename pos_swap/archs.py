@@ -418,7 +418,12 @@ def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity
         config._attn_implementation = TRACE
         model.eval()
         with torch.no_grad():
-            output = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            output = model(input_ids=ids, use_cache=False)[0]  # the logits (or a base model's hidden states)
+    except PosSwapError:
+        raise
+    except Exception as error:  # transformers could not run the model as discovery calls it
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise refuse(model, f"discovery could not run it on {TRACE_TOKENS} tokens ({type(error).__name__}: {reason}).")
     finally:
         config._attn_implementation = backend
         model.train(training)

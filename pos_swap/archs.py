@@ -233,15 +233,21 @@ def attention_backends(model: nn.Module) -> list[str]:
     return ["eager"] + [name for name, flag in flags.items() if getattr(model, flag, False)]
 
 
+def has_entry(config) -> bool:
+    """Whether the model type has a hand-written entry (else :func:`discover` derives one, running the model)."""
+    return config.model_type in ARCHITECTURES
+
+
 def summarize(model: nn.Module) -> dict:
-    """What ``pos-swap info`` shows: the architecture, its positional mechanism and trained context."""
-    spec, config = lookup(model), model.config
+    """What ``pos-swap info`` shows: how pos_swap covers the model (entry, discovery, or refused and why), its
+    positional mechanism and trained context."""
+    config = model.config
     covered, why = coverage(model)
-    summary = {
-        "model_type": config.model_type,
-        "class": type(model).__name__,
-        "covered_by": covered,
-        "coverage": why,
+    summary = {"model_type": config.model_type, "class": type(model).__name__, "covered_by": covered, "coverage": why}
+    if covered == "refused":
+        return summary
+    spec = lookup(model)
+    summary |= {
         "positions": spec.family,
         "trained_context": trained_context(config),
         "causal": is_causal(model),
@@ -449,9 +455,10 @@ def _turned_by(slot: RotarySlot, positions, unrotated, rotated) -> bool:
 
 def _lora_targets(model: nn.Module, attention: list[nn.Module], names: dict) -> tuple[tuple[str, ...], bool]:
     """The projections inside the attention modules (module-name suffixes peft matches), qualified by the
-    attention module's own name where the bare name also ends a projection elsewhere; and whether they are
-    GPT-2's Conv1D (weights stored as (in, out))."""
-    inside = {id(p) for m in attention for p in m.modules() if p is not m}
+    attention module's own name where the bare name also ends a projection outside attention (NoPE layers' own
+    attention counts as attention); and whether they are GPT-2's Conv1D (weights stored as (in, out))."""
+    kinds = {type(m) for m in attention}
+    inside = {id(p) for m in model.base_model.modules() if type(m) in kinds for p in m.modules()}
     projections = [(name, p) for m in attention for name, p in m.named_modules() if isinstance(p, (nn.Linear, Conv1D))]
     elsewhere = [names[id(p)] for p in model.base_model.modules()
                  if isinstance(p, (nn.Linear, Conv1D)) and id(p) not in inside]  # fmt: skip

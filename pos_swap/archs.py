@@ -6,11 +6,16 @@ This is the only module that names model types or module paths. Schemes ask it f
 
 from dataclasses import dataclass
 
+import torch
 import transformers
 from packaging.version import Version
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.pytorch_utils import Conv1D
 
-from .errors import UnsupportedArchitectureError
+from .errors import PosSwapError, UnsupportedArchitectureError
+from .functional import rope
 
 ROTARY, LEARNED = "rotary", "learned"
 # the keyword a model's forward and generate take a KV cache under: transformers 5.24 renamed past_key_values
@@ -23,7 +28,9 @@ class ArchSpec:
     ``ModuleList``."""
 
     family: str  # the positional mechanism the checkpoint was trained with
-    attention: str  # the attention modules, e.g. "layers.*.self_attn"
+    attention: str | tuple[str, ...]  # the attention modules: a pattern such as "layers.*.self_attn", or paths
+    # with ``attention`` given as paths: the rotary table (layer type) each module's rotation comes from
+    attention_layer_types: tuple[str | None, ...] | None = None
     rotary: str | None = None  # the rotary module that computes (cos, sin) once per forward
     scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
     table: str | None = None  # the learned absolute position table
@@ -72,16 +79,36 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+DISCOVERED = "_pos_swap_arch"  # the model attribute that keeps a discovered spec (copies and pickles keep it)
+
+
 def lookup(model: nn.Module) -> ArchSpec:
-    """The map entry for ``model``, or an error that lists what is supported."""
+    """The map entry for ``model``'s type, else the spec :func:`discover` derives from the model itself (kept on
+    the model), else an error that names what is unusual about it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitectureError(
-            f"pos_swap does not know where a '{model_type}' model keeps its positions. Supported model types: "
-            f"{supported}. To add one, describe it with an ArchSpec in pos_swap/archs.py."
-        )
-    return ARCHITECTURES[model_type]
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    spec = model.__dict__.get(DISCOVERED)
+    if spec is None:
+        spec = model.__dict__[DISCOVERED] = discover(model)
+    return spec
+
+
+def coverage(model: nn.Module) -> tuple[str, str]:
+    """How pos_swap covers ``model``: ``("entry", ...)``, ``("discovery", ...)`` or ``("refused", why)``."""
+    model_type = model.config.model_type
+    if model_type in ARCHITECTURES:
+        return "entry", f"'{model_type}' has a hand-written entry in pos_swap/archs.py"
+    try:
+        spec = lookup(model)
+    except UnsupportedArchitectureError as error:
+        return "refused", str(error)
+    layers = len(spec.attention)
+    tables = sorted({t for t in spec.attention_layer_types if t}) or ["one table"]
+    return "discovery", (
+        f"derived from the model: rotary '{spec.rotary}' ({', '.join(tables)}) reaches {layers} attention "
+        f"module{'s' * (layers != 1)} through transformers' AttentionInterface"
+    )
 
 
 def find_modules(model: nn.Module, path: str) -> list[nn.Module]:
@@ -122,6 +149,14 @@ class RotarySlot:
         return params[self.layer_type] if self.layer_type else params
 
 
+def table_layer_types(module: nn.Module) -> tuple[str, ...]:
+    """The layer types a rotary module keeps tables for (Gemma 3: ``full_attention_inv_freq``, ...); () when it
+    keeps a single ``inv_freq``."""
+    names = [name for name, _ in module.named_buffers(recurse=False)]
+    return tuple(name.removesuffix("_inv_freq") for name in names
+                 if name.endswith("_inv_freq") and not name.endswith("original_inv_freq"))  # fmt: skip
+
+
 def rotary_slots(model: nn.Module, every_layer_type: bool = False) -> list[RotarySlot]:
     """The rotary tables a RoPE-scaling scheme rescales (or, with ``every_layer_type``, all of them)."""
     spec = lookup(model)
@@ -130,16 +165,20 @@ def rotary_slots(model: nn.Module, every_layer_type: bool = False) -> list[Rotar
     (module,) = find_modules(model, spec.rotary)
     layer_types = spec.scaled_layer_types
     if layer_types and every_layer_type:
-        layer_types = tuple(module.layer_types)
+        layer_types = table_layer_types(module)
     return [RotarySlot(module, layer_type) for layer_type in layer_types or (None,)]
 
 
 def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
     """The attention modules, optionally only those of one layer type (Gemma 3's ``full_attention``)."""
-    modules = find_modules(model, lookup(model).attention)
-    if layer_type is not None:
-        modules = [m for m in modules if getattr(m, "layer_type", None) == layer_type]
-    return modules
+    spec = lookup(model)
+    if isinstance(spec.attention, str):
+        modules = find_modules(model, spec.attention)
+        if layer_type is not None:
+            modules = [m for m in modules if getattr(m, "layer_type", None) == layer_type]
+        return modules
+    return [module for path, kind in zip(spec.attention, spec.attention_layer_types)
+            for module in find_modules(model, path) if layer_type is None or kind == layer_type]  # fmt: skip
 
 
 def is_causal(model: nn.Module) -> bool:
@@ -177,7 +216,15 @@ def trained_context(config) -> int:
     flat = [params] if "rope_type" in params else list(params.values())
     originals = [p["original_max_position_embeddings"] for p in flat if p.get("original_max_position_embeddings")]
     originals.append(getattr(config, "original_max_position_embeddings", None))
-    return next((length for length in originals if length), config.max_position_embeddings)
+    originals.append(getattr(config, "max_position_embeddings", None))
+    trained = next((length for length in originals if length), None)
+    if trained is None:
+        raise PosSwapError(
+            f"The config of this '{config.model_type}' model gives no max_position_embeddings, so pos_swap cannot "
+            f"tell the context it was trained for. Set model.config.max_position_embeddings = N (the trained "
+            f"context, from the model card) before patching."
+        )
+    return trained
 
 
 def attention_backends(model: nn.Module) -> list[str]:
@@ -186,12 +233,21 @@ def attention_backends(model: nn.Module) -> list[str]:
     return ["eager"] + [name for name, flag in flags.items() if getattr(model, flag, False)]
 
 
+def has_entry(config) -> bool:
+    """Whether the model type has a hand-written entry (else :func:`discover` derives one, running the model)."""
+    return config.model_type in ARCHITECTURES
+
+
 def summarize(model: nn.Module) -> dict:
-    """What ``pos-swap info`` shows: the architecture, its positional mechanism and trained context."""
-    spec, config = lookup(model), model.config
-    summary = {
-        "model_type": config.model_type,
-        "class": type(model).__name__,
+    """What ``pos-swap info`` shows: how pos_swap covers the model (entry, discovery, or refused and why), its
+    positional mechanism and trained context."""
+    config = model.config
+    covered, why = coverage(model)
+    summary = {"model_type": config.model_type, "class": type(model).__name__, "covered_by": covered, "coverage": why}
+    if covered == "refused":
+        return summary
+    spec = lookup(model)
+    summary |= {
         "positions": spec.family,
         "trained_context": trained_context(config),
         "causal": is_causal(model),
@@ -212,3 +268,205 @@ def summarize(model: nn.Module) -> dict:
         rows = position_table(model).num_embeddings - spec.table_offset
         summary["table"] = {"path": spec.table, "positions": rows, "offset": spec.table_offset}
     return summary
+
+
+# -- discovery: the ArchSpec of a rotary model type without an entry, derived from the model itself ----------------
+TRACE = "pos_swap_trace"  # the attention implementation discovery runs a model under
+TRACE_TOKENS = 8
+WINDOWED = ("sliding_window", "attention_chunk_size")  # attributes of attention modules that see a window only
+
+
+def _record_and_silence(module, query, key, value, attention_mask, **kwargs):
+    """Discovery's attention function: remember the queries and keys a module hands to attention (already rotated)
+    and return zeros, so no layer's input depends on the rotation and the queries of two runs compare exactly."""
+    module.__dict__.setdefault("_pos_swap_traced", []).append((query.detach().clone(), key.detach().clone()))
+    batch, _, length, _ = query.shape
+    return value.new_zeros(batch, length, query.shape[1], value.shape[-1]), None
+
+
+AttentionInterface.register(TRACE, _record_and_silence)
+AttentionMaskInterface.register(TRACE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def refuse(model: nn.Module, unusual: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"pos_swap cannot patch this '{model.config.model_type}' model ({type(model).__name__}): {unusual}"
+    )
+
+
+def discover(model: nn.Module) -> ArchSpec:
+    """The spec of a RoPE model whose type has no entry, from the model itself: the rotary module holding
+    ``inv_freq`` under ``base_model`` (one table, or one per layer type as in Gemma 3), and the attention modules its
+    output reaches, found by running the model on a few tokens through a recording attention function (twice: with
+    the rotary's output and with the identity rotation). Each module's queries and keys must be the unrotated ones
+    turned by pos_swap's own rotation of that table (rotate-half pairs, leading features), so static and
+    attention-time schemes reproduce the model exactly. Raises :class:`UnsupportedArchitectureError` naming what is
+    unusual where that pattern does not hold."""
+    config = model.config
+    _refuse_by_config(model)
+    base = model.base_model
+    rotaries = [(name, m) for name, m in base.named_modules() if "inv_freq" in dict(m.named_buffers(recurse=False))
+                or table_layer_types(m)]  # fmt: skip
+    if not rotaries:
+        raise refuse(model, (
+            "found no positional mechanism: no rotary module holding inv_freq under its base model, and no "
+            "hand-written entry in pos_swap/archs.py. A learned position table or ALiBi model needs an ArchSpec "
+            "entry there (see 'gpt2' and 'opt')."
+        ))  # fmt: skip
+    if len(rotaries) > 1:
+        names = ", ".join(name for name, _ in rotaries[:4])
+        raise refuse(model, f"it keeps rotary modules in {len(rotaries)} places ({names}, ...); pos_swap rescales "
+                            "one rotary module per model.")  # fmt: skip
+    rotary_path, rotary = rotaries[0]
+    slots = [RotarySlot(rotary, layer_type) for layer_type in table_layer_types(rotary) or (None,)]
+    if not all(_has_theta(slot, config) for slot in slots):
+        raise refuse(model, "its config's rope_parameters give no rope_theta for each of its rotary tables, which "
+                            "pos_swap's frequencies start from.")  # fmt: skip
+    reached = _trace(model, rotary, slots)  # [(path, layer type)]
+    names = {id(m): name for name, m in base.named_modules()}
+    modules = [find_modules(model, path)[0] for path, _ in reached]
+    scaled = None
+    if slots[0].layer_type is not None:
+        unwindowed = {kind for (_, kind), m in zip(reached, modules) if not any(getattr(m, a, None) for a in WINDOWED)}
+        scaled = tuple(slot.layer_type for slot in slots if slot.layer_type in unwindowed) or tuple(
+            slot.layer_type for slot in slots if slot.layer_type in {kind for _, kind in reached}
+        )
+    targets, conv1d = _lora_targets(model, modules, names)
+    return ArchSpec(
+        family=ROTARY, rotary=rotary_path, attention=tuple(path for path, _ in reached),
+        attention_layer_types=tuple(kind for _, kind in reached), scaled_layer_types=scaled,
+        lora_targets=targets, lora_fan_in_fan_out=conv1d,
+    )  # fmt: skip
+
+
+def _has_theta(slot: RotarySlot, config) -> bool:
+    try:
+        return "rope_theta" in slot.rope_parameters(config)
+    except (KeyError, TypeError):
+        return False
+
+
+def _refuse_by_config(model: nn.Module) -> None:
+    """Refuse what the config alone shows to be outside discovery's pattern."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise refuse(model, "it is an encoder-decoder; discovery covers decoder-only RoPE models.")
+    text = config.get_text_config(decoder=True)
+    if text is not config:
+        inner = [name for name, m in model.named_modules() if name and getattr(m, "config", None) is text]
+        how = f"pos_swap.patch(model.{inner[0]}, ...)" if inner else "pos_swap.patch on its text model"
+        raise refuse(model, (
+            f"it is a multimodal wrapper. Patch its language model instead: {how} (a '{text.model_type}' model); "
+            f"the wrapper's generate() then runs the patched language model."
+        ))  # fmt: skip
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "qk_rope_head_dim", None):
+        raise refuse(model, (
+            "it uses multi-head latent attention (DeepSeek V2/V3 MLA): the rotary turns a qk_rope_head_dim slice of "
+            "each head built by a latent projection, not the leading features of each head that pos_swap rotates."
+        ))  # fmt: skip
+
+
+def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[tuple[str, str | None]]:
+    """Run ``model`` twice on a few tokens under :func:`_record_and_silence`, with the rotary's output and with the
+    identity rotation; return ``(path, layer type)`` of each attention module whose queries and keys the rotary's
+    output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
+    if any(p.is_meta for p in model.parameters()):
+        raise PosSwapError(
+            f"pos_swap finds where a '{model.config.model_type}' model keeps its positions by running it on "
+            f"{TRACE_TOKENS} tokens, which needs its weights: load it with them (this one is on the meta device)."
+        )
+    device = next(model.parameters()).device
+    ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
+    positions = torch.arange(TRACE_TOKENS, device=device)[None]
+    native, identity = _traced_run(model, rotary, ids, identity=False), _traced_run(model, rotary, ids, identity=True)
+    if not torch.equal(native.pop("output"), identity.pop("output")):
+        raise refuse(model, (
+            "its rotary's output reaches computation that does not go through transformers' AttentionInterface "
+            "(attention written into the model's own code), where pos_swap's attention-time schemes cannot act."
+        ))  # fmt: skip
+    if not native:
+        raise refuse(model, "none of its modules calls attention through transformers' AttentionInterface.")
+    names = {id(m): name for name, m in model.base_model.named_modules()}
+    reached = []
+    for module, calls in native.items():
+        if len(calls) != 1:
+            raise refuse(model, f"its module '{names[id(module)]}' calls attention {len(calls)} times a forward.")
+        (query, key), (query0, key0) = calls[0], identity[module][0]
+        if torch.equal(query, query0) and torch.equal(key, key0):
+            continue  # a layer without positions (NoPE)
+        kind = next((slot.layer_type for slot in slots if _turned_by(slot, positions, (query0, key0), (query, key))),
+                    False)  # fmt: skip
+        if kind is False:
+            raise refuse(model, (
+                f"its attention '{names[id(module)]}' rotates queries and keys other than pos_swap does (rotate-half "
+                f"pairs on the leading features of each head, with the rotary's cos and sin): e.g. interleaved "
+                f"pairs, or the rotary part placed elsewhere in the head."
+            ))  # fmt: skip
+        reached.append((names[id(module)], kind))
+    if not reached:
+        raise refuse(model, "its rotary's output turns the queries and keys of none of its attention modules.")
+    return reached
+
+
+def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity: bool) -> dict:
+    """One forward under the recording attention: ``{attention module: [(query, key)], "output": hidden states}``,
+    with the rotary's ``(cos, sin)`` replaced by ``(1, 0)`` when ``identity``. The model is left as it was."""
+
+    def to_identity(module, args, output):
+        if not (isinstance(output, tuple) and len(output) == 2 and all(torch.is_tensor(t) for t in output)):
+            raise refuse(model, f"its rotary module returns {type(output).__name__}, not the pair (cos, sin).")
+        return torch.ones_like(output[0]), torch.zeros_like(output[1])
+
+    config, training = model.config, model.training
+    backend = config._attn_implementation
+    handle = rotary.register_forward_hook(to_identity) if identity else None
+    try:
+        config._attn_implementation = TRACE
+        model.eval()
+        with torch.no_grad():
+            output = model(input_ids=ids, use_cache=False)[0]  # the logits (or a base model's hidden states)
+    except PosSwapError:
+        raise
+    except Exception as error:  # transformers could not run the model as discovery calls it
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise refuse(model, f"discovery could not run it on {TRACE_TOKENS} tokens ({type(error).__name__}: {reason}).")
+    finally:
+        config._attn_implementation = backend
+        model.train(training)
+        if handle is not None:
+            handle.remove()
+    traced = {m: m.__dict__.pop("_pos_swap_traced") for m in model.modules() if "_pos_swap_traced" in m.__dict__}
+    return {**traced, "output": output}
+
+
+def _turned_by(slot: RotarySlot, positions, unrotated, rotated) -> bool:
+    """Whether ``rotated`` queries and keys are ``unrotated`` ones turned by pos_swap's rotation with ``slot``'s
+    table at ``positions`` (to the tolerance of their dtype)."""
+    cos, sin = rope.cos_sin(positions, slot.inv_freq, slot.attention_scaling, unrotated[0].dtype)
+    for before, after in zip(unrotated, rotated):
+        if cos.shape[-1] > before.shape[-1]:
+            return False
+        expected = rope.rotate(before, cos, sin)
+        tolerance = 1e-4 if before.dtype == torch.float32 else 2e-2
+        if not torch.allclose(expected.float(), after.float(), atol=tolerance * float(after.abs().max()), rtol=0):
+            return False
+    return True
+
+
+def _lora_targets(model: nn.Module, attention: list[nn.Module], names: dict) -> tuple[tuple[str, ...], bool]:
+    """The projections inside the attention modules (module-name suffixes peft matches), qualified by the
+    attention module's own name where the bare name also ends a projection outside attention (NoPE layers' own
+    attention counts as attention); and whether they are GPT-2's Conv1D (weights stored as (in, out))."""
+    kinds = {type(m) for m in attention}
+    inside = {id(p) for m in model.base_model.modules() if type(m) in kinds for p in m.modules()}
+    projections = [(name, p) for m in attention for name, p in m.named_modules() if isinstance(p, (nn.Linear, Conv1D))]
+    elsewhere = [names[id(p)] for p in model.base_model.modules()
+                 if isinstance(p, (nn.Linear, Conv1D)) and id(p) not in inside]  # fmt: skip
+    owner = names[id(attention[0])].rsplit(".", 1)[-1]
+    targets = []
+    for name, _ in projections:
+        clash = any(other == name or other.endswith("." + name) for other in elsewhere)
+        target = f"{owner}.{name}" if clash else name
+        if target not in targets:
+            targets.append(target)
+    return tuple(targets), any(isinstance(p, Conv1D) for _, p in projections)

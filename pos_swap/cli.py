@@ -88,6 +88,8 @@ def cmd_schemes(args) -> None:
 
 def cmd_info(args) -> None:
     model, record = loading.load_empty(args.model)
+    if not archs.has_entry(model.config):  # discovery runs the model on a few tokens: it needs the weights
+        model, _ = loading.load(args.model, require_tokenizer=False)
     summary = {**archs.summarize(model), "patch": record}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -213,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show each scheme's parameters")
     p.set_defaults(run=cmd_schemes)
 
-    p = sub.add_parser("info", help="architecture, positional mechanism, trained context and saved patch")
+    p = sub.add_parser(
+        "info", help="covered by an entry, by discovery, or refused (and why); positions, trained context, saved patch"
+    )
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)

@@ -1,0 +1,183 @@
+"""Discovery: the ArchSpec of a RoPE model type without an entry, derived from the model, and the coverage table.
+
+References are independent of discovery: the hand-written entries (which discovery must reproduce), transformers'
+own per-layer flags (SmolLM3's ``no_rope_layers``), and transformers building the model with ``rope_parameters``
+(benchmarks/rope_coverage.py's checks).
+"""
+
+import copy
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import pos_swap
+from pos_swap import archs
+from pos_swap.cli import main
+from pos_swap.errors import PosSwapError, UnsupportedArchitectureError
+from conftest import ROPE_ARCHS, outputs, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSING = ROOT / "tests" / "data" / "rope_coverage_passing.txt"
+HANDFUL = ["olmo2", "mixtral", "starcoder2", "stablelm", "granite", "qwen3_moe"]
+
+
+def _coverage_module():
+    spec = importlib.util.spec_from_file_location("rope_coverage", ROOT / "benchmarks" / "rope_coverage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+coverage = _coverage_module()
+
+
+def recorded_passing() -> list[str]:
+    return [line.split()[0] for line in PASSING.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def discovered(model, monkeypatch):
+    """The spec discovery derives for ``model`` with its type's entry taken out of the map."""
+    monkeypatch.delitem(archs.ARCHITECTURES, model.config.model_type)
+    return archs.lookup(model)
+
+
+@pytest.mark.parametrize("arch", sorted(ROPE_ARCHS))
+def test_discovery_reproduces_every_hand_written_rope_entry(arch, monkeypatch):
+    """Same rotary tables, same attention modules per table, same LoRA projections as the entry, and a yarn patch
+    with the same logits."""
+    model = tiny(arch)
+    entry = archs.lookup(model)
+    slots = [(s.module, s.layer_type) for s in archs.rotary_slots(model)]
+    modules = {t: archs.attention_modules(model, t) for _, t in slots}
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    with pos_swap.patched(model, "yarn", factor=4.0):
+        expected = outputs(model, ids)
+    spec = discovered(model, monkeypatch)
+    assert spec is not entry and archs.coverage(model)[0] == "discovery"
+    assert [(s.module, s.layer_type) for s in archs.rotary_slots(model)] == slots
+    assert {t: archs.attention_modules(model, t) for _, t in slots} == modules
+    assert {name.rsplit(".", 1)[-1] for name in spec.lora_targets} == set(entry.lora_targets) - {"attn.c_proj"}
+    with pos_swap.patched(model, "yarn", factor=4.0):
+        torch.testing.assert_close(outputs(model, ids), expected, rtol=0, atol=1e-6)
+
+
+def test_layers_without_positions_are_left_out(monkeypatch):
+    """SmolLM3 switches RoPE off in some layers (transformers' ``no_rope_layers``: 0 = no RoPE): discovery's
+    attention modules are exactly the layers that rotate, so attention-time schemes never rotate the others."""
+    model = coverage.build("smollm3", coverage.tiny_config("smollm3"))
+    flags = model.config.no_rope_layers
+    assert 0 in flags and 1 in flags  # the tiny config keeps both kinds
+    rotated = [layer.self_attn for layer, flag in zip(model.model.layers, flags) if flag]
+    assert archs.attention_modules(model) == rotated
+    assert set(archs.lookup(model).lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # NoPE layers too
+
+
+@pytest.mark.parametrize("model_type", HANDFUL)
+def test_a_representative_handful_passes_the_coverage_checks(model_type):
+    """olmo2, mixtral, starcoder2, stablelm (partial rotary), granite, qwen3_moe: static schemes equal transformers'
+    rope_parameters, cached generation equals recomputation, unpatch is bit-identical."""
+    assert model_type in recorded_passing()
+    row = coverage.check_type(model_type)
+    assert (row["status"], row.get("covered_by")) == ("pass", "discovery"), row
+
+
+@pytest.mark.slow
+def test_every_type_recorded_as_passing_still_passes():
+    """The full walk over the installed transformers' RoPE causal-LM types (several minutes on 2 cores)."""
+    rows = {row["model_type"]: row for row in coverage.coverage(coverage.model_types())}
+    broken = {t: rows.get(t, {"status": "gone"}) for t in recorded_passing() if rows.get(t, {}).get("status") != "pass"}
+    assert not broken, broken
+    assert not [row for row in rows.values() if row["status"] == "failing"]
+
+
+def test_the_coverage_checks_catch_a_wrong_patch(monkeypatch):
+    """The checks are not vacuous: frequencies off by 1% fail (a); whole-window frequencies, whose rows change
+    with the length after their keys were cached (transformers' dynamic scaling), fail (b)."""
+    model = coverage.build("olmo2")
+    ids = torch.arange(3, 13)[None]
+    native = coverage.logits(model, ids)
+    assert coverage.check_static(model, ids, native) == [] and coverage.check_cache(model, ids, native) == []
+    linear = pos_swap.registry.get_scheme("linear")
+    monkeypatch.setattr(linear, "frequencies", lambda self, dim, base, seq_len=None: pos_swap.functional.rope.linear(
+        dim, base * 1.01, self.config.factor))  # fmt: skip
+    assert any("linear differs" in p for p in coverage.check_static(model, ids, native))
+    monkeypatch.setattr(pos_swap.schemes.rope_scaling.RopeScaling, "block", None)
+    assert any("dynamic-yarn: cached generation differs" in p for p in coverage.check_cache(model, ids, native))
+
+
+@pytest.mark.parametrize(
+    "model_type, says",
+    [
+        ("cohere", "interleaved pairs"),  # pairs (x0, x1), (x2, x3): not rotate-half
+        ("deepseek_v3", "multi-head latent attention"),
+        ("gemma3", "pos_swap.patch(model.model.language_model, ...)"),
+    ],
+)
+def test_unusual_models_are_refused_by_name(model_type, says):
+    model = coverage.build(model_type)
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{model_type}' model.*{re.escape(says)}"):
+        pos_swap.patch(model, "yarn", factor=4.0)
+    assert archs.coverage(model)[0] == "refused"
+
+
+def test_the_multimodal_advice_works():
+    """Patching the language model the refusal names equals transformers building the wrapper with the text
+    config's rope_parameters (its full-attention table scaled)."""
+    model = coverage.build("gemma3")
+    ids = torch.arange(3, 23)[None]
+    reference_config = copy.deepcopy(model.config)
+    text = reference_config.text_config
+    text.rope_parameters = {**text.rope_parameters, "full_attention": {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": text.rope_parameters["full_attention"]["rope_theta"]}}  # fmt: skip
+    reference = type(model)._from_config(reference_config, dtype=torch.float32).eval()
+    reference.load_state_dict(model.state_dict())
+    pos_swap.patch(model.model.language_model, "linear", factor=2.0)
+    torch.testing.assert_close(coverage.logits(model, ids), coverage.logits(reference, ids), rtol=0, atol=1e-5)
+
+
+def test_attention_outside_the_attention_interface_is_refused():
+    """One layer pinned to its own eager attention (as a model computing attention in its own code would): the
+    rotation then reaches computation pos_swap cannot hook, and discovery says so."""
+    model = coverage.build("olmo2")
+    attention = model.model.layers[1].self_attn
+    attention.config = copy.deepcopy(attention.config)  # this layer keeps "sdpa" whatever the model's config says
+    with pytest.raises(UnsupportedArchitectureError, match="does not go through transformers' AttentionInterface"):
+        archs.lookup(model)
+
+
+def test_a_model_without_positions_is_refused_with_what_to_do():
+    import transformers as T
+
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)).eval()  # ALiBi
+    with pytest.raises(UnsupportedArchitectureError, match="found no positional mechanism.*ArchSpec"):
+        pos_swap.patch(model, "yarn", factor=4.0)
+
+
+def test_a_config_without_max_position_embeddings_says_what_to_set(monkeypatch):
+    model = tiny("llama")
+    monkeypatch.delattr(type(model.config), "max_position_embeddings", raising=False)
+    del model.config.__dict__["max_position_embeddings"]
+    with pytest.raises(PosSwapError, match=r"no max_position_embeddings.*model\.config\.max_position_embeddings = N"):
+        pos_swap.patch(model, "yarn", factor=4.0)
+    model.config.max_position_embeddings = 32
+    pos_swap.patch(model, "yarn", factor=4.0)
+
+
+def test_discovery_needs_weights():
+    model = coverage.build("olmo2").to("meta")
+    with pytest.raises(PosSwapError, match="needs its weights"):
+        archs.lookup(model)
+
+
+def test_info_says_how_a_model_is_covered(tmp_path, capsys):
+    for model_type, covered in [("olmo2", "discovery"), ("cohere", "refused"), ("llama", "entry")]:
+        model = tiny("llama") if model_type == "llama" else coverage.build(model_type)
+        model.save_pretrained(tmp_path / model_type)
+        assert main(["info", str(tmp_path / model_type), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["covered_by"] == covered, info
+        assert ("rotary" in info) == (covered != "refused")

@@ -41,6 +41,14 @@ def _all_parameters() -> dict[str, tuple[type, str, list[str]]]:
     return table
 
 
+def _whole_numbers(text: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> (1, 2, 4), an argparse ``type``."""
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas such as 1,2,4, got {text!r}") from None
+
+
 def _parse_value(annotation):
     """An argparse ``type`` for a scheme parameter annotation (the parsing is the scheme lists' own)."""
 
@@ -116,6 +124,12 @@ def cmd_patch(args) -> None:
     print(f"saved {handle!r} to {args.out} (load it with {how})")
 
 
+def _check_text(path) -> None:
+    """Refuse a --text that is missing, a folder or not UTF-8 before the model loads (the run reads it again)."""
+    if path is not None:
+        loading.read_text(path)
+
+
 def cmd_eval(args) -> None:
     plan = evaluate.Plan(
         schemes=evaluate.parse_schemes(args.schemes), lengths=evaluate.parse_lengths(args.lengths),
@@ -124,6 +138,7 @@ def cmd_eval(args) -> None:
         depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials, windows=args.windows, seed=args.seed,
     )  # fmt: skip
     report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
+    _check_text(args.text)
     model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest())
     run = evaluate.evaluate(model, tokenizer, plan, out=args.out, model_name=args.model, text=args.text,
                             resume=args.resume, overwrite=args.overwrite)  # fmt: skip
@@ -135,6 +150,7 @@ def cmd_recommend(args) -> None:
     target = evaluate.specs.parse_length(args.length)
     if args.out:
         report.check_output(args.out, overwrite=args.overwrite)
+    _check_text(args.text)
     model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target)
     result = evaluate.recommend(model, tokenizer, target, text=args.text, windows=args.windows,
                                 tolerance=args.tolerance, out=args.out, overwrite=args.overwrite)  # fmt: skip
@@ -166,20 +182,21 @@ def _add_run_options(p, default_out: str | None) -> None:
 
 
 def cmd_probe(args) -> None:
-    from .probe.run import run_probe
+    from .probe.run import RESULTS, check_settings, run_probe
 
     params = _scheme_params(args)
     if params and not args.scheme:
         raise PosSwapError(f"Scheme parameters ({', '.join(params)}) need --scheme NAME.")
     if args.compare and not args.scheme:
         raise PosSwapError("--compare shows the native model beside a patched one: give --scheme NAME.")
+    settings = dict(length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
+                    pairs=args.pairs, query_rows=args.query_rows or None)  # fmt: skip
+    check_settings(**settings)
+    report.check_output(args.out, overwrite=args.overwrite, results=RESULTS)
     text = loading.read_text(args.text) if args.text else None
     model, tokenizer = loading.load(args.model)
-    run_probe(
-        model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
-        text=text, length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
-        pairs=args.pairs, query_rows=args.query_rows or None, overwrite=args.overwrite,
-    )  # fmt: skip
+    run_probe(model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
+              text=text, overwrite=args.overwrite, **settings)  # fmt: skip
     print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")
 
 
@@ -316,7 +333,7 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--train-norms", action="store_true", help="train the normalization layers too (LongLoRA)")
     p.add_argument("--train-scheme", action=argparse.BooleanOptionalAction, default=None,
                    help="train the scheme's own parameters (default: when it has any)")
-    p.add_argument("--eval-factors", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 2, 4),
+    p.add_argument("--eval-factors", type=_whole_numbers, default=(1, 2, 4),
                    help="evaluate at these multiples of --seq-len (default: 1,2,4)")
     p.add_argument("--eval-windows", type=int, default=1,
                    help="held-out tokens, in windows of the longest length; every length scores them all (default: 1)")

@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def check_output(path, *, resume: bool = False, overwrite: bool = False, results
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise PosSwapError(f"Output path '{path}' is a file; give a folder.")
+    check_writable(path)
     file = path / results
     if not file.exists() or overwrite:
         return None
@@ -86,6 +88,21 @@ def check_output(path, *, resume: bool = False, overwrite: bool = False, results
             f"it, --overwrite to replace it, or choose another output folder."
         )
     return saved
+
+
+def check_writable(path) -> None:
+    """Refuse an output folder this process cannot create or write into (no permission, a read-only file system):
+    a temporary file is written and removed in it, or in its nearest existing parent. Nothing is left behind."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PosSwapError(f"Output path '{path}' is inside '{existing}', which is a file; give a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise PosSwapError(f"Cannot write to '{path}' ({error.strerror or error}); choose another output folder.") from None
 
 
 def format_table(rows: list[dict], columns: list[str], floats: str = "{:.2f}") -> str:

@@ -63,9 +63,23 @@ class Settings:
 
     def __post_init__(self):
         get_scheme(self.scheme)  # an unknown name fails first, with "did you mean"
-        for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_windows", "pose_chunks"):
-            if getattr(self, name) < 1:
-                raise PosSwapError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
+        self.eval_factors = tuple(self.eval_factors)
+        at_least = {"seq_len": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "eval_windows": 1, "pose_chunks": 1,
+                    "lora_rank": 0, "save_steps": 1}  # fmt: skip
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if value is None and name == "save_steps":
+                continue  # default: max_steps
+            if not (_is_whole(value) and value >= least):
+                raise PosSwapError(f"--{name.replace('_', '-')} must be a whole number of at least {least}; got {value!r}.")
+        if not self.eval_factors or not all(_is_whole(f) and f >= 1 for f in self.eval_factors):
+            raise PosSwapError(
+                f"--eval-factors must be whole multiples of --seq-len, at least 1 (e.g. 1,2,4); got {self.eval_factors}."
+            )
+        for name in ("learning_rate", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise PosSwapError(f"--{name.replace('_', '-')} must be a finite number above 0; got {value!r}.")
         if self.pose and self.target_len is None:
             raise PosSwapError("--pose stretches the training window to a target length: give --target-len N.")
         if self.target_len is not None and self.target_len < self.seq_len:
@@ -75,12 +89,15 @@ class Settings:
             )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PosSwapError(f"Unknown precision '{self.precision}'; use auto, fp32, bf16 or fp16.")
-        self.eval_factors = tuple(self.eval_factors)
 
     @property
     def lengths(self) -> list[int]:
         """The evaluation lengths: multiples of the training length, and the target length."""
         return sorted({self.seq_len * f for f in self.eval_factors} | ({self.target_len} if self.target_len else set()))
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model_name: str = "", text_label: str = "",
@@ -141,14 +158,15 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
                   progress: bool = True) -> report.RunFolder:  # fmt: skip
     """:func:`finetune` on a checkpoint (Hub name, folder, offline alias) and a text (file, folder, dataset, None:
     pydoc topics): what ``pos-swap finetune`` runs. The output folder is checked before anything loads."""
-    from ..loading import load
-    from .data import load_tokens
+    from ..loading import load, tokenize
+    from .data import read_source
 
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)
+    content, label = read_source(text)
     device = str(process_state().device)
     model, tokenizer = load(model_name, device=device, dtype="float32", longest=max(settings.lengths) if device == "cpu" else None)
-    tokens, label = load_tokens(tokenizer, text)
+    tokens = tokenize(tokenizer, content, label)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
 

@@ -192,7 +192,7 @@ def cmd_probe(args) -> None:
     settings = dict(length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
                     pairs=args.pairs, query_rows=args.query_rows or None)  # fmt: skip
     check_settings(**settings)
-    report.check_output(args.out, overwrite=args.overwrite, results=RESULTS)
+    report.check_output(args.out, overwrite=args.overwrite, results=RESULTS, resumable=False)
     text = loading.read_text(args.text) if args.text else None
     model, tokenizer = loading.load(args.model)
     run_probe(model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
@@ -203,7 +203,9 @@ def cmd_probe(args) -> None:
 FINETUNE_DESCRIPTION = """Patch a model with a scheme, fine-tune it with LoRA (transformers' Trainer), and measure perplexity
 before the swap, after it and after recovery at 1x, 2x and 4x --seq-len. Writes results.json, PNG plots,
 report.html, checkpoints/ (for --resume), adapter/ (LoRA + patch record) and merged/ (a full model that
-pos_swap.from_pretrained loads). Several processes or GPUs: accelerate launch -m pos_swap finetune ..."""
+pos_swap.from_pretrained loads). --resume continues an interrupted run, or trains a finished one further with a
+larger --max-steps (--save-steps and evaluation lengths that keep the held-out tail may change too). Several
+processes or GPUs: accelerate launch -m pos_swap finetune ..."""
 
 
 def cmd_finetune(args) -> None:

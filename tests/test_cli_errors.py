@@ -222,3 +222,16 @@ def test_a_probe_with_bad_settings_writes_nothing(tmp_path):
         with pytest.raises(pos_swap.PosSwapError, match="must be a whole number"):
             run_probe(tiny("llama"), byte_tokenizer(), tmp_path / "probe", text="x " * 200, window=16, windows=2, **bad)
     assert not (tmp_path / "probe").exists()
+
+
+def test_probe_refuses_a_used_folder_without_advising_resume(model_dir, tmp_path, capsys, no_weights_load):
+    from pos_swap.report import RunFolder
+
+    RunFolder(tmp_path / "out", kind="probe", meta={}, results="probe.json").add({"key": "native"})
+    line = one_line_error(["probe", model_dir, "--out", tmp_path / "out"], capsys)
+    assert "--overwrite to replace it" in line and "--resume" not in line
+    from pos_swap.probe.run import run_probe
+
+    with pytest.raises(pos_swap.PosSwapError, match="--overwrite to replace it") as refused:
+        run_probe(tiny("llama"), byte_tokenizer(), tmp_path / "out", text="x " * 200, window=16, windows=2)
+    assert "--resume" not in str(refused.value)

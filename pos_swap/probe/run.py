@@ -163,7 +163,7 @@ def run_probe(model, tokenizer, out, *, scheme: str | None = None, params: dict 
     variants = ([None] if compare or not scheme else []) + ([scheme] if scheme else [])
     meta = {"model": name or type(model).__name__, "scheme": scheme, "params": params or {}, "length": length, "window": window,
             "windows": windows, "seeds": seeds, "pairs": pairs, "query_rows": query_rows}  # fmt: skip
-    run = RunFolder(out, kind="probe", meta=meta, overwrite=overwrite, results=RESULTS)
+    run = RunFolder(out, kind="probe", meta=meta, overwrite=overwrite, results=RESULTS, resumable=False)
     cells, drawn = {}, {}
     for variant in tqdm(variants, desc="probe", unit="variant"):
         name = variant or "native"

@@ -37,7 +37,9 @@ ADAPTER_RECORD = "pos_swap.json"
 
 @dataclasses.dataclass
 class Settings:
-    """Everything that shapes a recovery run; a resumed run must match them exactly."""
+    """Everything that shapes a recovery run. A resumed run must match them, except those that do not change what
+    was trained: ``max_steps`` (train further), ``save_steps`` and the evaluation lengths, as long as the held-out
+    tail (the longest length x ``eval_windows``) stays the same."""
 
     scheme: str
     params: dict = dataclasses.field(default_factory=dict)
@@ -115,15 +117,20 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
                                scheme=settings.train_scheme)  # fmt: skip
     check_trainable(model, settings.lora_rank, extras)
     meta = {"model": model_name or model.config._name_or_path, "text": text_label, "text_tokens": tokens.numel(),
-            "trained_context": archs.trained_context(model.config), **dataclasses.asdict(settings)}  # fmt: skip
+            "held_out_tokens": held_out.numel(), "trained_context": archs.trained_context(model.config),
+            **dataclasses.asdict(settings)}  # fmt: skip
+    checkpoint = None
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)  # every process, before any writes
+        checkpoint = _last_checkpoint(out) if resume else None
+        _check_steps(checkpoint, settings.max_steps)
     state.wait_for_everyone()
     run = report.RunFolder(out if state.is_main_process else None, kind="finetune", meta=meta, resume=resume,
-                           overwrite=overwrite)  # fmt: skip
+                           overwrite=overwrite, may_change=_may_change(settings))  # fmt: skip
     if overwrite and run.path is not None:
         for stale in ("checkpoints", "adapter", "merged"):
             shutil.rmtree(run.path / stale, ignore_errors=True)
+    run.cells = [c for c in run.cells if "stage" not in c or c["length"] in settings.lengths]  # lengths dropped on resume
 
     measure(run, model, held_out, settings, "before")
     engine.patch(model, settings.scheme, **settings.params)
@@ -134,7 +141,7 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     trainer = _trainer(wrapped, PackedSequences(train, settings.target_len if settings.pose else None,
                                                 settings.pose_chunks, settings.seed), settings, out, progress, callbacks)  # fmt: skip
     started = time.perf_counter()
-    _train(trainer, _last_checkpoint(out) if resume else None)
+    _train(trainer, checkpoint)
     seconds = time.perf_counter() - started
     if state.is_main_process:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -146,6 +153,25 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
             write_report(run)
     state.wait_for_everyone()
     return run
+
+
+def _may_change(settings: Settings) -> tuple[str, ...]:
+    """Settings a resumed run may change: none changes what was trained or the held-out tail (recorded as
+    ``held_out_tokens``, which must match): the step count, the checkpoint interval, the evaluation lengths, and
+    ``target_len`` unless PoSE trains towards it."""
+    return ("max_steps", "save_steps", "eval_factors", "eval_windows") + (() if settings.pose else ("target_len",))
+
+
+def _check_steps(checkpoint: str | None, max_steps: int) -> None:
+    """Refuse a ``max_steps`` below the steps the checkpoint to resume from has already trained."""
+    if checkpoint is None:
+        return
+    trained = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step
+    if max_steps < trained:
+        raise PosSwapError(
+            f"The run has trained {trained} steps already; --max-steps {max_steps} cannot undo them. Give --max-steps "
+            f"{trained} or more to continue it, or --overwrite to start again."
+        )
 
 
 def process_state() -> PartialState:

@@ -209,6 +209,19 @@ def test_resume_trains_further_with_more_steps(tmp_path):
         f"{stage}|{n}" for stage in ("before", "swapped", "recovered") for n in (16, 64))
 
 
+@pytest.mark.parametrize("rank", [8, 0])
+def test_resuming_a_finished_run_reloads_its_weights(tmp_path, rank):
+    """Resumed after its last step, a run trains no further: it reloads the checkpoint (a LoRA adapter, or without
+    LoRA the whole model with its trained ALiBi slopes) and measures the same recovered model again."""
+    chosen = settings(max_steps=2, lora_rank=rank)
+    first = cells(train.finetune(tiny("gpt2"), bigram_tokens(), chosen, out=tmp_path, progress=False))
+    again = cells(train.finetune(tiny("gpt2"), bigram_tokens(), chosen, out=tmp_path, resume=True, progress=False))
+    assert again["training"]["steps"] == 2 and again["training"]["losses"] == first["training"]["losses"]
+    for length in (16, 32, 64):
+        assert again[f"recovered|{length}"]["ppl"] == pytest.approx(first[f"recovered|{length}"]["ppl"], rel=1e-6)
+        assert again[f"recovered|{length}"]["ppl"] != pytest.approx(first[f"swapped|{length}"]["ppl"], rel=1e-4)
+
+
 # -- LoRA wrapping ---------------------------------------------------------------------------------------------------
 def backward(model):
     model.train()

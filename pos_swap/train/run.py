@@ -254,13 +254,28 @@ def _trainer(model, dataset, settings: Settings, out, progress: bool, callbacks)
 
 
 def _train(trainer: transformers.Trainer, checkpoint: str | None) -> None:
-    """Train to ``max_steps``, from ``checkpoint`` when given (same step, optimizer state and data order)."""
+    """Train to ``max_steps``, from ``checkpoint`` when given (same step, optimizer state and data order). A
+    checkpoint that reached ``max_steps`` (a finished run resumed) is only loaded: Trainer would take one more step."""
     saved = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")) if checkpoint else None
-    if saved is not None and saved.global_step >= trainer.args.max_steps:  # done; Trainer would take one more step
-        trainer._load_from_checkpoint(checkpoint)
+    if saved is not None and saved.global_step >= trainer.args.max_steps:
+        _load_weights(trainer.model, Path(checkpoint))
         trainer.state = saved
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def _load_weights(model, checkpoint: Path) -> None:
+    """The trained weights of a Trainer checkpoint, into ``model``: the adapter through peft's ``load_adapter``, a
+    model trained without LoRA from its (possibly sharded) safetensors. Weights that ``save_pretrained`` leaves out
+    because they are tied stay tied, as when Trainer loads them itself."""
+    if hasattr(model, "peft_config"):
+        model.load_adapter(str(checkpoint), "default", is_trainable=True)
+    elif (checkpoint / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+    else:
+        transformers.trainer_utils.load_sharded_checkpoint(model, str(checkpoint), strict=False)
 
 
 def _last_checkpoint(out) -> str | None:

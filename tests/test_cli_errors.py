@@ -235,3 +235,17 @@ def test_probe_refuses_a_used_folder_without_advising_resume(model_dir, tmp_path
     with pytest.raises(pos_swap.PosSwapError, match="--overwrite to replace it") as refused:
         run_probe(tiny("llama"), byte_tokenizer(), tmp_path / "out", text="x " * 200, window=16, windows=2)
     assert "--resume" not in str(refused.value)
+
+
+def test_long_texts_tokenize_without_touching_the_tokenizer(monkeypatch):
+    """A text longer than the tokenizer's model_max_length tokenizes whole, without the "sequence too long"
+    warning and without changing the tokenizer (it used to be mutated and restored around the call)."""
+    tokenizer = byte_tokenizer()
+    tokenizer.model_max_length = 8
+    seen = []  # the limit the tokenizer has while it runs
+    original = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: seen.append(self.model_max_length) or original(self, *a, **k))
+    ids = loading.tokenize(tokenizer, "twenty-one bytes long", "label")
+    assert tokenizer.decode(ids) == "twenty-one bytes long" and len(ids) == 21
+    assert seen == [8] and tokenizer.model_max_length == 8
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in tokenizer.deprecation_warnings  # not warned

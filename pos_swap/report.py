@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,23 +28,25 @@ class RunFolder:
     """An output folder holding one run: its settings (``meta``) and the finished cells, written as they finish.
 
     A folder that holds another run is refused unless ``overwrite`` (start again) or ``resume`` (keep its cells,
-    which ``done`` then reports, so an interrupted run skips them). Resuming with other settings is refused too:
-    the cells would not be comparable. ``path=None`` keeps the cells in memory only.
+    which ``done`` then reports, so an interrupted run skips them). Resuming with other settings is refused too,
+    the cells would not be comparable, except the ``may_change`` keys of ``meta`` (settings that change nothing
+    already measured, such as a finetune's step count): those take their new values. A folder whose run stopped
+    before its first cell holds nothing to keep and is reused. ``path=None`` keeps the cells in memory only.
     """
 
     def __init__(self, path, *, kind: str, meta: dict, resume: bool = False, overwrite: bool = False,
-                 results: str = RESULTS):  # fmt: skip
+                 results: str = RESULTS, may_change=(), resumable: bool = True):  # fmt: skip
         self.kind, self.meta = kind, json.loads(json.dumps(meta))  # a JSON-clean copy
         self.cells: list[dict] = []
         self.path = None if path is None else Path(path)
         if self.path is None:
             return
         self.file = self.path / results
-        saved = check_output(self.path, resume=resume, overwrite=overwrite, results=results)
+        saved = check_output(self.path, resume=resume, overwrite=overwrite, results=results, resumable=resumable)
         if saved is not None:
-            if saved.get("kind") != kind or saved.get("meta") != self.meta:
-                changed = sorted(k for k in {**saved.get("meta", {}), **self.meta}
-                                 if saved.get("meta", {}).get(k) != self.meta.get(k))  # fmt: skip
+            old = saved.get("meta", {})
+            changed = sorted(k for k in {**old, **self.meta} if k not in may_change and old.get(k) != self.meta.get(k))
+            if saved.get("kind") != kind or changed:
                 raise PosSwapError(
                     f"Cannot resume '{self.path}': it was made with other settings ({', '.join(changed) or 'kind'} "
                     f"differ). Use the same settings, or --overwrite to start again."
@@ -70,22 +73,43 @@ class RunFolder:
         os.replace(temporary, self.file)
 
 
-def check_output(path, *, resume: bool = False, overwrite: bool = False, results: str = RESULTS) -> dict | None:
-    """Check an output folder before any work: refuse one holding another run unless ``resume`` or ``overwrite``,
-    and a path that is a file. Returns the saved run when resuming one."""
+def check_output(path, *, resume: bool = False, overwrite: bool = False, results: str = RESULTS,
+                 resumable: bool = True) -> dict | None:  # fmt: skip
+    """Check an output folder before any work: refuse one holding another run unless ``resume`` or ``overwrite``
+    (``resumable``: whether the command can resume, for the advice), a path that is a file and a folder that cannot
+    be written. Returns the saved run when resuming one; a run without a finished cell counts as none."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise PosSwapError(f"Output path '{path}' is a file; give a folder.")
+    check_writable(path)
     file = path / results
     if not file.exists() or overwrite:
         return None
     saved = json.loads(file.read_text())
+    if not saved.get("cells"):
+        return None  # it stopped before its first cell: nothing to keep, so it does not block the corrected command
     if not resume:
+        advice = "Pass --resume to continue it, --overwrite to replace it" if resumable else "Pass --overwrite to replace it"
         raise PosSwapError(
-            f"'{path}' already holds a pos_swap {saved.get('kind', '')} run ({results}). Pass --resume to continue "
-            f"it, --overwrite to replace it, or choose another output folder."
+            f"'{path}' already holds a pos_swap {saved.get('kind', '')} run ({results}). {advice}, or choose another "
+            f"output folder."
         )
     return saved
+
+
+def check_writable(path) -> None:
+    """Refuse an output folder this process cannot create or write into (no permission, a read-only file system):
+    a temporary file is written and removed in it, or in its nearest existing parent. Nothing is left behind."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PosSwapError(f"Output path '{path}' is inside '{existing}', which is a file; give a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise PosSwapError(f"Cannot write to '{path}' ({error.strerror or error}); choose another output folder.") from None
 
 
 def format_table(rows: list[dict], columns: list[str], floats: str = "{:.2f}") -> str:

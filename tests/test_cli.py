@@ -25,7 +25,17 @@ def test_help_teaches_every_subcommand(capsys):
             main(argv)
         assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "offline:smollm2" in out and "--factor" in out and "--export" in out and "--beta-fast" in out
+    assert "offline:smollm2" in out and "--scheme yarn:factor=4" in out and "--export" in out
+
+
+@pytest.mark.parametrize("command", ["patch", "probe", "finetune"])
+def test_each_command_s_help_is_about_that_command(command, capsys):
+    """A scheme is named NAME[:PARAM=VALUE...] everywhere; the parameters of every scheme are not listed as flags."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "--scheme NAME[:PARAM=VALUE...]" in out and "yarn:factor=4" in out
+    assert "--beta-fast" not in out and "--long-factor" not in out and "--factor" not in out
 
 
 def test_schemes_lists_names_and_parameters(capsys):
@@ -33,7 +43,7 @@ def test_schemes_lists_names_and_parameters(capsys):
     out = capsys.readouterr().out
     for name in pos_swap.list_schemes():
         assert name in out
-    assert "--long-factor" in out and "(required)" in out
+    assert "long_factor" in out and "(required)" in out and "NAME:PARAM=VALUE" in out
 
 
 def test_info_describes_the_positional_mechanism(model_dir, capsys):
@@ -59,6 +69,21 @@ def test_patch_saves_a_model_that_loads_patched(model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["patch"]["scheme"] == "yarn"
 
 
+def test_scheme_named_with_its_parameters_equals_the_older_flags(model_dir, tmp_path, capsys):
+    """--scheme yarn:factor=4:beta_fast=16 (the form eval takes) and --scheme yarn --factor 4 --beta-fast 16 save
+    the same patch; both forms together must agree."""
+    spec, flags = tmp_path / "spec", tmp_path / "flags"
+    assert main(["patch", str(model_dir), "--scheme", "yarn:factor=4:beta-fast=16", "--out", str(spec)]) == 0
+    assert main(["patch", str(model_dir), "--scheme", "yarn", "--factor", "4", "--beta-fast", "16", "--out", str(flags)]) == 0
+    described = [pos_swap.describe(pos_swap.from_pretrained(path)) for path in (spec, flags)]
+    assert described[0] == described[1] and described[0]["params"]["beta_fast"] == 16.0
+    assert main(["patch", str(model_dir), "--scheme", "yarn:factor=4", "--factor", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "'factor' is given twice" in capsys.readouterr().err
+    assert main(["patch", str(model_dir), "--scheme", "alibi", "--factor", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "Scheme 'alibi' has no parameter 'factor'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_patch_export_hf_and_list_parameters(model_dir, tmp_path):
     out = tmp_path / "hf"
     argv = ["patch", str(model_dir), "--scheme", "longrope", "--factor", "4", "--long-factor", ",".join(["2"] * 8),
@@ -80,7 +105,6 @@ def test_patching_a_patched_checkpoint_needs_replace(model_dir, tmp_path, capsys
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--scheme", "yarm", "--factor", "4"], "Did you mean 'yarn'"),
         (["--scheme", "yarn", "--factor", "0.5"], "must be > 1"),
         (["--scheme", "yarn"], "needs parameter 'factor'"),
     ],
@@ -108,6 +132,12 @@ def test_console_script_is_installed():
         (["patch", "MODEL", "--scheme", "rope", "--scaling-params", "[1]", "--out", "x"], "expected a dictionary"),
         (["patch", "MODEL", "--scheme", "YaRN", "--factor", "4", "--out", "x"], "Did you mean 'yarn'?"),
         (["patch", "MODEL", "--scheme", "ntk", "--factor", "1e300", "--out", "x"], "must be at most 65536"),
+        (["patch", "MODEL", "--scheme", "yarm:factor=4", "--out", "x"], "Did you mean 'yarn'?"),
+        (["patch", "MODEL", "--scheme", "yarn:factr=4", "--out", "x"], "Scheme 'yarn' has no parameter 'factr'"),
+        (["patch", "MODEL", "--scheme", "yarn:factor=abc", "--out", "x"], "Cannot read factor='abc'"),
+        (["patch", "MODEL", "--scheme", "native", "--out", "x"], "'native' is the model without a patch"),
+        (["finetune", "MODEL", "--scheme", "alibi:slopes=x", "--out", "x"], "Cannot read slopes='x'"),
+        (["probe", "MODEL", "--scheme", "dynamik", "--out", "x"], "Did you mean 'dynamic'?"),
     ],
 )  # fmt: skip
 def test_usage_errors_are_one_line_naming_the_fix(model_dir, tmp_path, capsys, argv, message):

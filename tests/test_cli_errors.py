@@ -1,6 +1,8 @@
 """Bad input on the command line: one line naming the problem and the fix, exit code 2, checked before the model
 loads, nothing written. Also the one model loader every command shares (pos_swap.loading)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
@@ -131,3 +133,119 @@ def test_the_memory_check_counts_reclaimable_memory(model_dir, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(16 * 2**30, 2**20, 2**20))
     with pytest.raises(pos_swap.PosSwapError, match="GiB is free"):
         loading.load(model_dir, longest=1024)
+
+
+# -- settings, texts and output folders -------------------------------------------------------------------------------
+@pytest.fixture
+def files(tmp_path):
+    """Names the bad-input table uses: a Latin-1 file, a folder, a folder holding a Latin-1 .txt, an unwritable one."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait, na\xefve\n".encode("latin-1") * 50)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.txt").write_text("fine UTF-8: caf\u00e9\n")
+    (tmp_path / "mixed" / "b.txt").write_bytes(latin1.read_bytes())
+    return {"LATIN1": latin1, "FOLDER": tmp_path / "folder", "MIXED": tmp_path / "mixed",
+            "READ_ONLY": unwritable(tmp_path) / "out"}  # fmt: skip
+
+
+def unwritable(tmp_path):
+    """A folder this process cannot write into: a 0o555 one, or (as root, who writes there anyway) /sys."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return folder
+    (folder / "probe").unlink()
+    try:
+        (Path("/sys") / "pos-swap-probe").touch()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no unwritable folder to test with")
+
+
+FINETUNE = ["finetune", "MODEL", "--scheme", "alibi", "--out", "OUT"]
+PROBE = ["probe", "MODEL", "--out", "OUT"]
+EVAL = ["eval", "MODEL", "--lengths", "16", "--out", "OUT"]
+
+
+BAD_SETTINGS = [
+    (FINETUNE + ["--eval-factors", "0"], "--eval-factors must be whole multiples of --seq-len, at least 1"),
+    (FINETUNE + ["--eval-factors", "1,a"], "expected whole numbers separated by commas"),
+    (FINETUNE + ["--lora-rank", "-1"], "--lora-rank must be a whole number of at least 0; got -1"),
+    (FINETUNE + ["--learning-rate", "nan"], "--learning-rate must be a finite number above 0; got nan"),
+    (FINETUNE + ["--learning-rate", "inf"], "--learning-rate must be a finite number above 0; got inf"),
+    (FINETUNE + ["--lora-alpha", "0"], "--lora-alpha must be a finite number above 0"),
+    (FINETUNE + ["--save-steps", "0"], "--save-steps must be a whole number of at least 1"),
+    (FINETUNE + ["--text", "LATIN1"], "is not UTF-8 text (byte 3"),
+    (FINETUNE + ["--text", "MIXED"], "b.txt' is not UTF-8 text"),
+    (FINETUNE + ["--out", "READ_ONLY"], "Cannot write to"),
+    (PROBE + ["--text", "LATIN1"], "is not UTF-8 text (byte 3"),
+    (PROBE + ["--text", "FOLDER"], "is a folder; give a UTF-8 text file"),
+    (PROBE + ["--length", "-5"], "--length must be a whole number of at least 10"),
+    (PROBE + ["--length", "0"], "--length must be a whole number of at least 10 (5-fold cross-validation"),
+    (PROBE + ["--seeds", "0"], "--seeds must be a whole number of at least 1; got 0"),
+    (PROBE + ["--pairs", "3"], "--pairs must be a whole number of at least 10"),
+    (PROBE + ["--probe-windows", "0"], "--probe-windows must be a whole number of at least 1"),
+    (PROBE + ["--query-rows", "-2"], "--query-rows must be a whole number of at least 1"),
+    (PROBE + ["--out", "READ_ONLY"], "Cannot write to"),
+    (EVAL + ["--text", "LATIN1"], "is not UTF-8 text (byte 3"),
+    (EVAL + ["--text", "FOLDER"], "is a folder; give a UTF-8 text file"),
+    (EVAL + ["--out", "READ_ONLY"], "Cannot write to"),
+    (["recommend", "MODEL", "--length", "64", "--text", "LATIN1"], "is not UTF-8 text"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, message", BAD_SETTINGS, ids=[f"{a[0]} {a[-2]} {a[-1]}" for a, _ in BAD_SETTINGS])
+def test_bad_settings_texts_and_folders_are_refused_before_loading(model_dir, files, tmp_path, capsys, no_weights_load,
+                                                                   argv, message):  # fmt: skip
+    names = {"MODEL": model_dir, "OUT": tmp_path / "out", **files}
+    assert message in one_line_error([names.get(a, a) for a in argv], capsys)
+    assert not (tmp_path / "out").exists() and not files["READ_ONLY"].exists()
+
+
+def test_utf8_text_reads_exactly_and_nothing_else_is_decoded(tmp_path):
+    text = "na\u00efve caf\u00e9 \u2014 \u65e5\u672c\n"
+    (tmp_path / "utf8.txt").write_text(text, encoding="utf-8")
+    assert loading.read_text(tmp_path / "utf8.txt") == text
+    (tmp_path / "latin1.txt").write_bytes(text[:11].encode("latin-1"))
+    with pytest.raises(pos_swap.PosSwapError, match="not UTF-8"):
+        loading.read_text(tmp_path / "latin1.txt")
+
+
+def test_a_probe_with_bad_settings_writes_nothing(tmp_path):
+    from pos_swap.probe.run import run_probe
+
+    for bad in (dict(seeds=0), dict(length=0), dict(pairs=5)):
+        with pytest.raises(pos_swap.PosSwapError, match="must be a whole number"):
+            run_probe(tiny("llama"), byte_tokenizer(), tmp_path / "probe", text="x " * 200, window=16, windows=2, **bad)
+    assert not (tmp_path / "probe").exists()
+
+
+def test_probe_refuses_a_used_folder_without_advising_resume(model_dir, tmp_path, capsys, no_weights_load):
+    from pos_swap.report import RunFolder
+
+    RunFolder(tmp_path / "out", kind="probe", meta={}, results="probe.json").add({"key": "native"})
+    line = one_line_error(["probe", model_dir, "--out", tmp_path / "out"], capsys)
+    assert "--overwrite to replace it" in line and "--resume" not in line
+    from pos_swap.probe.run import run_probe
+
+    with pytest.raises(pos_swap.PosSwapError, match="--overwrite to replace it") as refused:
+        run_probe(tiny("llama"), byte_tokenizer(), tmp_path / "out", text="x " * 200, window=16, windows=2)
+    assert "--resume" not in str(refused.value)
+
+
+def test_long_texts_tokenize_without_touching_the_tokenizer(monkeypatch):
+    """A text longer than the tokenizer's model_max_length tokenizes whole, without the "sequence too long"
+    warning and without changing the tokenizer (it used to be mutated and restored around the call)."""
+    tokenizer = byte_tokenizer()
+    tokenizer.model_max_length = 8
+    seen = []  # the limit the tokenizer has while it runs
+    original = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: seen.append(self.model_max_length) or original(self, *a, **k))
+    ids = loading.tokenize(tokenizer, "twenty-one bytes long", "label")
+    assert tokenizer.decode(ids) == "twenty-one bytes long" and len(ids) == 21
+    assert seen == [8] and tokenizer.model_max_length == 8
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in tokenizer.deprecation_warnings  # not warned

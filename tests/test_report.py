@@ -1,9 +1,16 @@
-"""pos_swap.report draws without touching matplotlib's global state: a user's session keeps its backend."""
+"""pos_swap.report: run folders (what blocks a folder, what a resumed run may change) and plots that leave
+matplotlib's global state alone."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from pos_swap.errors import PosSwapError
+from pos_swap.report import RunFolder
 
 DRAW = """
 import sys
@@ -27,3 +34,24 @@ def test_drawing_leaves_the_backend_alone(tmp_path):
     assert done.stdout.split() == ["no", "pyplot", "svg"]
     for name in ("line.png", "heat.png", "scatter.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_a_run_that_stopped_before_its_first_cell_does_not_block_the_next(tmp_path):
+    """A command that failed before its first cell leaves only settings behind: the corrected command reuses the
+    folder without --resume or --overwrite. Once a cell is in, the folder is refused as before."""
+    RunFolder(tmp_path, kind="eval", meta={"lengths": [0]})  # failed right after writing its settings
+    again = RunFolder(tmp_path, kind="eval", meta={"lengths": [16]})
+    again.add({"key": "native|16"})
+    with pytest.raises(PosSwapError, match="Pass --resume to continue it, --overwrite to replace it"):
+        RunFolder(tmp_path, kind="eval", meta={"lengths": [16]})
+    with pytest.raises(PosSwapError, match=r"other settings \(lengths differ\)"):
+        RunFolder(tmp_path, kind="eval", meta={"lengths": [32]}, resume=True)
+    resumed = RunFolder(tmp_path, kind="eval", meta={"lengths": [32]}, resume=True, may_change=("lengths",))
+    assert resumed.done("native|16") and json.loads((tmp_path / "results.json").read_text())["meta"]["lengths"] == [32]
+
+
+def test_a_command_without_resume_is_not_told_to_pass_it(tmp_path):
+    RunFolder(tmp_path, kind="probe", meta={}, results="probe.json").add({"key": "native"})
+    with pytest.raises(PosSwapError) as refused:
+        RunFolder(tmp_path, kind="probe", meta={}, results="probe.json", resumable=False)
+    assert "--overwrite to replace it" in str(refused.value) and "--resume" not in str(refused.value)

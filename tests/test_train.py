@@ -183,6 +183,45 @@ def test_resume_continues_with_the_same_step_optimizer_state_and_data_order(tmp_
         torch.testing.assert_close(value, weights[1][name], rtol=0, atol=0)
 
 
+def test_resume_trains_further_with_more_steps(tmp_path):
+    """A finished 3-step run resumed with --max-steps 6 (and other evaluation lengths, the same held-out tail) ends
+    where a straight 6-step run does: the same losses and weights. Settings that change what was trained, the
+    held-out tail, or fewer steps than trained are refused."""
+    tokens = bigram_tokens()
+    straight = train.finetune(tiny("gpt2"), tokens, settings(max_steps=6, save_steps=3), out=tmp_path / "a", progress=False)
+    train.finetune(tiny("gpt2"), tokens, settings(max_steps=3), out=tmp_path / "b", progress=False)
+    refusals = [(dict(max_steps=2), "trained 3 steps already; --max-steps 2"),
+                (dict(max_steps=6, learning_rate=2e-2), r"other settings \(learning_rate differ"),
+                (dict(max_steps=6, eval_factors=(1, 2)), r"other settings \(held_out_tokens differ")]  # fmt: skip
+    for overrides, message in refusals:
+        with pytest.raises(PosSwapError, match=message):
+            train.finetune(tiny("gpt2"), tokens, settings(**overrides), out=tmp_path / "b", resume=True, progress=False)
+    further = settings(max_steps=6, save_steps=3, eval_factors=(1, 4))  # 2x dropped, the held-out tail kept
+    resumed = train.finetune(tiny("gpt2"), tokens, further, out=tmp_path / "b", resume=True, progress=False)
+    a, b = cells(straight)["training"], cells(resumed)["training"]
+    assert b["steps"] == 6 and b["losses"] == a["losses"]
+    weights = [dict(pos_swap.from_pretrained(tmp_path / run / "merged").named_parameters()) for run in "ab"]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=0, atol=0)
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["meta"]["max_steps"] == 6 and saved["meta"]["eval_factors"] == [1, 4]
+    assert sorted(c["key"] for c in saved["cells"] if "stage" in c) == sorted(
+        f"{stage}|{n}" for stage in ("before", "swapped", "recovered") for n in (16, 64))
+
+
+@pytest.mark.parametrize("rank", [8, 0])
+def test_resuming_a_finished_run_reloads_its_weights(tmp_path, rank):
+    """Resumed after its last step, a run trains no further: it reloads the checkpoint (a LoRA adapter, or without
+    LoRA the whole model with its trained ALiBi slopes) and measures the same recovered model again."""
+    chosen = settings(max_steps=2, lora_rank=rank)
+    first = cells(train.finetune(tiny("gpt2"), bigram_tokens(), chosen, out=tmp_path, progress=False))
+    again = cells(train.finetune(tiny("gpt2"), bigram_tokens(), chosen, out=tmp_path, resume=True, progress=False))
+    assert again["training"]["steps"] == 2 and again["training"]["losses"] == first["training"]["losses"]
+    for length in (16, 32, 64):
+        assert again[f"recovered|{length}"]["ppl"] == pytest.approx(first[f"recovered|{length}"]["ppl"], rel=1e-6)
+        assert again[f"recovered|{length}"]["ppl"] != pytest.approx(first[f"swapped|{length}"]["ppl"], rel=1e-4)
+
+
 # -- LoRA wrapping ---------------------------------------------------------------------------------------------------
 def backward(model):
     model.train()
@@ -263,8 +302,8 @@ def test_a_folder_holding_another_run_is_refused(gpt2_run):
     before = (out / "results.json").read_text()
     with pytest.raises(PosSwapError, match="--resume to continue it, --overwrite"):
         train.finetune(tiny("gpt2"), bigram_tokens(), settings(), out=out)
-    with pytest.raises(PosSwapError, match="other settings .*max_steps"):
-        train.finetune(tiny("gpt2"), bigram_tokens(), settings(max_steps=31), out=out, resume=True)
+    with pytest.raises(PosSwapError, match="other settings .*learning_rate"):
+        train.finetune(tiny("gpt2"), bigram_tokens(), settings(learning_rate=2e-2), out=out, resume=True)
     assert (out / "results.json").read_text() == before
 
 
@@ -302,11 +341,27 @@ def test_cli_finetune_runs_refuses_a_used_folder_and_resumes(tiny_folder, tmp_pa
     assert pos_swap.describe(pos_swap.from_pretrained(out / "merged"))["params"]["trainable"] is True
     before = (out / "results.json").read_text()
     assert main(argv) == 2 and "--resume to continue it" in capsys.readouterr().err
-    assert main(argv + ["--resume", "--max-steps", "3"]) == 2 and "max_steps" in capsys.readouterr().err
+    assert main(argv + ["--resume", "--learning-rate", "1e-3"]) == 2 and "learning_rate" in capsys.readouterr().err
     assert (out / "results.json").read_text() == before
     assert main(argv + ["--resume"]) == 0  # finished already: the checkpoint reloads, the same recovered model
     ppl = [{c["key"]: c.get("ppl") for c in json.loads(saved)["cells"]} for saved in (before, (out / "results.json").read_text())]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
+
+
+def test_cli_finetune_takes_the_scheme_with_its_parameters(tmp_path, capsys):
+    """`--scheme alibi:trainable=true`, the form eval and recommend take, end to end on a tiny model."""
+    from pos_swap.cli import main
+    from test_cli_errors import byte_tokenizer
+
+    folder, text = tmp_path / "model", tmp_path / "corpus.txt"
+    tiny("llama", vocab_size=256).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    text.write_text(pos_swap.offline.pydoc_text()[:4000])
+    argv = ["finetune", folder, "--scheme", "alibi:trainable=true", "--text", text, "--seq-len", "16", "--max-steps",
+            "1", "--out", tmp_path / "run"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    assert "perplexity (alibi:trainable=true, trained at 16 tokens)" in capsys.readouterr().out
+    assert pos_swap.describe(pos_swap.from_pretrained(tmp_path / "run" / "merged"))["params"]["trainable"] is True
 
 
 @pytest.mark.slow

@@ -15,12 +15,29 @@ import torch
 from tqdm import tqdm
 
 from .. import archs, engine, offline
+from ..errors import PosSwapError
 from ..report import RunFolder, Section, heatmaps, line_plot, scatter_panels, write_html
 from . import tables
 from .hidden import hidden_state_probe, text_windows
 from .observers import attention_stats
 
 MAX_DRAWN_ROWS = 512  # rows of a table drawn in the heatmaps (evenly subsampled beyond)
+RESULTS = "probe.json"
+FOLDS = 5  # cross-validation folds of every probe: each needs at least 2 * FOLDS positions (or pairs)
+
+
+def check_settings(*, length: int | None, window: int, windows: int, seeds: int, pairs: int,
+                   query_rows: int | None) -> None:  # fmt: skip
+    """Refuse settings no probe can run with, before any work (``pos-swap probe``: before the model loads)."""
+    least = 2 * FOLDS
+    limits = (("--length", length, least), ("--probe-window", window, least), ("--probe-windows", windows, 1),
+              ("--seeds", seeds, 1), ("--pairs", pairs, least), ("--query-rows", query_rows, 1))  # fmt: skip
+    for flag, value, minimum in limits:
+        if value is None and flag in ("--length", "--query-rows"):
+            continue  # the defaults: min(1024, trained context); every row
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            why = f" ({FOLDS}-fold cross-validation needs {least} positions)" if minimum == least else ""
+            raise PosSwapError(f"{flag} must be a whole number of at least {minimum}{why}; got {value!r}.")
 
 
 def position_table(model, length: int) -> torch.Tensor:
@@ -34,8 +51,9 @@ def probe_variant(model, tokenizer, text: str, *, length: int, window: int, wind
                   pairs: int, query_rows: int | None) -> tuple[dict, dict]:  # fmt: skip
     """All probes of the model as it is now: ``(JSON-ready results, arrays for the plots)``."""
     table = position_table(model, length)
-    results = {"table": {"kind": archs.lookup(model).family, **tables.embedding_probes(table, seeds=seeds, pairs=pairs)}}
-    results["hidden"] = hidden_state_probe(model, tokenizer, text, window, windows, seeds=min(seeds, 3))
+    probes = tables.embedding_probes(table, folds=FOLDS, seeds=seeds, pairs=pairs)
+    results = {"table": {"kind": archs.lookup(model).family, **probes}}
+    results["hidden"] = hidden_state_probe(model, tokenizer, text, window, windows, folds=FOLDS, seeds=min(seeds, 3))
     ids = text_windows(tokenizer, text, length, 1).to(model.device)
     with attention_stats(model, query_rows=query_rows) as stats, torch.no_grad():
         model(ids)
@@ -137,14 +155,15 @@ def run_probe(model, tokenizer, out, *, scheme: str | None = None, params: dict 
               overwrite: bool = False) -> dict:  # fmt: skip
     """Probe ``model`` (patched with ``scheme`` when given; native beside it with ``compare``) and write
     ``probe.json``, the PNGs and ``report.html`` to ``out``. Returns the results per variant."""
+    check_settings(length=length, window=window, windows=windows, seeds=seeds, pairs=pairs, query_rows=query_rows)
     trained = archs.trained_context(model.config)
-    length = length or min(1024, trained)
+    length = min(1024, trained) if length is None else length
     window = min(window, trained)
     text = offline.pydoc_text() if text is None else text
     variants = ([None] if compare or not scheme else []) + ([scheme] if scheme else [])
     meta = {"model": name or type(model).__name__, "scheme": scheme, "params": params or {}, "length": length, "window": window,
             "windows": windows, "seeds": seeds, "pairs": pairs, "query_rows": query_rows}  # fmt: skip
-    run = RunFolder(out, kind="probe", meta=meta, overwrite=overwrite, results="probe.json")
+    run = RunFolder(out, kind="probe", meta=meta, overwrite=overwrite, results=RESULTS, resumable=False)
     cells, drawn = {}, {}
     for variant in tqdm(variants, desc="probe", unit="variant"):
         name = variant or "native"

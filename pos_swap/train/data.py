@@ -6,23 +6,23 @@ from pathlib import Path
 import torch
 
 from ..errors import PosSwapError
-from ..loading import read_text, text_tokens, tokenize
+from ..loading import read_text, text_content, tokenize
 from .pose import pose_position_ids
 
 FOLDER_SUFFIXES = (".txt", ".md", ".rst")
 
 
-def load_tokens(tokenizer, source=None) -> tuple[torch.Tensor, str]:
-    """Token ids ``(N,)`` and a label of ``source``: None (pydoc topics), a text file, a folder (its .txt, .md and
-    .rst files in name order), or a ``datasets.Dataset`` with a ``text`` column."""
+def read_source(source=None) -> tuple[str, str]:
+    """``(content, label)`` of ``source``: None (pydoc topics), a UTF-8 text file, a folder (its .txt, .md and .rst
+    files in name order), or a ``datasets.Dataset`` with a ``text`` column. Needs no tokenizer, so the command line
+    reads it before the model loads."""
     if source is None or isinstance(source, (str, Path)) and not Path(source).is_dir():
-        return text_tokens(tokenizer, source)
+        return text_content(source)
     if isinstance(source, (str, Path)):
         files = sorted(p for p in Path(source).rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
         if not files:
             raise PosSwapError(f"The folder '{source}' holds no {', '.join(FOLDER_SUFFIXES)} files; give text files.")
-        content = "\n\n".join(read_text(p) for p in files)
-        return tokenize(tokenizer, content, str(source)), str(source)
+        return "\n\n".join(read_text(p) for p in files), str(source)
     columns = getattr(source, "column_names", None)
     if columns is None or "text" not in columns:
         raise PosSwapError(
@@ -30,7 +30,13 @@ def load_tokens(tokenizer, source=None) -> tuple[torch.Tensor, str]:
             f"dataset.rename_column(NAME, 'text')."
         )
     label = f"dataset {getattr(getattr(source, 'info', None), 'dataset_name', None) or type(source).__name__}"
-    return tokenize(tokenizer, "\n\n".join(source["text"]), label), label
+    return "\n\n".join(source["text"]), label
+
+
+def load_tokens(tokenizer, source=None) -> tuple[torch.Tensor, str]:
+    """Token ids ``(N,)`` and a label of ``source`` (see :func:`read_source`)."""
+    content, label = read_source(source)
+    return tokenize(tokenizer, content, label), label
 
 
 def split(tokens: torch.Tensor, seq_len: int, held_out: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,9 @@ ADAPTER_RECORD = "pos_swap.json"
 
 @dataclasses.dataclass
 class Settings:
-    """Everything that shapes a recovery run; a resumed run must match them exactly."""
+    """Everything that shapes a recovery run. A resumed run must match them, except those that do not change what
+    was trained: ``max_steps`` (train further), ``save_steps`` and the evaluation lengths, as long as the held-out
+    tail (the longest length x ``eval_windows``) stays the same."""
 
     scheme: str
     params: dict = dataclasses.field(default_factory=dict)
@@ -63,9 +65,23 @@ class Settings:
 
     def __post_init__(self):
         get_scheme(self.scheme)  # an unknown name fails first, with "did you mean"
-        for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_windows", "pose_chunks"):
-            if getattr(self, name) < 1:
-                raise PosSwapError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}.")
+        self.eval_factors = tuple(self.eval_factors)
+        at_least = {"seq_len": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "eval_windows": 1, "pose_chunks": 1,
+                    "lora_rank": 0, "save_steps": 1}  # fmt: skip
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if value is None and name == "save_steps":
+                continue  # default: max_steps
+            if not (_is_whole(value) and value >= least):
+                raise PosSwapError(f"--{name.replace('_', '-')} must be a whole number of at least {least}; got {value!r}.")
+        if not self.eval_factors or not all(_is_whole(f) and f >= 1 for f in self.eval_factors):
+            raise PosSwapError(
+                f"--eval-factors must be whole multiples of --seq-len, at least 1 (e.g. 1,2,4); got {self.eval_factors}."
+            )
+        for name in ("learning_rate", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise PosSwapError(f"--{name.replace('_', '-')} must be a finite number above 0; got {value!r}.")
         if self.pose and self.target_len is None:
             raise PosSwapError("--pose stretches the training window to a target length: give --target-len N.")
         if self.target_len is not None and self.target_len < self.seq_len:
@@ -75,12 +91,15 @@ class Settings:
             )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise PosSwapError(f"Unknown precision '{self.precision}'; use auto, fp32, bf16 or fp16.")
-        self.eval_factors = tuple(self.eval_factors)
 
     @property
     def lengths(self) -> list[int]:
         """The evaluation lengths: multiples of the training length, and the target length."""
         return sorted({self.seq_len * f for f in self.eval_factors} | ({self.target_len} if self.target_len else set()))
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model_name: str = "", text_label: str = "",
@@ -98,15 +117,20 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
                                scheme=settings.train_scheme)  # fmt: skip
     check_trainable(model, settings.lora_rank, extras)
     meta = {"model": model_name or model.config._name_or_path, "text": text_label, "text_tokens": tokens.numel(),
-            "trained_context": archs.trained_context(model.config), **dataclasses.asdict(settings)}  # fmt: skip
+            "held_out_tokens": held_out.numel(), "trained_context": archs.trained_context(model.config),
+            **dataclasses.asdict(settings)}  # fmt: skip
+    checkpoint = None
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)  # every process, before any writes
+        checkpoint = _last_checkpoint(out) if resume else None
+        _check_steps(checkpoint, settings.max_steps)
     state.wait_for_everyone()
     run = report.RunFolder(out if state.is_main_process else None, kind="finetune", meta=meta, resume=resume,
-                           overwrite=overwrite)  # fmt: skip
+                           overwrite=overwrite, may_change=_may_change(settings))  # fmt: skip
     if overwrite and run.path is not None:
         for stale in ("checkpoints", "adapter", "merged"):
             shutil.rmtree(run.path / stale, ignore_errors=True)
+    run.cells = [c for c in run.cells if "stage" not in c or c["length"] in settings.lengths]  # lengths dropped on resume
 
     measure(run, model, held_out, settings, "before")
     engine.patch(model, settings.scheme, **settings.params)
@@ -117,7 +141,7 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     trainer = _trainer(wrapped, PackedSequences(train, settings.target_len if settings.pose else None,
                                                 settings.pose_chunks, settings.seed), settings, out, progress, callbacks)  # fmt: skip
     started = time.perf_counter()
-    _train(trainer, _last_checkpoint(out) if resume else None)
+    _train(trainer, checkpoint)
     seconds = time.perf_counter() - started
     if state.is_main_process:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -131,6 +155,25 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     return run
 
 
+def _may_change(settings: Settings) -> tuple[str, ...]:
+    """Settings a resumed run may change: none changes what was trained or the held-out tail (recorded as
+    ``held_out_tokens``, which must match): the step count, the checkpoint interval, the evaluation lengths, and
+    ``target_len`` unless PoSE trains towards it."""
+    return ("max_steps", "save_steps", "eval_factors", "eval_windows") + (() if settings.pose else ("target_len",))
+
+
+def _check_steps(checkpoint: str | None, max_steps: int) -> None:
+    """Refuse a ``max_steps`` below the steps the checkpoint to resume from has already trained."""
+    if checkpoint is None:
+        return
+    trained = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step
+    if max_steps < trained:
+        raise PosSwapError(
+            f"The run has trained {trained} steps already; --max-steps {max_steps} cannot undo them. Give --max-steps "
+            f"{trained} or more to continue it, or --overwrite to start again."
+        )
+
+
 def process_state() -> PartialState:
     """This process's place in an ``accelerate launch`` run. On a CPU it must be built with ``cpu=True`` (as the
     Trainer's own accelerator is), or several processes each run alone instead of as one gloo group."""
@@ -141,14 +184,15 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
                   progress: bool = True) -> report.RunFolder:  # fmt: skip
     """:func:`finetune` on a checkpoint (Hub name, folder, offline alias) and a text (file, folder, dataset, None:
     pydoc topics): what ``pos-swap finetune`` runs. The output folder is checked before anything loads."""
-    from ..loading import load
-    from .data import load_tokens
+    from ..loading import load, tokenize
+    from .data import read_source
 
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)
+    content, label = read_source(text)
     device = str(process_state().device)
     model, tokenizer = load(model_name, device=device, dtype="float32", longest=max(settings.lengths) if device == "cpu" else None)
-    tokens, label = load_tokens(tokenizer, text)
+    tokens = tokenize(tokenizer, content, label)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
 
@@ -210,13 +254,28 @@ def _trainer(model, dataset, settings: Settings, out, progress: bool, callbacks)
 
 
 def _train(trainer: transformers.Trainer, checkpoint: str | None) -> None:
-    """Train to ``max_steps``, from ``checkpoint`` when given (same step, optimizer state and data order)."""
+    """Train to ``max_steps``, from ``checkpoint`` when given (same step, optimizer state and data order). A
+    checkpoint that reached ``max_steps`` (a finished run resumed) is only loaded: Trainer would take one more step."""
     saved = transformers.TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")) if checkpoint else None
-    if saved is not None and saved.global_step >= trainer.args.max_steps:  # done; Trainer would take one more step
-        trainer._load_from_checkpoint(checkpoint)
+    if saved is not None and saved.global_step >= trainer.args.max_steps:
+        _load_weights(trainer.model, Path(checkpoint))
         trainer.state = saved
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def _load_weights(model, checkpoint: Path) -> None:
+    """The trained weights of a Trainer checkpoint, into ``model``: the adapter through peft's ``load_adapter``, a
+    model trained without LoRA from its (possibly sharded) safetensors. Weights that ``save_pretrained`` leaves out
+    because they are tied stay tied, as when Trainer loads them itself."""
+    if hasattr(model, "peft_config"):
+        model.load_adapter(str(checkpoint), "default", is_trainable=True)
+    elif (checkpoint / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+    else:
+        transformers.trainer_utils.load_sharded_checkpoint(model, str(checkpoint), strict=False)
 
 
 def _last_checkpoint(out) -> str | None:

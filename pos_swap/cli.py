@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import archs, engine, evaluate, offline, report
 from .errors import PosSwapError, did_you_mean
-from .registry import get_scheme, list_schemes
+from .registry import MODIFIERS, get_scheme, list_schemes
 
 EPILOG = """examples:
   pos-swap demo                                         SmolLM2 beyond its 8k context, offline, a few minutes
@@ -31,10 +31,11 @@ pos_swap.from_pretrained(DIR); a folder saved with --export hf loads in plain tr
 
 
 def _all_parameters() -> dict[str, tuple[type, str, list[str]]]:
-    """Every parameter of every scheme: name -> (annotation, help, schemes using it)."""
+    """Every parameter of every scheme and modifier: name -> (annotation, help, schemes using it)."""
     table: dict[str, tuple[type, str, list[str]]] = {}
-    for name in list_schemes():
-        config_class = get_scheme(name).Config
+    owners = [(name, get_scheme(name).Config) for name in list_schemes()]
+    owners += [(f"any scheme: {name} modifier", modifier.Config) for name, modifier in MODIFIERS.items()]
+    for name, config_class in owners:
         hints = typing.get_type_hints(config_class)
         for field in dataclasses.fields(config_class):
             _, help_text, users = table.get(field.name, (None, field.metadata["help"], []))
@@ -109,9 +110,18 @@ def cmd_schemes(args) -> None:
         scheme = get_scheme(name)
         print(f"{name:14s} {scheme.summary}  [{', '.join(scheme.families)} models]")
         if args.verbose:
-            for param, help_text, default, required in scheme.parameters():
-                note = " (required)" if required else "" if default is None else f" (default: {default})"
-                print(f"    --{param.replace('_', '-'):34s} {help_text}{note}")
+            _print_parameters(scheme)
+    print("\nmodifiers (keywords every scheme takes, e.g. rerope:window=4096:temperature=logn):")
+    for name, modifier in MODIFIERS.items():
+        print(f"{name:14s} {modifier.summary}")
+        if args.verbose:
+            _print_parameters(modifier)
+
+
+def _print_parameters(owner) -> None:
+    for param, help_text, default, required in owner.parameters():
+        note = " (required)" if required else "" if default is None else f" (default: {default})"
+        print(f"    --{param.replace('_', '-'):34s} {help_text}{note}")
 
 
 def cmd_info(args) -> None:

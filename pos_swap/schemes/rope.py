@@ -55,7 +55,7 @@ class Rope(Scheme):
         patch.remove_positions()
         dim = rotary_dim(model, c.fraction)
         block, backend = (scaling.block, scaling.backend(model)) if scaling else (None, None)
-        hook = DeferredRotation(functools.partial(self._frequencies, scaling, dim), block)
+        hook = DeferredRotation(patch.tuned(functools.partial(self._frequencies, scaling, dim)), block)
         patch.hook_attention(archs.attention_modules(model), hook, backend=backend)
 
     def _frequencies(self, scaling, dim: int, seq_lens: torch.Tensor):

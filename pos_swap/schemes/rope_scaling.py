@@ -65,7 +65,7 @@ class RopeScaling(Scheme):
                 patch.set_rotary(slot, *self.frequencies(dim, base))
                 continue
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
-            frequencies = functools.partial(self.per_sequence, dim, base)
+            frequencies = patch.tuned(functools.partial(self.per_sequence, dim, base))
             hook = DeferredRotation(frequencies, self.block)
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=self.backend(model))
 

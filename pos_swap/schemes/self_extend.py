@@ -135,6 +135,7 @@ class SelfExtend(Scheme):
         model = patch.model
         backend = chunked_backend(model)
         for slot in archs.rotary_slots(model):  # Gemma 3's sliding layers keep their native RoPE
-            hook = self.hook(*self.rotary(slot, model))
+            inv_freq, attention_scaling = self.rotary(slot, model)
+            hook = self.hook(patch.tune(inv_freq), attention_scaling)
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=backend)

@@ -254,7 +254,7 @@ def load_adapter(adapter_dir, base_model=None, **kwargs):
     record = json.loads(record_file.read_text())
     if base_model is None or isinstance(base_model, (str, Path)):
         base_model = engine.from_pretrained(base_model or record["base_model"], **kwargs)
-    engine.patch(base_model, record["patch"]["scheme"], **record["patch"]["params"])
+    engine.reapply(base_model, record["patch"])
     return peft.PeftModel.from_pretrained(base_model, adapter_dir).eval()
 
 

@@ -23,6 +23,7 @@ from .functional import rope
 
 HOOK = "pos_swap"  # the submodule name a hook gets on each attention module
 OBSERVERS = "_pos_swap_observers"  # the attribute holding an attention module's observers (pos_swap.observe)
+TEMPERATURE = "_pos_swap_temperature"  # the attribute holding a per-row query scale (the temperature modifier)
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -106,6 +107,9 @@ def _routed(backend: str):
         inner = backend_function(module, backend)
         if observers_of(module):
             inner = _observed(inner)
+        temperature = module.__dict__.get(TEMPERATURE)
+        if temperature is not None:  # scales each query row before any scheme sees it
+            query = temperature(query, key, attention_mask, kwargs)
         hook = module._modules.get(HOOK)
         if hook is None:
             return inner(module, query, key, value, attention_mask, **kwargs)

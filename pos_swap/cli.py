@@ -13,7 +13,7 @@ import typing
 
 from . import archs, engine, evaluate, loading, report
 from .errors import PosSwapError, did_you_mean
-from .registry import get_scheme, list_schemes
+from .registry import MODIFIERS, get_scheme, list_schemes
 
 EPILOG = """examples:
   pos-swap demo                                         SmolLM2 beyond its 8k context, offline, a few minutes
@@ -85,11 +85,16 @@ def _scheme_spec(text: str) -> evaluate.specs.SchemeSpec:
     return spec
 
 
+def _parameter_configs() -> list:
+    """The config classes whose fields a scheme spec may name: every scheme's, then every modifier's."""
+    return [get_scheme(name).Config for name in list_schemes()] + [modifier.Config for modifier in MODIFIERS.values()]
+
+
 def _parameter_flags() -> dict[str, type]:
-    """Every parameter of every scheme: name -> annotation (of the first scheme that has it)."""
+    """Every parameter of every scheme and modifier: name -> annotation (of the first config that has it)."""
     flags: dict[str, type] = {}
-    for name in list_schemes():
-        flags = {**typing.get_type_hints(get_scheme(name).Config), **flags}
+    for config_class in _parameter_configs():
+        flags = {**typing.get_type_hints(config_class), **flags}
     return flags
 
 
@@ -125,7 +130,8 @@ def _scheme(args) -> tuple[str | None, dict]:
             raise PosSwapError(f"Scheme parameters ({', '.join(flags)}) need --scheme NAME.")
         return None, {}
     name, params = args.scheme.name, args.scheme.params
-    known = typing.get_type_hints(get_scheme(name).Config)
+    known = {**typing.get_type_hints(get_scheme(name).Config),
+             **{k: v for m in MODIFIERS.values() for k, v in typing.get_type_hints(m.Config).items()}}
     for key, value in flags.items():
         if key not in known:
             raise PosSwapError(f"Scheme '{name}' has no parameter '{key}'. Its parameters: {', '.join(known) or 'none'}.")
@@ -140,11 +146,20 @@ def cmd_schemes(args) -> None:
         scheme = get_scheme(name)
         print(f"{name:14s} {scheme.summary}  [{', '.join(scheme.families)} models]")
         if args.verbose:
-            for param, help_text, default, required in scheme.parameters():
-                note = " (required)" if required else "" if default is None else f" (default: {default})"
-                print(f"    {param:34s} {help_text}{note}")
+            _print_parameters(scheme)
+    print("\nmodifiers (keywords every scheme takes, e.g. rerope:window=4096:temperature=logn):")
+    for name, modifier in MODIFIERS.items():
+        print(f"{name:14s} {modifier.summary}")
+        if args.verbose:
+            _print_parameters(modifier)
     if args.verbose:
         print("\nname a scheme with its parameters as NAME:PARAM=VALUE[:PARAM=VALUE...], e.g. yarn:factor=4:beta_fast=16")
+
+
+def _print_parameters(owner) -> None:
+    for param, help_text, default, required in owner.parameters():
+        note = " (required)" if required else "" if default is None else f" (default: {default})"
+        print(f"    {param:34s} {help_text}{note}")
 
 
 def cmd_info(args) -> None:

@@ -19,10 +19,10 @@ from packaging.version import InvalidVersion, Version
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
-from . import archs
+from . import archs, modifiers  # noqa: F401 - registers the modifiers
 from .attention import HOOK, OBSERVERS, PREFIX, observers_of, routed_name
 from .errors import AlreadyPatchedError, IncompatibleSchemeError, NotPatchedError, PosSwapError
-from .registry import Scheme, get_scheme
+from .registry import Modifier, Scheme, get_scheme, split_modifiers
 
 PATCH_ATTR = "_pos_swap_patch"  # the model attribute holding the live Patch
 OBSERVED_ATTR = "_pos_swap_observed"  # set on a model while pos_swap.observe watches it
@@ -58,11 +58,15 @@ def _owns(obj, name: str) -> bool:
 
 
 class Patch:
-    """A live patch on one model: the scheme with its parameters, and the undo steps of its changes."""
+    """A live patch on one model: the scheme with its parameters, the modifiers around it, and the undo steps of
+    their changes."""
 
-    def __init__(self, model: torch.nn.Module, scheme: Scheme):
+    def __init__(self, model: torch.nn.Module, scheme: Scheme, modifiers: tuple[Modifier, ...] = ()):
         self.model = model
         self.scheme = scheme
+        self.modifiers = modifiers
+        self.frequency_rules = []  # modifiers' changes to rotary frequencies (Resonance), applied by tune()
+        self.frequencies_tuned = False  # whether the scheme passed any rotary frequencies through tune()
         self._undo: list[tuple[object, str, object]] = []
 
     # -- the changes a scheme may make ---------------------------------------------------------------------
@@ -71,8 +75,25 @@ class Patch:
         self._undo.append((obj, name, getattr(obj, name) if _owns(obj, name) else _MISSING))
         setattr(obj, name, value)
 
+    def tune(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """The rotary frequencies ``(..., F)`` a scheme sets, after the modifiers' frequency rules (Resonance).
+        Schemes pass every frequency they rotate with through here (:meth:`set_rotary` does it for them)."""
+        self.frequencies_tuned = True
+        for rule in self.frequency_rules:
+            inv_freq = rule(inv_freq)
+        return inv_freq
+
+    def tuned(self, frequencies):
+        """``frequencies`` (``seq_len (B,)`` -> ``(inv_freq (B, F), scaling (B,))``) with :meth:`tune` applied."""
+        self.frequencies_tuned = True
+        return TunedFrequencies(frequencies, tuple(self.frequency_rules)) if self.frequency_rules else frequencies
+
     def set_rotary(self, slot: archs.RotarySlot, inv_freq: torch.Tensor, attention_scaling: float) -> None:
-        """Make a rotary table produce ``(cos, sin) * attention_scaling`` from ``inv_freq``, statically."""
+        """Make a rotary table produce ``(cos, sin) * attention_scaling`` from ``inv_freq`` (after :meth:`tune`),
+        statically."""
+        self._set_rotary(slot, self.tune(inv_freq), attention_scaling)
+
+    def _set_rotary(self, slot: archs.RotarySlot, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         current = slot.inv_freq
         inv_freq = inv_freq.to(device=current.device, dtype=current.dtype)
         module, prefix = slot.module, slot.prefix
@@ -87,7 +108,7 @@ class Patch:
     def set_rotary_identity(self, slot: archs.RotarySlot) -> None:
         """Make a rotary table the identity (cos 1, sin 0): queries and keys, cached ones included, leave the
         model's attention unrotated, for a hook to rotate at attention time or for no rotation at all."""
-        self.set_rotary(slot, torch.zeros(slot.dim // 2), 1.0)
+        self._set_rotary(slot, torch.zeros(slot.dim // 2), 1.0)
 
     def route_attention(self, backend: str | None = None) -> None:
         """Send the model's attention through pos_swap's function, wrapping ``backend`` (default: the current
@@ -144,8 +165,12 @@ class Patch:
     # -- life cycle ----------------------------------------------------------------------------------------
     @property
     def record(self) -> dict:
-        """What ``save_pretrained`` writes and ``pos_swap.from_pretrained`` re-applies."""
-        return {"scheme": self.scheme.name, "params": self.params, "version": __version__}
+        """What ``save_pretrained`` writes and ``pos_swap.from_pretrained`` re-applies; ``modifiers`` holds the
+        keywords of the modifiers in use (absent without any)."""
+        record = {"scheme": self.scheme.name, "params": self.params, "version": __version__}
+        if self.modifiers:
+            record["modifiers"] = {k: v for m in self.modifiers for k, v in copy.deepcopy(vars(m.config)).items()}
+        return record
 
     @property
     def params(self) -> dict:
@@ -161,9 +186,13 @@ class Patch:
     def _apply(self) -> None:
         model = self.model
         self.own_config()
+        for modifier in self.modifiers:
+            modifier.before(self)
         self.scheme.apply(self)
+        for modifier in self.modifiers:
+            modifier.after(self)
         saved = {**self.record, "plain_transformers": NO_PLAIN_FORM}
-        plain = plain_rope_parameters(model, self.scheme)
+        plain = None if self.modifiers else plain_rope_parameters(model, self.scheme)  # no transformers form
         if plain is not None:  # plain transformers then loads the same model from a saved folder
             native = copy.deepcopy(model.config.rope_parameters)
             saved.update(plain_transformers=SAME_MODEL, native_rope_parameters=native)
@@ -201,7 +230,7 @@ class Patch:
             self.set(obj, name, value)
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        params = ", ".join(f"{k}={v!r}" for k, v in {**self.params, **self.record.get("modifiers", {})}.items())
         state = "" if self.active else " (removed)"
         return f"<pos_swap.Patch {self.scheme.name}({params}) on {type(self.model).__name__}{state}>"
 
@@ -232,6 +261,20 @@ class PinnedBackend:
             f"{wanted!r} now would bypass the patch. Unpatch first (pos_swap.unpatch(model)), switch, and patch "
             f"again, or load the model with attn_implementation={wanted!r}."
         )
+
+
+class TunedFrequencies:
+    """A length-following frequency source with the modifiers' frequency rules applied to its ``inv_freq`` (a class,
+    so a patched model still copies and pickles)."""
+
+    def __init__(self, frequencies, rules: tuple):
+        self.frequencies, self.rules = frequencies, rules
+
+    def __call__(self, seq_lens: torch.Tensor):
+        inv_freq, scaling = self.frequencies(seq_lens)
+        for rule in self.rules:
+            inv_freq = rule(inv_freq)
+        return inv_freq, scaling
 
 
 class TableForward:
@@ -288,7 +331,9 @@ def current_patch(model: torch.nn.Module) -> Patch | None:
 
 
 def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **params) -> Patch:
-    """Put ``scheme`` on ``model`` in place and return the handle; ``handle.remove()`` undoes it.
+    """Put ``scheme`` on ``model`` in place and return the handle; ``handle.remove()`` undoes it. ``params`` are
+    the scheme's parameters and the modifiers' keywords (``temperature="logn"``, ``resonance=True``; see
+    :mod:`pos_swap.modifiers`), which compose with any scheme.
 
     Everything is validated before the model is touched: a patch being replaced is taken off first (the new
     scheme's defaults read the native model) and put back, its very objects, if the new one fails. A model carries
@@ -298,6 +343,7 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
     refuse_while_observed(model, "patch")
     scheme_class = get_scheme(scheme)
     scheme_class.check_family(model, archs.lookup(model).family)
+    params, modifier_params = split_modifiers(params)
     previous = current_patch(model)
     if previous is not None and not replace:
         raise AlreadyPatchedError(
@@ -307,7 +353,9 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
     undone = previous._undo_all() if previous is not None else []
     handle = None
     try:
-        handle = Patch(model, scheme_class.configure(model, params))
+        configured = scheme_class.configure(model, params)
+        modifiers = (m.configure(model, own) for m, own in modifier_params.items())
+        handle = Patch(model, configured, tuple(m for m in modifiers if m is not None))
         handle._apply()
     except BaseException:
         if handle is not None:
@@ -363,7 +411,8 @@ def observe(model: torch.nn.Module, *observers):
 
 
 def describe(model: torch.nn.Module) -> dict | None:
-    """The model's current patch as ``{"scheme", "params", "version"}``, or None when unpatched."""
+    """The model's current patch as ``{"scheme", "params", "version"}`` (and ``"modifiers"`` when it has any), or
+    None when unpatched."""
     handle = current_patch(model)
     return copy.deepcopy(handle.record) if handle else None
 
@@ -449,9 +498,14 @@ def from_pretrained(path, *, auto_class=None, **kwargs) -> torch.nn.Module:
         config.rope_parameters = record["native_rope_parameters"]  # the patch re-applies the scheme on top
     model = (auto_class or saved_model_class(config)).from_pretrained(path, config=config, **kwargs)
     if record is not None:
-        patch(model, record["scheme"], **record["params"])
+        reapply(model, record)
         _load_patch_state(model, path, hub_kwargs)
     return model
+
+
+def reapply(model: torch.nn.Module, record: dict) -> Patch:
+    """Put the patch a record (:func:`describe`, a saved config) describes back on ``model``."""
+    return patch(model, record["scheme"], **record["params"], **record.get("modifiers", {}))
 
 
 def plain_rope_parameters(model: torch.nn.Module, scheme: Scheme) -> dict | None:

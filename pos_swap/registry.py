@@ -78,6 +78,35 @@ def _finite(value) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
+def build_config(owner: str, config_class, params: dict, defaults: dict, model) -> SchemeConfig:
+    """``config_class`` from ``params`` over ``defaults``, after checking names, types, finiteness and ranges, then
+    its ``validate(model)``. ``owner`` names whose parameters they are in errors (``"scheme 'yarn'"``)."""
+    owner_of, owner = owner, owner[0].upper() + owner[1:]
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    for key in params:
+        if key not in fields:
+            raise InvalidParameterError(
+                f"{owner} has no parameter '{key}'.{did_you_mean(key, fields)} Its parameters: {', '.join(fields) or 'none'}."
+            )
+    values = {**defaults, **{k: v for k, v in params.items() if v is not None}}
+    for name, field in fields.items():
+        if field.metadata["required"] and values.get(name) is None:
+            raise InvalidParameterError(f"{owner} needs parameter '{name}': {field.metadata['help']}")
+    hints = typing.get_type_hints(config_class)
+    for key, value in values.items():
+        type_name = getattr(hints[key], "__name__", str(hints[key]))
+        if not _matches(value, hints[key]):
+            raise InvalidParameterError(f"Parameter '{key}' of {owner_of} must be {type_name}, got {reprlib.repr(value)}.")
+        if not _finite(value):
+            raise InvalidParameterError(f"Parameter '{key}' of {owner_of} must be finite, got {reprlib.repr(value)}.")
+        problem = value is not None and fields[key].metadata["check"] and fields[key].metadata["check"](value)
+        if problem:
+            raise InvalidParameterError(f"Parameter '{key}' of {owner_of} {problem}; got {reprlib.repr(value)}.")
+    config = config_class(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+    config.validate(model)
+    return config
+
+
 class Scheme:
     """A positional scheme. Subclasses set ``name``, ``summary``, ``Config``, ``families`` and ``apply``."""
 
@@ -85,6 +114,9 @@ class Scheme:
     summary: ClassVar[str]
     Config: ClassVar[type[SchemeConfig]]
     families: ClassVar[tuple[str, ...]]  # positional families (archs.ROTARY, ...) this scheme can patch
+    # whether scaling a query row scales only its logits (a temperature): False where the query also decides the
+    # positions (CoPE's gates), so the attention-temperature modifier would change more than the temperature
+    temperature_applies: ClassVar[bool] = True
 
     def __init__(self, config: SchemeConfig):
         self.config = config
@@ -105,38 +137,7 @@ class Scheme:
     @classmethod
     def configure(cls, model, params: dict) -> "Scheme":
         """Validate ``params`` against ``Config`` (names, types, finiteness, ranges) and fill model defaults."""
-        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-        for key in params:
-            if key not in fields:
-                raise InvalidParameterError(
-                    f"Scheme '{cls.name}' has no parameter '{key}'.{did_you_mean(key, fields)} "
-                    f"Its parameters: {', '.join(fields) or 'none'}."
-                )
-        values = {**cls.defaults(model), **{k: v for k, v in params.items() if v is not None}}
-        for name, field in fields.items():
-            if field.metadata["required"] and values.get(name) is None:
-                raise InvalidParameterError(
-                    f"Scheme '{cls.name}' needs parameter '{name}': {field.metadata['help']}"
-                )
-        hints = typing.get_type_hints(cls.Config)
-        for key, value in values.items():
-            type_name = getattr(hints[key], "__name__", str(hints[key]))
-            if not _matches(value, hints[key]):
-                raise InvalidParameterError(
-                    f"Parameter '{key}' of scheme '{cls.name}' must be {type_name}, got {reprlib.repr(value)}."
-                )
-            if not _finite(value):
-                raise InvalidParameterError(
-                    f"Parameter '{key}' of scheme '{cls.name}' must be finite, got {reprlib.repr(value)}."
-                )
-            problem = value is not None and fields[key].metadata["check"] and fields[key].metadata["check"](value)
-            if problem:
-                raise InvalidParameterError(
-                    f"Parameter '{key}' of scheme '{cls.name}' {problem}; got {reprlib.repr(value)}."
-                )
-        config = cls.Config(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
-        config.validate(model)
-        return cls(config)
+        return cls(build_config(f"scheme '{cls.name}'", cls.Config, params, cls.defaults(model), model))
 
     def apply(self, patch) -> None:
         """Change the model through ``patch`` (``patch.set``, ``patch.set_rotary``, ...) so it can be undone."""
@@ -149,7 +150,11 @@ class Scheme:
     @classmethod
     def parameters(cls) -> list[tuple[str, str, Any, bool]]:
         """(name, help, default, required) for each parameter."""
-        return [(f.name, f.metadata["help"], f.default, f.metadata["required"]) for f in dataclasses.fields(cls.Config)]
+        return config_parameters(cls.Config)
+
+
+def config_parameters(config_class) -> list[tuple[str, str, Any, bool]]:
+    return [(f.name, f.metadata["help"], f.default, f.metadata["required"]) for f in dataclasses.fields(config_class)]
 
 
 SCHEMES: dict[str, type[Scheme]] = {}  # name -> scheme class, in registration order
@@ -181,3 +186,73 @@ def get_scheme(name: str) -> type[Scheme]:
 def list_schemes() -> list[str]:
     """Names of every registered scheme."""
     return list(SCHEMES)
+
+
+class Modifier:
+    """An option every scheme can take (a per-row attention temperature, Resonance's integer wavelengths), applied
+    once by the engine around the scheme instead of being copied into each scheme. Its ``Config`` fields are patch
+    keywords beside the scheme's (``pos_swap.patch(model, "rerope", temperature="logn")``); the field named like
+    the modifier switches it on, the others are prefixed with that name."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[SchemeConfig]]
+
+    def __init__(self, config: SchemeConfig):
+        self.config = config
+
+    @classmethod
+    def defaults(cls, model) -> dict:
+        return {}
+
+    @classmethod
+    def configure(cls, model, params: dict) -> "Modifier | None":
+        """The modifier for ``params`` (its own keywords), or None when its switch is off and nothing else is set."""
+        if params.get(cls.name) in (None, False):
+            extra = [key for key, value in params.items() if value is not None and key != cls.name]
+            if extra:
+                raise InvalidParameterError(
+                    f"{', '.join(extra)} configure the {cls.name} modifier, which is off: pass {cls.name}=... as "
+                    f"well (`pos-swap schemes -v` lists its values)."
+                )
+            return None
+        return cls(build_config(f"modifier '{cls.name}'", cls.Config, params, cls.defaults(model), model))
+
+    def before(self, patch) -> None:
+        """Changes made before the scheme applies (a frequency rule the scheme's rotary passes through)."""
+
+    def after(self, patch) -> None:
+        """Changes made after the scheme applied, and checks of what it did; raise when the modifier cannot apply."""
+
+    @classmethod
+    def parameters(cls) -> list[tuple[str, str, Any, bool]]:
+        """(name, help, default, required) for each parameter."""
+        return config_parameters(cls.Config)
+
+
+MODIFIERS: dict[str, type[Modifier]] = {}  # name -> modifier class
+
+
+def register_modifier(modifier: type[Modifier]) -> type[Modifier]:
+    """Class decorator: make ``modifier``'s keywords known to every scheme (tests check that no scheme parameter
+    has one of their names)."""
+    if modifier.name in MODIFIERS and MODIFIERS[modifier.name] is not modifier:
+        raise ValueError(f"Two modifiers are named '{modifier.name}'.")
+    MODIFIERS[modifier.name] = modifier
+    return modifier
+
+
+def split_modifiers(params: dict) -> tuple[dict, dict[type[Modifier], dict]]:
+    """``params`` of a patch call split into the scheme's and each modifier's own."""
+    owner = {f.name: m for m in MODIFIERS.values() for f in dataclasses.fields(m.Config)}
+    scheme_params = {k: v for k, v in params.items() if k not in owner}
+    own = {m: {k: v for k, v in params.items() if owner.get(k) is m} for m in MODIFIERS.values()}
+    return scheme_params, own
+
+
+def parameter_hints(scheme: type[Scheme]) -> dict[str, Any]:
+    """The annotation of every keyword a patch with ``scheme`` takes: its own and the modifiers'."""
+    hints = dict(typing.get_type_hints(scheme.Config))
+    for modifier in MODIFIERS.values():
+        hints.update(typing.get_type_hints(modifier.Config))
+    return hints

@@ -35,6 +35,8 @@ CASES = [  # (arch, scheme, params, model overrides)
     ("llama", "dual-chunk", dict(chunk_size=12, local_window=3), {}),
     ("mistral", "dual-chunk", dict(chunk_size=6, local_window=2), SLIDING),
     ("llama", "sinks", dict(sink_tokens=2, window=6), {}),
+    ("llama", "string", dict(shift=10, local_window=3), {}),
+    ("mistral", "string", dict(shift=6, local_window=2), SLIDING),
 ]
 HELD_OUT = [
     ("gemma2", "alibi", {}, {}),  # eager, soft-capping, sliding layers alternating with full ones

@@ -1,4 +1,5 @@
-"""rerope (ReRoPE and leaky ReRoPE, Su 2023) and dual-chunk (Dual Chunk Attention, An et al. 2024): their distances
+"""rerope (ReRoPE and leaky ReRoPE, Su 2023), dual-chunk (Dual Chunk Attention, An et al. 2024) and string (STRING,
+An et al. 2024): their distances
 against the papers' rules written out by hand, the patched attention against an independent float64 computation,
 and the life cycle every scheme must survive (KV caches, left padding, backends, bad input, save and load)."""
 
@@ -9,7 +10,7 @@ import torch
 
 import pos_swap
 from pos_swap.errors import InvalidParameterError
-from pos_swap.functional import dual_chunk, rerope
+from pos_swap.functional import dual_chunk, rerope, string
 from conftest import eager_weights_and_float64_reference, tiny
 
 IDS = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
@@ -19,8 +20,10 @@ SETTINGS = [
     ("rerope", dict(window=5, leaky_factor=1.5)),
     ("dual-chunk", dict(chunk_size=12, local_window=3)),
     ("dual-chunk", dict(chunk_size=10, local_window=4)),
+    ("string", dict(shift=10, local_window=3)),
+    ("string", dict(shift=25, local_window=1)),
 ]
-SHORT = [SETTINGS[1], SETTINGS[3]]  # most pairs of IDS fall beyond the window, or chunks apart
+SHORT = [SETTINGS[1], SETTINGS[3], SETTINGS[5]]  # most pairs of IDS fall beyond the window, or chunks apart
 
 
 def logits(model, ids, **kwargs):
@@ -47,7 +50,17 @@ def an_distance(i: int, j: int, chunk_size: int, local_window: int) -> int:
     return query - j % s
 
 
-RULES = {"rerope": (su_distance, rerope.relative_positions), "dual-chunk": (an_distance, dual_chunk.relative_positions)}
+def string_distance(i: int, j: int, shift: int, local_window: int) -> int:
+    """The relative position STRING gives query i and key j: the true distance below the shift S, the distance
+    minus S plus the local window W from S on."""
+    return i - j if i - j < shift else i - j - shift + local_window
+
+
+RULES = {
+    "rerope": (su_distance, rerope.relative_positions),
+    "dual-chunk": (an_distance, dual_chunk.relative_positions),
+    "string": (string_distance, string.relative_positions),
+}
 
 
 def paper_distances(scheme, params, length):
@@ -62,7 +75,7 @@ def test_distances_follow_the_paper(scheme, params):
     causal = positions[:, None] >= positions[None, :]
     expected = paper_distances(scheme, params, 30)
     torch.testing.assert_close(got.double()[causal], expected[causal], rtol=0, atol=1e-12)
-    assert expected[causal].max() < (params["chunk_size"] if scheme == "dual-chunk" else 30)
+    assert expected[causal].max() < params.get("chunk_size", 30)
 
 
 def test_rerope_far_positions_give_its_distances():
@@ -78,8 +91,33 @@ def test_rerope_far_positions_give_its_distances():
 def test_attention_weights_match_float64_reference(scheme, params):
     model = tiny("llama", attn_implementation="eager")
     pos_swap.patch(model, scheme, **params)
-    weights, expected = eager_weights_and_float64_reference(model, 1, IDS, paper_distances(scheme, params, IDS.shape[1]))
+    scale = string.ATTENTION_FACTOR**2 if scheme == "string" else 1.0  # STRING's default cos/sin multiplier
+    distances = paper_distances(scheme, params, IDS.shape[1])
+    weights, expected = eager_weights_and_float64_reference(model, 1, IDS, distances, logit_scale=scale)
     torch.testing.assert_close(weights.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_string_attention_factor_scales_the_logits():
+    model = tiny("llama", attn_implementation="eager")
+    params = dict(shift=10, local_window=3)
+    pos_swap.patch(model, "string", attention_factor=1.3, **params)
+    distances = paper_distances("string", params, IDS.shape[1])
+    weights, expected = eager_weights_and_float64_reference(model, 1, IDS, distances, logit_scale=1.3**2)
+    torch.testing.assert_close(weights.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_string_with_a_shift_beyond_the_input_and_no_factor_changes_nothing():
+    model = tiny("llama")
+    ids = IDS[:, :31]
+    expected = logits(model, ids)
+    with pos_swap.patched(model, "string", shift=31, local_window=4, attention_factor=1.0):
+        torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
+    with pos_swap.patched(model, "string", shift=12, local_window=4, attention_factor=1.0):
+        assert not torch.allclose(logits(model, ids), expected, atol=1e-2)
+    with pos_swap.patched(model, "yarn", factor=2.0):  # and with rope_factor it is YaRN at that factor
+        yarn = logits(model, ids)
+    with pos_swap.patched(model, "string", shift=31, local_window=4, attention_factor=1.0, rope_factor=2.0):
+        torch.testing.assert_close(logits(model, ids), yarn, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -154,6 +192,11 @@ def test_every_backend_gives_the_same_logits(scheme, params):
         ("sinks", dict(window=6.0), "must be int"),
         ("sinks", dict(sink_tokens=-1, window=6), "must be >= 0"),
         ("sinks", dict(sink_tokens=True, window=6), "must be int"),
+        ("string", dict(shift=32, local_window=4), "below the trained context"),
+        ("string", dict(shift=8, local_window=8), "local_window < shift"),
+        ("string", dict(shift=12), "local_window < shift"),  # the default W = 128 on a 32-token model
+        ("string", dict(shift=12, local_window=0), "must be > 0"),
+        ("string", dict(shift=12, local_window=3, attention_factor=0.0), "must be > 0"),
     ],
 )
 def test_bad_parameters_raise_and_leave_the_model_alone(scheme, params, message):
@@ -171,7 +214,8 @@ def test_save_and_load_round_trip(tmp_path, scheme, params):
     pos_swap.patch(model, scheme, rope_factor=2.0, **params)
     model.save_pretrained(tmp_path)
     loaded = pos_swap.from_pretrained(tmp_path)
-    assert pos_swap.describe(loaded)["params"] == {**params, "rope_factor": 2.0}
+    assert pos_swap.describe(loaded)["params"] == pos_swap.describe(model)["params"]
+    assert pos_swap.describe(loaded)["params"].items() >= {**params, "rope_factor": 2.0}.items()
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
 
 

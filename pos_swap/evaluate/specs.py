@@ -7,7 +7,7 @@ import json
 import typing
 
 from ..errors import PosSwapError
-from ..registry import get_scheme
+from ..registry import get_scheme, parameter_hints
 
 NATIVE = "native"  # the model without any pos_swap patch
 SCHEME_FORM = "NAME[:PARAM=VALUE[:PARAM=VALUE...]], comma-separated, e.g. native,yarn:factor=4,self-extend:window=1024:group=8"
@@ -103,7 +103,7 @@ def parse_scheme(text: str) -> SchemeSpec:
             raise PosSwapError(f"'native' takes no parameters; got '{label}'. Expected form: {SCHEME_FORM}.")
         return SchemeSpec(NATIVE, None, {})
     scheme = get_scheme(name)  # unknown names: an error with the closest name
-    hints = typing.get_type_hints(scheme.Config)
+    hints = parameter_hints(scheme)  # the scheme's parameters and the modifiers' keywords
     params = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

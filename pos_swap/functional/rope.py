@@ -197,3 +197,12 @@ def block_lengths(positions: torch.Tensor, block: int, trained_length: int) -> t
     position agree), but never past ``trained_length`` for a position inside it: those rows stay native."""
     rounded = (positions // block + 1) * block
     return torch.where(positions < trained_length, rounded.clamp(max=trained_length), rounded)
+
+
+def resonance(inv_freq: torch.Tensor, length: float) -> torch.Tensor:
+    """Resonance RoPE (Wang et al. 2024, arXiv 2403.00071): each plane whose wavelength 2 pi / theta is below
+    ``length`` gets the nearest integer wavelength, theta~ = 2 pi / round(2 pi / theta), so every position past the
+    trained context repeats a phase seen in training. Longer planes (and zero frequencies) are kept."""
+    wavelength = 2 * math.pi / inv_freq.double()
+    rounded = 2 * math.pi / wavelength.round()
+    return torch.where(wavelength < length, rounded, inv_freq.double()).to(inv_freq.dtype)

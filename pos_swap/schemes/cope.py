@@ -75,6 +75,7 @@ class CoPEScheme(Scheme):
     summary = "CoPE: learned contextual positions (gated key counts) replace the checkpoint's (Golovneva et al. 2024)"
     Config = CoPEConfig
     families = (archs.ROTARY, archs.LEARNED)
+    temperature_applies = False  # its positions are counted from gates sigmoid(q . k): a query scale moves them
 
     def apply(self, patch) -> None:
         model, c = patch.model, self.config

@@ -54,7 +54,7 @@ class Rope(Scheme):
         scaling = get_scheme(c.scaling).configure(model, c.scaling_params or {}) if c.scaling else None
         patch.remove_positions()
         dim = rotary_dim(model, c.fraction)
-        frequencies = functools.partial(self._frequencies, scaling, dim)
+        frequencies = patch.tuned(functools.partial(self._frequencies, scaling, dim))
         hook = scaling.rotation(frequencies) if scaling else DeferredRotation(frequencies)
         backend = scaling.backend(model) if scaling else None
         patch.hook_attention(archs.attention_modules(model), hook, backend=backend)

@@ -66,7 +66,7 @@ class RopeScaling(Scheme):
                 patch.set_rotary(slot, *self.frequencies(dim, base))
                 continue
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
-            hook = self.rotation(functools.partial(self.per_sequence, dim, base))
+            hook = self.rotation(patch.tuned(functools.partial(self.per_sequence, dim, base)))
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=self.backend(model))
 
     def rotation(self, frequencies) -> DeferredRotation:

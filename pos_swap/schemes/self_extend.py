@@ -90,7 +90,8 @@ class GroupedAttention(nn.Module):
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)  # (B, Lq), (B, Lk)
         q_group, k_group = self.far_positions(q_pos, k_pos)
         near_query, near_key = self._rotate(query, q_pos), self._rotate(key, k_pos)  # (B, H, Lq, D), (B, Hkv, Lk, D)
-        far_query, far_key = self._rotate(query, q_group), self._rotate(key, k_group)
+        far_query = self._rotate(query, q_group)
+        far_key = near_key if k_group is k_pos else self._rotate(key, k_group)  # STRING keeps the keys in place
 
         def logits(rows, cols, near_rows, near_cols, mask):
             far_cols = far_key[:, :, cols].repeat_interleave(heads // far_key.shape[1], dim=1)  # (B, H, W, D)
@@ -134,6 +135,7 @@ class SelfExtend(Scheme):
         model = patch.model
         backend = chunked_backend(model)
         for slot in archs.rotary_slots(model):  # Gemma 3's sliding layers keep their native RoPE
-            hook = self.hook(*self.rotary(slot, model))
+            inv_freq, attention_scaling = self.rotary(slot, model)
+            hook = self.hook(patch.tune(inv_freq), attention_scaling)
             patch.set_rotary_identity(slot)  # keys enter the cache unrotated
             patch.hook_attention(archs.attention_modules(model, slot.layer_type), hook, backend=backend)

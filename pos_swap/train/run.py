@@ -316,7 +316,7 @@ def load_adapter(adapter_dir, base_model=None, **kwargs):
         if not name:
             raise PosSwapError(f"'{adapter_dir}' does not name its base model; pass base_model=MODEL_OR_DIR.")
         base_model = engine.from_pretrained(loading.model_path(name), **kwargs)  # offline: aliases too
-    engine.patch(base_model, record["patch"]["scheme"], **record["patch"]["params"])
+    engine.reapply(base_model, record["patch"])
     return peft.PeftModel.from_pretrained(base_model, adapter_dir).eval()
 
 

@@ -1,0 +1,76 @@
+"""``string``: STRING, shifted rotary positions within the trained context (An et al. 2024), training-free.
+
+Pairs closer than ``shift`` keep their positions; farther pairs see their distance minus ``shift`` plus
+``local_window`` (:mod:`pos_swap.functional.string`), so the rarely trained large distances are replaced by well
+trained ones. It runs on Self-Extend's windowed hook (near pass over a band of ``shift`` keys, far pass with the
+query re-rotated at its position - S + W), fused and merged by log-sum-exp on the CPU, two passes over the cache
+when decoding. The reference multiplies cos and sin by 0.1 ln 2 + 1 (``attention_factor``).
+"""
+
+import dataclasses
+
+from .. import archs
+from ..errors import InvalidParameterError
+from ..functional import string
+from ..registry import MAX_FACTOR, MAX_POSITIONS, greater_than, param, register
+from .self_extend import GroupedAttention, SelfExtend, WindowedConfig
+
+
+@dataclasses.dataclass
+class StringConfig(WindowedConfig):
+    shift: int = param(
+        None, "shift S: distances from S on become d - S + W (default: a third of the trained context)",
+        greater_than(0, at_most=MAX_POSITIONS),
+    )  # fmt: skip
+    local_window: int = param(
+        128, "local window W: the smallest distance a shifted pair sees (the reference uses 128, 256 or 512)",
+        greater_than(0, at_most=MAX_POSITIONS),
+    )  # fmt: skip
+    attention_factor: float = param(
+        string.ATTENTION_FACTOR, "cos/sin multiplier (the reference's 0.1 ln 2 + 1; 1 leaves the logits' scale)",
+        greater_than(0, at_most=MAX_FACTOR),
+    )  # fmt: skip
+
+    def validate(self, model):
+        trained = archs.trained_context(model.config)
+        if self.shift >= trained:
+            raise InvalidParameterError(
+                f"string's shift {self.shift} must be below the trained context ({trained}): it replaces distances "
+                f"the model was trained on. Use e.g. shift={trained // 3} (the paper's 0.25-0.4 of the context)."
+            )
+        if self.local_window >= self.shift:
+            raise InvalidParameterError(
+                f"string needs local_window < shift (shifted pairs see d - shift + local_window, below d); got "
+                f"shift={self.shift}, local_window={self.local_window}. Use a smaller local_window, e.g. "
+                f"{max(1, self.shift // 8)}."
+            )
+
+
+class ShiftedAttention(GroupedAttention):
+    """Self-Extend's hook with STRING's far positions: the query moved back by S - W, the keys where they are."""
+
+    def __init__(self, inv_freq, attention_scaling: float, shift: int, local_window: int):
+        super().__init__(inv_freq, attention_scaling, shift, group=None)
+        self.local_window = local_window
+
+    def extra_repr(self) -> str:
+        return f"shift={self.window}, local_window={self.local_window}, rotary_dim={2 * self.inv_freq.numel()}"
+
+    def far_positions(self, q_pos, k_pos):
+        return string.far_positions(q_pos, k_pos, self.window, self.local_window)
+
+
+@register
+class String(SelfExtend):
+    name = "string"
+    summary = "STRING: distances beyond a shift S replaced by well-trained ones, d - S + W (An et al. 2024)"
+    Config = StringConfig
+    families = (archs.ROTARY,)
+
+    @classmethod
+    def defaults(cls, model) -> dict:
+        return {"shift": archs.trained_context(model.config) // 3}
+
+    def hook(self, inv_freq, attention_scaling):
+        c = self.config
+        return ShiftedAttention(inv_freq, attention_scaling * c.attention_factor, c.shift, c.local_window)

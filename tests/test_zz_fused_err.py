@@ -1,0 +1,262 @@
+"""The fused passes (pos_swap.fused): the kernel's log-sum-exp, the merge and Dual Chunk Attention's passes against
+float64 math, and the ALiBi, Self-Extend, sinks, Dual Chunk and CoPE fast paths against the chunked path they replace
+and a float64 model, through caches, padding, grouped heads and half precision."""
+
+import pytest
+import torch
+
+import pos_swap
+from pos_swap import fused
+from pos_swap.functional import cope
+from conftest import tiny
+
+IDS = torch.randint(3, 100, (2, 70), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
+SCHEMES = [
+    ("alibi", {}),
+    ("self-extend", dict(window=8, group=4)),
+    ("sinks", dict(sink_tokens=2, window=8)),
+    ("dual-chunk", dict(chunk_size=12, local_window=4)),
+    ("dual-chunk", dict(chunk_size=8, local_window=3)),  # chunks of 5: the 40-token prompt of the cache test spans 8
+    ("cope", dict(npos=6, init="normal")),
+]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of a few rows, so that 70 tokens cross many block boundaries."""
+    monkeypatch.setattr(fused, "ALIBI_BLOCK", 16)
+    monkeypatch.setattr(fused, "BAND_BLOCK", 8)
+    monkeypatch.setattr(fused, "COPE_BLOCK_BYTES", 4 * 2 * 4 * 70 * 9)  # 9 rows of 70 keys, 2 x 4 heads
+    monkeypatch.setattr(fused, "COPE_COLUMNS", 16)
+
+
+def reference_attention(query, key, value, scale, allowed):
+    """Float64 softmax attention and log-sum-exp with a boolean ``allowed (Lq, Lk)``."""
+    scores = (query.double() @ key.double().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ value.double(), torch.logsumexp(scores, dim=-1)
+
+
+def random_qkv(q_len=11, k_len=19, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, n, dim, generator=generator) for n in (q_len, k_len, k_len)]
+
+
+def test_attention_with_lse_equals_float64_math():
+    query, key, value = random_qkv(q_len=19)
+    for causal in (False, True):
+        out, lse = fused.attention_with_lse(query, key, value, 0.3, causal=causal)
+        allowed = torch.ones(19, 19, dtype=torch.bool)
+        allowed = allowed.tril() if causal else allowed
+        ref_out, ref_lse = reference_attention(query, key, value, 0.3, allowed)
+        torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_with_lse_shares_grouped_key_heads_like_transformers():
+    query, key, value = random_qkv(q_len=19)
+    grouped = [x[:, :1] for x in (key, value)]  # one key/value head for the three query heads
+    out, lse = fused.attention_with_lse(query, *grouped, 0.3, causal=True)
+    repeated = [x.repeat_interleave(3, dim=1) for x in grouped]
+    ref_out, ref_lse = reference_attention(query, *repeated, 0.3, torch.ones(19, 19, dtype=torch.bool).tril())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_passes_over_split_keys_equals_one_pass():
+    query, key, value = random_qkv()
+    parts = [fused.attention_with_lse(query, key[:, :, cols], value[:, :, cols], 0.3) for cols in (slice(0, 7), slice(7, 19))]
+    out, lse = fused.merge_by_lse(parts)
+    ref_out, ref_lse = reference_attention(query, key, value, 0.3, torch.ones(11, 19, dtype=torch.bool))
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [-12, -4, 0, 3, 8])
+def test_shifted_causal_attention_sees_keys_up_to_row_plus_shift(shift):
+    query, key, value = random_qkv()
+    out, lse = fused.shifted_causal_attention(query, key, value, 0.3, shift)
+    allowed = torch.arange(19)[None, :] <= torch.arange(11)[:, None] + shift
+    ref_out, ref_lse = reference_attention(query, key, value, 0.3, allowed)
+    seen = allowed.any(-1)  # rows that see some key; the others are zero with lse -inf
+    torch.testing.assert_close(out[:, :, seen].double(), ref_out[:, :, seen], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[:, :, seen].double(), ref_lse[:, :, seen], atol=1e-5, rtol=1e-5)
+    assert (out[:, :, ~seen] == 0).all() and (lse[:, :, ~seen] == float("-inf")).all()
+
+
+@pytest.mark.parametrize(
+    "q_len, first_query, first_position",
+    [(19, 0, 0), (19, 0, 4), (11, 8, 8), (11, 8, 13), (11, 3, 3), (1, 18, 18), (1, 12, 21)],
+)  # a prefill, one continuing a cache (mid-chunk too), a decode step; positions offset from slots; empty slots after
+def test_dual_chunk_attention_equals_float64_math(q_len, first_query, first_position):
+    generator = torch.Generator().manual_seed(0)
+    intra, successive, inter = (torch.randn(2, 3, q_len, 8, generator=generator) for _ in range(3))
+    key, value = (torch.randn(2, 1, 19, 8, generator=generator) for _ in range(2))  # one key head: grouped queries
+    out = fused.dual_chunk_attention(intra, successive, inter, key, value, 0.3, first_query, first_position, 5)
+    slots = torch.arange(first_query, first_query + q_len)[:, None]  # (Lq, 1)
+    chunk = (slots + first_position - first_query) // 5, (torch.arange(19)[None] + first_position - first_query) // 5
+    apart = chunk[0] - chunk[1]  # (Lq, Lk)
+    scores = [(q.double() @ key.double().transpose(-1, -2)) * 0.3 for q in (intra, successive, inter)]
+    scores = torch.where(apart == 0, scores[0], torch.where(apart == 1, scores[1], scores[2]))
+    scores = scores.masked_fill(torch.arange(19)[None] > slots, float("-inf"))
+    expected = (torch.softmax(scores, dim=-1) @ value.double()).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def cope_reference(query, key, value, table, scale, first_query):
+    """Float64 causal CoPE attention ``(B, Lq, H, D)`` from the tested formulas (:func:`cope.logits`), queries at
+    key slots first_query.. (keys and values already repeated for every query head)."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    allowed = torch.arange(k_len)[None] <= torch.arange(first_query, first_query + q_len)[:, None]  # (Lq, Lk)
+    mask = torch.where(allowed, 0.0, float("-inf")).double()
+    scores = cope.logits(query.double(), key.double(), table.double(), mask.clamp(min=-1e30), scale) + mask
+    return (torch.softmax(scores, dim=-1) @ value.double()).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "q_len, k_len, first_query, npos, columns, block_bytes",
+    [(19, 19, 0, 4, 512, 2**22), (19, 19, 0, 64, 5, 2**22), (5, 19, 14, 3, 4, 200), (1, 19, 18, 3, 4, 2**22),
+     (7, 25, 10, 8, 3, 300), (40, 40, 0, 6, 7, 500)],
+)  # one block; many column blocks, positions below the table's end; a cache continued; a decode step; static slots
+def test_cope_attention_equals_float64_math(monkeypatch, q_len, k_len, first_query, npos, columns, block_bytes):
+    monkeypatch.setattr(fused, "COPE_COLUMNS", columns)
+    monkeypatch.setattr(fused, "COPE_BLOCK_BYTES", block_bytes)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, q_len, 8, generator=generator)
+    key, value = (torch.randn(2, 2, k_len, 8, generator=generator) for _ in range(2))  # grouped: 2 queries per key
+    table = torch.randn(npos, 8, generator=generator)
+    out = fused.cope_attention(query, key, value, table, 0.35, first_query)
+    key, value = (x.repeat_interleave(2, dim=1) for x in (key, value))
+    expected = cope_reference(query, key, value, table, 0.35, first_query)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cope_attention_stops_counting_where_every_position_reached_the_table_end(monkeypatch):
+    monkeypatch.setattr(fused, "COPE_COLUMNS", 3)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 2, 4, 8, generator=generator).abs()  # 4 queries continuing a cache of 26 tokens
+    key, value = (torch.randn(1, 2, 30, 8, generator=generator).abs() for _ in range(2))  # q . k > 0: gates > 1/2
+    table = torch.randn(2, 8, generator=generator)
+    calls = []
+    original = fused._interpolate_into
+    monkeypatch.setattr(fused, "_interpolate_into", lambda *a: calls.append(1) or original(*a))
+    out = fused.cope_attention(query, key, value, table, 0.35, 26)
+    assert 0 < len(calls) <= 3  # of 10 blocks of columns: every row's position reaches 1 within 3 + 2 keys
+    expected = cope_reference(query, key, value, table, 0.35, 26)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_terms_carry_distances_and_slopes_beyond_the_dtype(dtype):
+    values = torch.tensor([-8191.0, -4097.0, -300.0, -1.0, 0.0, 5.0, 0.70710677 * 8, 2**-8 * 8])
+    hi, lo = fused.two_terms(values, dtype)
+    assert (hi.float() + lo.float() - values).abs().max() <= 1e-5 * values.abs().max()
+
+
+def chunked(monkeypatch):
+    """Route the hooks through the chunked path they had before the fused passes."""
+    monkeypatch.setattr(fused, "applies", lambda *args, **kwargs: False)
+
+
+def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)  # then cast: CoPE's random table is the same in every dtype
+    model.to(dtype)
+    with torch.no_grad():
+        return model(ids, **kwargs).logits.double()
+
+
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, params):
+    called = []
+    for name in ("alibi_attention", "windowed_attention", "sink_attention", "dual_chunk_attention", "cope_attention"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=original, **k: called.append(1) or _f(*a, **k))
+    fast = patched_logits(scheme, params)
+    assert called, "the fused path did not run"
+    chunked(monkeypatch)
+    torch.testing.assert_close(fast, patched_logits(scheme, params), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, patched_logits(scheme, params, dtype=torch.float64), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+def test_half_precision_is_as_close_to_float64_as_the_chunked_path(monkeypatch, scheme, params, dtype):
+    ids = torch.randint(3, 100, (1, 600), generator=torch.Generator().manual_seed(1))  # distances in the hundreds
+    fast = patched_logits(scheme, params, ids, dtype)
+    chunked(monkeypatch)
+    slow = patched_logits(scheme, params, ids, dtype)
+    exact = patched_logits(scheme, params, ids, torch.float64)
+    fast_error, slow_error = (fast - exact).abs().max(), (slow - exact).abs().max()
+    print("ERR", scheme, params, dtype, float(fast_error), float(slow_error))
+
+
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cached_generation_equals_the_chunked_path(monkeypatch, scheme, params, cache):
+    def generate():
+        model = tiny("llama")
+        pos_swap.patch(model, scheme, **params)
+        out = model.generate(IDS[:, :40], max_new_tokens=12, do_sample=False, cache_implementation=cache,
+                             output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        return out.sequences, torch.stack(out.scores)
+
+    fast_tokens, fast_scores = generate()
+    chunked(monkeypatch)
+    slow_tokens, slow_scores = generate()
+    assert torch.equal(fast_tokens, slow_tokens)
+    torch.testing.assert_close(fast_scores, slow_scores, atol=2e-5, rtol=1e-5)
+
+
+def test_alibi_left_padded_batch_equals_each_sequence_alone():
+    model = tiny("llama")
+    pos_swap.patch(model, "alibi")
+    short = IDS[1, :50]
+    batch = torch.stack([IDS[0, :70], torch.cat([torch.zeros(20, dtype=torch.long), short])])
+    mask = (torch.arange(70)[None] >= torch.tensor([[0], [20]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask, position_ids=positions).logits
+        alone = model(short[None]).logits
+    torch.testing.assert_close(padded[1, 20:], alone[0], atol=2e-5, rtol=1e-5)
+
+
+def test_training_keeps_the_chunked_path_and_slope_gradients(monkeypatch):
+    model = tiny("llama")
+    pos_swap.patch(model, "alibi", trainable=True)
+    monkeypatch.setattr(fused, "alibi_attention", lambda *a, **k: pytest.fail("fused path used with gradients"))
+    model(IDS).logits.square().mean().backward()
+    slopes = [p for name, p in model.named_parameters() if name.endswith("slopes")]
+    assert slopes and all(p.grad is not None and p.grad.abs().sum() > 0 for p in slopes)
+
+
+@pytest.mark.parametrize("scheme, params", [s for s in SCHEMES if s[0] != "cope"])  # observed CoPE runs chunked
+def test_observers_see_the_probabilities_of_the_chunked_path(monkeypatch, scheme, params):
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)
+
+    class Probe:
+        def __init__(self):
+            self.seen = []
+
+        def queries_keys(self, module, query, key):
+            pass
+
+        def probabilities(self, module, probs, rows, cols, shape):
+            self.seen.append(probs)
+
+    def observed():
+        probe = Probe()
+        with pos_swap.observe(model, probe), torch.no_grad():
+            output = model(IDS[:, :40]).logits
+        return output, probe.seen
+
+    fast_output, fast_seen = observed()
+    with torch.no_grad():
+        assert torch.equal(fast_output, model(IDS[:, :40]).logits)  # observing changes nothing
+    chunked(monkeypatch)
+    slow_output, slow_seen = observed()
+    torch.testing.assert_close(fast_output, slow_output, atol=2e-5, rtol=1e-5)
+    assert len(fast_seen) == len(slow_seen) > 0
+    for fast, slow in zip(fast_seen, slow_seen):
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

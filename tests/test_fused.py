@@ -193,7 +193,7 @@ def test_half_precision_is_as_close_to_float64_as_the_chunked_path(monkeypatch, 
     slow = patched_logits(scheme, params, ids, dtype)
     exact = patched_logits(scheme, params, ids, torch.float64)
     fast_error, slow_error = (fast - exact).abs().max(), (slow - exact).abs().max()
-    # measured: fast / slow between 0.70 and 1.04 over these schemes in both dtypes (errors about 0.05 in bfloat16,
+    # measured: fast / slow between 0.70 and 1.15 over these schemes in both dtypes (errors about 0.05 in bfloat16,
     # 0.006 in float16); the two paths round differently, so the bound is not 1
     assert fast_error <= 1.25 * slow_error, (fast_error, slow_error)
 

@@ -45,7 +45,7 @@ def one_layer(arch):
     return tiny(arch, num_hidden_layers=1, **extra)
 
 
-BLOCK = 8  # per-position frequencies switch at 40 and 48 during generation (the default 512 never would here)
+BLOCK = 8  # per-position frequencies switch at positions 32 and 40 during generation (with 512 they never would)
 MODES = {"per-position": dict(block=BLOCK), "whole-window": dict(per_position=False)}
 
 
@@ -82,23 +82,20 @@ def test_generate_with_cache_equals_recomputation_as_the_frequencies_change(arch
 def test_dynamic_drifts_about_three_times_less_than_transformers_dynamic():
     """The README: with ``per_position=False`` generation drifts from recomputation "about 3x less than
     transformers' own dynamic NTK". Drift: the largest cached-vs-recomputed logit gap, mean over five random
-    4-layer models (measured 3.9x here). Per position (the default) there is no drift at all."""
+    4-layer models. (Per position, the default, there is none: the test above checks it at two layers.)"""
     kwargs = {**COMMON, "num_hidden_layers": 4}
-    drift = {"whole window": 0.0, "per position": 0.0, "transformers": 0.0}
+    drift = {"whole window": 0.0, "transformers": 0.0}
     for seed in range(5):
         torch.manual_seed(seed)
         theirs = T.LlamaForCausalLM(
             T.LlamaConfig(**kwargs, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
         ).eval()
-        models = {"transformers": theirs}
-        for name, params in (("whole window", dict(per_position=False)), ("per position", dict(block=BLOCK))):
-            models[name] = ours = T.LlamaForCausalLM(T.LlamaConfig(**kwargs)).eval()
-            ours.load_state_dict(theirs.state_dict())
-            pos_swap.patch(ours, "dynamic", factor=2.0, **params)
-        for name, model in models.items():
+        ours = T.LlamaForCausalLM(T.LlamaConfig(**kwargs)).eval()
+        ours.load_state_dict(theirs.state_dict())
+        pos_swap.patch(ours, "dynamic", factor=2.0, per_position=False)
+        for name, model in (("whole window", ours), ("transformers", theirs)):
             sequences, cached = generate(model, prompt())
             drift[name] += (cached - recompute(model, sequences)).abs().max().item() / 5
-    assert drift["per position"] < 1e-4, drift
     assert 2 < drift["transformers"] / drift["whole window"] < 6, drift
 
 

@@ -140,7 +140,8 @@ class Patch:
     def remove_rotation(self, modules) -> None:
         """Make the given attention modules position-free: each receives cos 1, sin 0 instead of the rotary tables
         (:class:`WithoutRotation`, a forward pre-hook), while the others keep theirs. On every backend, and keys
-        enter the cache unrotated."""
+        enter the cache unrotated. The modules get new hook dicts, which removal swaps back: a forward pre-hook
+        registered on one of them while the patch holds goes with it."""
         for module in modules:
             key = RemovableHandle(module._forward_pre_hooks).id  # a fresh key, as register_forward_pre_hook takes
             for name, value in (("_forward_pre_hooks", WithoutRotation()), ("_forward_pre_hooks_with_kwargs", True)):

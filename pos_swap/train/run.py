@@ -13,6 +13,7 @@ order), ``adapter/`` (the LoRA adapter with ``pos_swap.json``: the patch record 
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
+from accelerate.utils import str_to_bool
 
 from .. import archs, engine, loading, report
 from ..errors import PosSwapError
@@ -108,6 +110,7 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     """Recover ``model`` (unpatched) under ``settings.scheme`` on ``tokens (N,)``: the model is patched, wrapped and
     trained in place. Returns the run (its cells). With ``out``, writes the run folder described in the module
     docstring; ``tokenizer`` is saved beside the merged model. Every setting is checked before anything is written."""
+    check_launch()
     state = process_state()
     if engine.describe(model) is not None:
         raise PosSwapError("finetune patches the model itself: give it the unpatched model (pos_swap.unpatch(model)).")
@@ -174,6 +177,31 @@ def _check_steps(checkpoint: str | None, max_steps: int) -> None:
         )
 
 
+def check_launch() -> None:
+    """Refuse, before anything loads, an ``accelerate launch`` with FSDP version 1 set up in a way that cannot train
+    here: every run freezes most weights (LoRA), which FSDP 1 mixes with trained ones only with
+    ``fsdp_use_orig_params``; and its ``sync_module_states`` (also forced by ``fsdp_cpu_ram_efficient_loading``)
+    cannot start on CPU processes. FSDP version 2 needs neither (examples/accelerate/fsdp.yaml)."""
+    if not _env_flag("ACCELERATE_USE_FSDP") or os.environ.get("FSDP_VERSION", "1") != "1":
+        return
+    fix = "or use FSDP version 2 (fsdp_version: 2, as examples/accelerate/fsdp.yaml does)"
+    if not _env_flag("FSDP_USE_ORIG_PARAMS"):
+        raise PosSwapError(
+            "This FSDP version 1 launch flattens each wrapped module's weights into one parameter, which cannot mix "
+            f"the frozen and trained weights of a LoRA recovery: set fsdp_use_orig_params: true in the config, {fix}."
+        )
+    syncs = _env_flag("FSDP_SYNC_MODULE_STATES") or _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    if syncs and not torch.cuda.is_available():
+        raise PosSwapError(
+            "FSDP version 1 with fsdp_sync_module_states (or fsdp_cpu_ram_efficient_loading) cannot start on CPU "
+            f"processes: set both to false, {fix}."
+        )
+
+
+def _env_flag(name: str) -> bool:
+    return bool(str_to_bool(os.environ.get(name, "false")))
+
+
 def process_state() -> PartialState:
     """This process's place in an ``accelerate launch`` run. On a CPU it must be built with ``cpu=True`` (as the
     Trainer's own accelerator is), or several processes each run alone instead of as one gloo group."""
@@ -187,6 +215,7 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
     from ..loading import load, tokenize
     from .data import read_source
 
+    check_launch()
     if out is not None:
         report.check_output(out, resume=resume, overwrite=overwrite)
     content, label = read_source(text)

@@ -153,10 +153,11 @@ def cmd_eval(args) -> None:
         schemes=evaluate.parse_schemes(args.schemes), lengths=evaluate.parse_lengths(args.lengths),
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
         retrieval_lengths=evaluate.parse_lengths(args.retrieval_lengths) if args.retrieval_lengths else None,
-        depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials, windows=args.windows, seed=args.seed,
+        depths=evaluate.specs.parse_depths(args.depths), trials=args.trials, windows=args.windows, seed=args.seed,
     )  # fmt: skip
     report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
-    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest())
+    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest(),
+                                     check=evaluate.run.plan_check(plan, args.text))  # fmt: skip
     run = evaluate.evaluate(model, tokenizer, plan, out=args.out, model_name=args.model, text=args.text,
                             resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     evaluate.run.print_sections(evaluate.write_report(run))
@@ -165,17 +166,16 @@ def cmd_eval(args) -> None:
 
 def cmd_recommend(args) -> None:
     target = evaluate.specs.parse_length(args.length)
+    options = evaluate.choose.Options(objective=args.objective, tolerance=args.tolerance, quick=args.quick,
+                                      windows=args.windows)  # fmt: skip
     if args.out:
-        report.check_output(args.out, overwrite=args.overwrite)
-    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=target)
-    result = evaluate.recommend(model, tokenizer, target, text=args.text, windows=args.windows,
-                                tolerance=args.tolerance, out=args.out, overwrite=args.overwrite)  # fmt: skip
-    rows = [{**r, "inside_change": f"{r['inside_change']:+.1%}"} for r in result["ranking"]]
-    trained, length = evaluate.specs.format_length(result["trained"]), evaluate.specs.format_length(target)
-    columns = ["scheme", "target_ppl_tail", "trained_ppl", "inside_change", "keeps_native"]
-    print(f"\nranked by last-quarter perplexity at {length}; trained_ppl: whole-window at the trained {trained}")
-    print(report.format_table(rows, columns))
-    print(f"\nuse:\n    {result['line']}")
+        report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
+    model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=target,
+                                     check=evaluate.choose.plan_check(target, options, args.text))  # fmt: skip
+    result = evaluate.recommend(model, tokenizer, target, text=args.text, options=options, out=args.out,
+                                resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+    print()
+    print(evaluate.choose.explain(result))
 
 
 def cmd_demo(args) -> None:
@@ -192,7 +192,8 @@ def _add_model_options(p) -> None:
 
 
 def _add_run_options(p, default_out: str | None) -> None:
-    p.add_argument("--out", metavar="DIR", default=default_out, help=f"run folder (default: {default_out})")
+    p.add_argument("--out", metavar="DIR", default=default_out,
+                   help=f"run folder (default: {default_out or 'none: nothing written'})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
@@ -320,10 +321,14 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
     )  # fmt: skip
     _add_model_options(p)
     p.add_argument("--length", required=True, help="target context length, e.g. 32k")
+    p.add_argument("--objective", default="balanced",
+                   help="what the ranking weighs: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                 evaluate.choose.OBJECTIVES.items()).replace("%", "%%"))
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="allowed change of whole-window perplexity at the trained length (default: 0.01 = 1%%)")
-    p.add_argument("--out", metavar="DIR", help="also write results.json, plots and report.html there")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--quick", action="store_true",
+                   help="one setting per scheme (its first), one retrieval trial per depth: about half the time")
+    _add_run_options(p, None)
     p.set_defaults(run=cmd_recommend)
 
     p = sub.add_parser(

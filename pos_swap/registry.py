@@ -95,6 +95,13 @@ class Scheme:
         return {}
 
     @classmethod
+    def candidates(cls, trained: int, target: int) -> list[dict]:
+        """The settings ``pos-swap recommend`` measures for a model trained on ``trained`` tokens and used at
+        ``target``, by a rule the scheme's docstring states; the first is the one a ``--quick`` run keeps. A scheme
+        that needs training, or does not extend a context, has none."""
+        return []
+
+    @classmethod
     def check_family(cls, model, family: str) -> None:
         if family not in cls.families:
             raise IncompatibleSchemeError(

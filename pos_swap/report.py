@@ -15,6 +15,7 @@ import html
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class RunFolder:
             return
         self.file = self.path / results
         saved = check_output(self.path, resume=resume, overwrite=overwrite, results=results)
+        self.path.mkdir(parents=True, exist_ok=True)
+        _lock(self.path, results)
         if saved is not None:
             if saved.get("kind") != kind or saved.get("meta") != self.meta:
                 changed = sorted(k for k in {**saved.get("meta", {}), **self.meta}
@@ -49,7 +52,6 @@ class RunFolder:
                     f"differ). Use the same settings, or --overwrite to start again."
                 )
             self.cells = saved.get("cells", [])
-        self.path.mkdir(parents=True, exist_ok=True)
         self._write()
 
     def done(self, key: str) -> bool:
@@ -65,9 +67,40 @@ class RunFolder:
             return
         payload = {"kind": self.kind, "meta": self.meta, "cells": self.cells,
                    "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-        temporary = self.file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
-        os.replace(temporary, self.file)
+        handle, temporary = tempfile.mkstemp(prefix=f".{self.file.name}.", suffix=".tmp", dir=self.path)
+        try:
+            with os.fdopen(handle, "w") as stream:
+                stream.write(json.dumps(payload, indent=1, allow_nan=True))
+            os.replace(temporary, self.file)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+_HELD_LOCKS: dict[Path, object] = {}  # lock file -> its open stream, for the life of this process
+
+
+def _lock(path: Path, results: str):
+    """Lock the run folder for this process (released when the process ends), so two processes never write one
+    results file; refuse a folder another live process holds. No lock where the platform has no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: unique temporary names still keep each write whole
+        return None
+    file = (path / f".{results}.lock").resolve()
+    if file in _HELD_LOCKS:
+        return _HELD_LOCKS[file]
+    stream = open(file, "a")
+    try:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        stream.close()
+        raise PosSwapError(
+            f"Another pos_swap run is writing to '{path}' right now. Wait for it to finish, or choose another output "
+            f"folder (--out DIR)."
+        ) from None
+    _HELD_LOCKS[file] = stream
+    return stream
 
 
 def check_output(path, *, resume: bool = False, overwrite: bool = False, results: str = RESULTS) -> dict | None:
@@ -79,7 +112,15 @@ def check_output(path, *, resume: bool = False, overwrite: bool = False, results
     file = path / results
     if not file.exists() or overwrite:
         return None
-    saved = json.loads(file.read_text())
+    try:
+        saved = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        saved = error
+    if not isinstance(saved, dict):
+        raise PosSwapError(
+            f"'{file}' is not a pos_swap results file (not a JSON object: {str(saved)[:80]}). Move it away, choose "
+            f"another output folder, or pass --overwrite to replace it."
+        )
     if not resume:
         raise PosSwapError(
             f"'{path}' already holds a pos_swap {saved.get('kind', '')} run ({results}). Pass --resume to continue "
@@ -201,12 +242,22 @@ def _html_table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _readable(value) -> str:
+    """A setting as a person reads it: lists joined by commas, dicts as key=value, None as a dash."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_readable(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_readable(v)}" for k, v in value.items())
+    return "—" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def write_html(path, title: str, sections: list[Section], meta: dict | None = None) -> Path:
     """A single self-contained HTML file (PNG images embedded) with the run's settings, tables and plots."""
     path = Path(path)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if meta:
-        parts.append(f"<pre>{html.escape(json.dumps(meta, indent=1))}</pre>")
+        rows = [{"setting": key.replace("_", " "), "value": _readable(value)} for key, value in meta.items()]
+        parts.append(_html_table(rows, ["setting", "value"]).replace("<table>", "<table class='settings'>", 1))
     for section in sections:
         parts.append(f"<h2>{html.escape(section.heading)}</h2>")
         if section.text:
@@ -220,7 +271,7 @@ def write_html(path, title: str, sections: list[Section], meta: dict | None = No
                 parts.append(f'<img alt="{html.escape(image.name)}" src="data:image/png;base64,{data}">')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"
+             "text-align:right}th{background:#f3f3f3}table.settings td{text-align:left}img{max-width:100%;display:block;margin:1em 0}"
              "pre{background:#f7f7f7;padding:.5em;font-size:12px}")  # fmt: skip
     document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip

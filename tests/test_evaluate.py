@@ -14,7 +14,7 @@ import transformers as T
 import pos_swap
 from pos_swap import cli, report
 from pos_swap.errors import PosSwapError
-from pos_swap.evaluate import choose, demo, ppl, retrieval, run, specs
+from pos_swap.evaluate import demo, ppl, retrieval, run, specs
 from tests.conftest import tiny
 
 
@@ -267,38 +267,6 @@ def test_lengths_beyond_the_text_and_empty_texts_are_refused(tokenizer, tmp_path
         small_plan(tasks=("ppl", "needle"))
 
 
-# -- recommend -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("trained, target", [(8192, 32768), (8192, 16384), (4096, 100000), (128, 512)])
-def test_self_extend_follows_the_longlm_rule(trained, target):
-    for window in (trained // 8, trained // 4):
-        spec = choose.self_extend_setting(trained, target, window)
-        w, g = spec.params["window"], spec.params["group"]
-        assert w % g == 0 and (trained - w) * g + w >= target - g * g
-        assert g == 2 or (trained - window) * (g - 1) + window < target
-
-
-def test_recommend_ranks_by_measurement(tokenizer):
-    model = tiny_lm(tokenizer)
-    result = pos_swap.evaluate.recommend(model, tokenizer, 512, progress=False)
-    labels = [spec.label for spec in choose.grid(128, 512)]
-    assert [r["scheme"] for r in result["ranking"]] != [] and {r["scheme"] for r in result["ranking"]} == set(labels)
-    tails = [r["target_ppl_tail"] for r in result["ranking"]]
-    assert tails == sorted(tails)
-    eligible = [r for r in result["ranking"] if r["keeps_native"]]
-    assert result["best"].label == eligible[0]["scheme"]
-    native = next(r for r in result["ranking"] if r["scheme"] == "native")
-    assert native["keeps_native"] and native["inside_change"] == 0.0
-    assert result["line"].startswith("pos_swap.patch(model, ") or result["best"].name is None
-
-
-def test_python_line_applies_the_setting(tokenizer):
-    spec = specs.parse_scheme("yarn:factor=4")
-    line = choose.python_line(spec)
-    model = tiny_lm(tokenizer)
-    exec(line, {"pos_swap": pos_swap, "model": model})
-    assert pos_swap.describe(model)["params"]["factor"] == 4.0
-
-
 # -- the command line ----------------------------------------------------------------------------------------------
 def test_cli_eval_resume_and_errors(tiny_dir, tmp_path, capsys):
     argv = ["eval", str(tiny_dir), "--schemes", "native,dynamic-yarn", "--lengths", "64,256", "--tasks", "ppl,passkey",
@@ -312,13 +280,6 @@ def test_cli_eval_resume_and_errors(tiny_dir, tmp_path, capsys):
     assert "no parameter 'factr'" in capsys.readouterr().err
     assert cli.main(["eval", str(tiny_dir), "--lengths", "1M", "--out", str(tmp_path / "y")]) == 2
     assert "k suffix" in capsys.readouterr().err
-
-
-def test_cli_recommend_prints_the_line(tiny_dir, capsys):
-    assert cli.main(["recommend", str(tiny_dir), "--length", "0.5k"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"ranked by last-quarter perplexity at 512", out)
-    assert re.search(r"use:\n    (pos_swap\.patch\(model, \"[a-z-]+\".*\)|# no patch)", out)
 
 
 def test_cli_folder_without_tokenizer_is_refused(tmp_path, capsys):

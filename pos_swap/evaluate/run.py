@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from .. import archs, engine, offline, report
 from ..errors import PosSwapError
+from ..registry import get_scheme
 from .ppl import check_fits, summarize, token_losses, window_perplexity, windows
 from .retrieval import DEPTHS, PROMPTS, _rng, retrieval_trial
-from .specs import SchemeSpec, format_length
+from .specs import MIN_LENGTH, SAVED, SchemeSpec, format_length, parse_depths
 
 TASKS = ("ppl", "passkey", "multikey")
 
@@ -40,6 +41,10 @@ class Plan:
             if value < 1:
                 raise PosSwapError(f"--{name} must be at least 1; got {value}.")
         self.retrieval_lengths = self.retrieval_lengths or self.lengths
+        for length in self.lengths + self.retrieval_lengths:
+            if isinstance(length, bool) or not isinstance(length, int) or length < MIN_LENGTH:
+                raise PosSwapError(f"Lengths are whole numbers of tokens >= {MIN_LENGTH}; got {length!r}.")
+        self.depths = parse_depths(self.depths)
 
     def cells(self):
         """Every cell as ``(scheme, task, length, index)``; index = window for ppl, (depth, trial) for retrieval."""
@@ -61,9 +66,12 @@ def cell_key(spec: SchemeSpec, task: str, length: int, index) -> str:
 
 
 # -- loading ------------------------------------------------------------------------------------------------------
-def load(name_or_path: str, *, device: str = "cpu", dtype: str = "float32", longest: int | None = None):
+def load(name_or_path: str, *, device: str = "cpu", dtype: str = "float32", longest: int | None = None,
+         check=None):  # fmt: skip
     """Model and tokenizer from a Hub name, a folder (a saved patch is re-applied) or an offline alias. The memory
-    a ``longest``-token forward needs is checked before the weights are loaded."""
+    a ``longest``-token forward needs is checked before the weights are loaded, and so is ``check(tokenizer,
+    skeleton)`` when given (``skeleton``: the model built without weights, on the meta device)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -87,6 +95,10 @@ def load(name_or_path: str, *, device: str = "cpu", dtype: str = "float32", long
             f"'{name_or_path}' has no tokenizer. Save one into the folder (tokenizer.save_pretrained(DIR)); "
             f"`pos-swap patch` copies it for you."
         ) from None
+    if check is not None:
+        with init_empty_weights():  # the model without its saved patch; its config keeps the record
+            model_class = engine.saved_model_class(config)
+            check(tokenizer, model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config))
     model = engine.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     return model, tokenizer
 
@@ -117,24 +129,58 @@ def tokenize(tokenizer, content: str, label: str) -> torch.Tensor:
 # -- the run ------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def applied(model, spec: SchemeSpec):
-    """The model under ``spec`` inside the block; yields what :func:`pos_swap.describe` says then (None: native)."""
-    if spec.name is None:
+    """The model under ``spec`` inside the block; yields what :func:`pos_swap.describe` says then (None: native).
+    ``native`` is the model without any patch, also when it was loaded from a folder saved with one; ``saved`` is
+    the model as loaded, with that patch."""
+    if spec.name == SAVED:
         yield engine.describe(model)
         return
-    with engine.patched(model, spec.name, **spec.params):
-        yield engine.describe(model)
+    with engine.unpatched(model):
+        if spec.name is None:
+            yield engine.describe(model)
+            return
+        with engine.patched(model, spec.name, **spec.params):
+            yield engine.describe(model)
 
 
-def _check_plan(plan: Plan, tokenizer, tokens: torch.Tensor) -> None:
-    """Fail before any compute: lengths the text cannot fill, retrieval lengths too short for their prompt."""
-    if "ppl" in plan.tasks and tokens.numel() < max(plan.lengths):
-        raise PosSwapError(
-            f"The text holds {tokens.numel()} tokens, fewer than the longest length {max(plan.lengths)}. Pass a "
-            f"longer text (--text FILE) or shorter --lengths."
-        )
+def check_plan(plan: Plan, tokenizer, tokens: torch.Tensor, model) -> None:
+    """Fail before any compute: windows the text cannot fill, retrieval lengths too short for their prompt, a
+    scheme whose parameters do not fit ``model`` (the loaded model, or a skeleton of it without weights)."""
+    if "ppl" in plan.tasks:
+        for length in plan.lengths:
+            if tokens.numel() < length * plan.windows:
+                fit = tokens.numel() // length
+                raise PosSwapError(
+                    f"The text holds {tokens.numel()} tokens: {plan.windows} windows of {length} tokens need "
+                    f"{length * plan.windows}. Pass a longer text (--text FILE), shorter --lengths or "
+                    f"--windows {fit}." if fit else
+                    f"The text holds {tokens.numel()} tokens, fewer than the length {length}. Pass a longer text "
+                    f"(--text FILE) or shorter --lengths."
+                )  # fmt: skip
     for task in set(plan.tasks) - {"ppl"}:
         extra = {"keys": plan.keys} if task == "multikey" else {}
         PROMPTS[task](tokenizer, min(plan.retrieval_lengths), 0.5, _rng(0, task, 0, 0.5, 0), **extra)
+    for spec in plan.schemes:
+        if spec.name == SAVED:
+            if (engine.describe(model) or getattr(model.config, engine.RECORD_KEY, None)) is None:
+                raise PosSwapError(f"'{SAVED}' measures the patch a model folder was saved with, but this model "
+                                   f"carries none; drop '{SAVED}' from the schemes.")  # fmt: skip
+        elif spec.name is not None:
+            scheme = get_scheme(spec.name)
+            scheme.check_family(model, archs.lookup(model).family)
+            scheme.configure(model, spec.params)
+
+
+def plan_check(plan: Plan, text=None):
+    """A check for :func:`load` (``check=``): :func:`check_plan` on the text's tokens and the model's skeleton."""
+    return lambda tokenizer, model: check_plan(plan, tokenizer, text_tokens(tokenizer, text)[0], model)
+
+
+def position_limit(model) -> int | None:
+    """The longest input the model can take as it is now: a native learned table's rows; None when unbounded."""
+    if engine.describe(model) is not None or archs.lookup(model).family != archs.LEARNED:
+        return None
+    return archs.position_table(model).num_embeddings - archs.lookup(model).table_offset
 
 
 def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", text=None, resume: bool = False,
@@ -142,7 +188,7 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
     """Measure every cell of ``plan`` on ``model`` and return the run (its ``cells``; with ``out``, a folder whose
     results.json is rewritten after every cell, so ``resume=True`` skips what an interrupted run finished)."""
     tokens, text_label = text_tokens(tokenizer, text)
-    _check_plan(plan, tokenizer, tokens)
+    check_plan(plan, tokenizer, tokens, model)
     meta = {"model": model_name or getattr(model.config, "_name_or_path", ""), "text": text_label,
             "text_tokens": tokens.numel(), "trained_context": archs.trained_context(model.config),
             **{k: v for k, v in dataclasses.asdict(plan).items() if k != "schemes"},
@@ -155,9 +201,13 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
         if not mine:
             continue
         with applied(model, spec) as described:
+            limit = position_limit(model)
             for _, task, length, index in mine:
                 bar.set_postfix_str(f"{spec.label} {task} {format_length(length)}")
-                if task == "ppl":
+                if limit is not None and length > limit:
+                    result = {"unmeasured": f"{spec.label} has a learned table of {limit} positions: it cannot run "
+                                            f"{length} tokens"}  # fmt: skip
+                elif task == "ppl":
                     ids = windows(tokens, length, plan.windows)[index]
                     result = {"window": index, **window_perplexity(token_losses(model, ids))}
                 else:
@@ -172,10 +222,15 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
 
 
 # -- summaries, plots and the report ------------------------------------------------------------------------------
+def measured(cells: list[dict]) -> list[dict]:
+    """The cells that hold a measurement (not those that say why they could not be measured)."""
+    return [cell for cell in cells if "unmeasured" not in cell]
+
+
 def perplexity_table(cells: list[dict]) -> list[dict]:
     """One row per (scheme, length): mean and spread over windows of whole-window and last-quarter perplexity."""
     groups: dict[tuple, list[dict]] = {}
-    for cell in cells:
+    for cell in measured(cells):
         if cell["task"] == "ppl":
             groups.setdefault((cell["scheme"], cell["length"]), []).append(cell)
     return [{"scheme": scheme, "length": length, **summarize(group)} for (scheme, length), group in groups.items()]
@@ -184,7 +239,7 @@ def perplexity_table(cells: list[dict]) -> list[dict]:
 def accuracy_table(cells: list[dict], task: str) -> list[dict]:
     """One row per (scheme, length, depth): retrieval accuracy over trials."""
     groups: dict[tuple, list[bool]] = {}
-    for cell in cells:
+    for cell in measured(cells):
         if cell["task"] == task:
             groups.setdefault((cell["scheme"], cell["length"], cell["depth"]), []).append(cell["correct"])
     return [{"scheme": s, "length": n, "depth": d, "accuracy": sum(v) / len(v), "trials": len(v)}
@@ -261,6 +316,10 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation") -> l
                                        images=[f"{task}.png"],
                                        text="Accuracy over depths and trials (exact match of the first number of a "
                                             "greedy, cached reply); the heatmap shows each depth."))  # fmt: skip
+    unmeasured = {(c["scheme"], c["length"]): c["unmeasured"] for c in run.cells if "unmeasured" in c}
+    if unmeasured:
+        rows = [{"scheme": s, "length": format_length(n), "why": why} for (s, n), why in unmeasured.items()]
+        sections.append(report.Section("Not measured", table=(rows, ["scheme", "length", "why"])))
     if run.path is not None:
         report.write_html(run.path / "report.html", title, sections, meta=run.meta)
     return sections

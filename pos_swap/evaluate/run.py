@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from .. import archs, engine, offline, report
 from ..errors import PosSwapError
-from .ppl import check_fits, summarize, token_losses, window_perplexity, windows
-from .retrieval import DEPTHS, PROMPTS, _rng, retrieval_trial
+from .ppl import bucket_losses, bucket_size, check_fits, forwards, summarize, token_losses, window_perplexity, windows
+from .retrieval import DEPTHS, needle_for, retrieval_cells, sweep, trial_row, wilson_interval
 from .specs import SchemeSpec, format_length
 
 TASKS = ("ppl", "passkey", "multikey")
@@ -20,7 +20,9 @@ TASKS = ("ppl", "passkey", "multikey")
 
 @dataclasses.dataclass
 class Plan:
-    """What an evaluation measures. ``retrieval_lengths`` default to ``lengths``."""
+    """What an evaluation measures. ``retrieval_lengths`` default to ``lengths``. ``shared``: a causal-consistent
+    scheme reads every perplexity window from one forward per window start and runs each retrieval task through
+    one cache (other schemes fall back to a forward or prefill per cell, and the report says so)."""
 
     schemes: list[SchemeSpec]
     lengths: list[int]
@@ -31,6 +33,7 @@ class Plan:
     windows: int = 1
     seed: int = 0
     keys: int = 4  # needles in a multikey haystack
+    shared: bool = True
 
     def __post_init__(self):
         unknown = [task for task in self.tasks if task not in TASKS]
@@ -126,15 +129,19 @@ def applied(model, spec: SchemeSpec):
 
 
 def _check_plan(plan: Plan, tokenizer, tokens: torch.Tensor) -> None:
-    """Fail before any compute: lengths the text cannot fill, retrieval lengths too short for their prompt."""
-    if "ppl" in plan.tasks and tokens.numel() < max(plan.lengths):
+    """Fail before any compute: windows the text cannot fill, bad depths, retrieval lengths too short for their
+    prompt."""
+    need = max(plan.lengths) * plan.windows
+    if "ppl" in plan.tasks and tokens.numel() < need:
         raise PosSwapError(
-            f"The text holds {tokens.numel()} tokens, fewer than the longest length {max(plan.lengths)}. Pass a "
-            f"longer text (--text FILE) or shorter --lengths."
+            f"The text holds {tokens.numel()} tokens, fewer than the {need} that {plan.windows} window(s) of the "
+            f"longest length {max(plan.lengths)} need. Pass a longer text (--text FILE), shorter --lengths or "
+            f"fewer --windows."
         )
     for task in set(plan.tasks) - {"ppl"}:
-        extra = {"keys": plan.keys} if task == "multikey" else {}
-        PROMPTS[task](tokenizer, min(plan.retrieval_lengths), 0.5, _rng(0, task, 0, 0.5, 0), **extra)
+        retrieval_cells(task, plan.retrieval_lengths, plan.depths, plan.trials)
+        needle_for(tokenizer, task, min(plan.retrieval_lengths), 0.5, 0, plan.seed,
+                   **({"keys": plan.keys} if task == "multikey" else {}))  # fmt: skip
 
 
 def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", text=None, resume: bool = False,
@@ -145,6 +152,7 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
     _check_plan(plan, tokenizer, tokens)
     meta = {"model": model_name or getattr(model.config, "_name_or_path", ""), "text": text_label,
             "text_tokens": tokens.numel(), "trained_context": archs.trained_context(model.config),
+            "bucket": bucket_size(max(plan.lengths)),
             **{k: v for k, v in dataclasses.asdict(plan).items() if k != "schemes"},
             "schemes": [spec.label for spec in plan.schemes]}  # fmt: skip
     run = report.RunFolder(out, kind="eval", meta=meta, resume=resume, overwrite=overwrite)
@@ -155,20 +163,41 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
         if not mine:
             continue
         with applied(model, spec) as described:
-            for _, task, length, index in mine:
-                bar.set_postfix_str(f"{spec.label} {task} {format_length(length)}")
-                if task == "ppl":
-                    ids = windows(tokens, length, plan.windows)[index]
-                    result = {"window": index, **window_perplexity(token_losses(model, ids))}
-                else:
-                    extra = {"keys": plan.keys} if task == "multikey" else {}
-                    result = retrieval_trial(model, tokenizer, task, length, index[0], index[1], plan.seed, **extra)
-                run.add({"key": cell_key(spec, task, length, index), "scheme": spec.label, "task": task,
-                         "length": length, "patch": described, "model": meta["model"], "text": text_label,
-                         "seed": plan.seed, **result})  # fmt: skip
-                bar.update(1)
+            consistent = engine.causal_consistent(model)
+            common = {"scheme": spec.label, "patch": described, "model": meta["model"], "text": text_label,
+                      "seed": plan.seed, "causal_consistent": consistent, "shared": plan.shared and consistent}  # fmt: skip
+            for task in plan.tasks:
+                bar.set_postfix_str(f"{spec.label} {task}")
+                cells = [(length, index) for _, kind, length, index in mine if kind == task]
+                measured = _perplexities if task == "ppl" else _retrievals
+                for length, index, result in measured(model, tokenizer, tokens, plan, task, cells, common["shared"]):
+                    run.add({"key": cell_key(spec, task, length, index), "task": task, "length": length, **common,
+                             **result})  # fmt: skip
+                    bar.update(1)
     bar.close()
     return run
+
+
+def _perplexities(model, tokenizer, tokens, plan: Plan, task: str, cells, shared: bool):
+    """``(length, window, result)`` of each perplexity cell, windows sharing a start read from one forward when
+    ``shared``; each result carries its position buckets and the length of the forward it was read from."""
+    bucket = bucket_size(max(plan.lengths))
+    for start, longest, group in forwards(cells, shared):
+        losses = token_losses(model, tokens[start : start + longest][None])
+        for length, index in group:
+            mine = losses[: length - 1]
+            yield length, index, {"window": index, "forward": longest, **window_perplexity(mine),
+                                  "buckets": bucket_losses(mine, bucket)}  # fmt: skip
+
+
+def _retrievals(model, tokenizer, tokens, plan: Plan, task: str, cells, shared: bool):
+    """``(length, (depth, trial), result)`` of each retrieval cell, through one cache when ``shared``."""
+    extra = {"keys": plan.keys} if task == "multikey" else {}
+    cells = [(length, depth, trial) for length, (depth, trial) in cells]
+    needles = [needle_for(tokenizer, task, *cell, plan.seed, **extra) for cell in cells]
+    for index, result in sweep(model, tokenizer, needles, reuse=shared, progress=False):
+        length, depth, trial = cells[index]
+        yield length, (depth, trial), trial_row(task, length, depth, trial, plan.seed, needles[index], result)
 
 
 # -- summaries, plots and the report ------------------------------------------------------------------------------

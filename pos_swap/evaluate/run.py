@@ -4,6 +4,7 @@ terminal tables, PNG plots and ``report.html``. ``pos-swap eval``, ``recommend``
 import contextlib
 import dataclasses
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -152,7 +153,6 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
     _check_plan(plan, tokenizer, tokens)
     meta = {"model": model_name or getattr(model.config, "_name_or_path", ""), "text": text_label,
             "text_tokens": tokens.numel(), "trained_context": archs.trained_context(model.config),
-            "bucket": bucket_size(max(plan.lengths)),
             **{k: v for k, v in dataclasses.asdict(plan).items() if k != "schemes"},
             "schemes": [spec.label for spec in plan.schemes]}  # fmt: skip
     run = report.RunFolder(out, kind="eval", meta=meta, resume=resume, overwrite=overwrite)
@@ -210,14 +210,40 @@ def perplexity_table(cells: list[dict]) -> list[dict]:
     return [{"scheme": scheme, "length": length, **summarize(group)} for (scheme, length), group in groups.items()]
 
 
-def accuracy_table(cells: list[dict], task: str) -> list[dict]:
-    """One row per (scheme, length, depth): retrieval accuracy over trials."""
-    groups: dict[tuple, list[bool]] = {}
+def accuracy_table(cells: list[dict], task: str, by=("scheme", "length", "depth")) -> list[dict]:
+    """One row per group of ``by`` (default: scheme, length, depth): exact-match accuracy over its trials with the
+    Wilson 95% interval (``low``, ``high``), and the mean log-probability of the answer (``logprob``)."""
+    groups: dict[tuple, list[dict]] = {}
     for cell in cells:
         if cell["task"] == task:
-            groups.setdefault((cell["scheme"], cell["length"], cell["depth"]), []).append(cell["correct"])
-    return [{"scheme": s, "length": n, "depth": d, "accuracy": sum(v) / len(v), "trials": len(v)}
-            for (s, n, d), v in groups.items()]  # fmt: skip
+            groups.setdefault(tuple(cell[key] for key in by), []).append(cell)
+    rows = []
+    for values, group in groups.items():
+        hits, logprobs = sum(c["correct"] for c in group), [c.get("answer_logprob", math.nan) for c in group]
+        low, high = wilson_interval(hits, len(group))
+        rows.append({**dict(zip(by, values)), "accuracy": hits / len(group), "successes": hits, "trials": len(group),
+                     "low": low, "high": high, "logprob": sum(logprobs) / len(logprobs)})  # fmt: skip
+    return rows
+
+
+def accuracy_label(row: dict) -> str:
+    """``"2/3 67% [21-94%]"``: hits of trials, accuracy and its Wilson 95% interval."""
+    return f"{row['successes']}/{row['trials']} {row['accuracy']:.0%} [{row['low']:.0%}-{row['high']:.0%}]"
+
+
+def position_curves(cells: list[dict], bucket: int) -> dict:
+    """Perplexity by position per scheme: ``{scheme: (bucket centres, perplexities)}`` from the ``bucket``-token
+    position buckets of its longest perplexity windows (mean loss over windows per bucket, then exp)."""
+    curves = {}
+    for scheme in dict.fromkeys(c["scheme"] for c in cells if c["task"] == "ppl"):
+        mine = [c for c in cells if c["task"] == "ppl" and c["scheme"] == scheme and "buckets" in c]
+        if not mine:
+            continue
+        longest = max(c["length"] for c in mine)
+        buckets = torch.tensor([c["buckets"] for c in mine if c["length"] == longest], dtype=torch.float64)
+        centres = [min(longest, (i + 0.5) * bucket) for i in range(buckets.shape[1])]
+        curves[scheme] = (centres, buckets.mean(dim=0).exp().tolist())
+    return curves
 
 
 def pivot(rows: list[dict], value: str, spread: str | None = None, fmt: str = "{:.2f}") -> tuple[list[dict], list[str]]:
@@ -237,59 +263,89 @@ def pivot(rows: list[dict], value: str, spread: str | None = None, fmt: str = "{
     return table, ["scheme"] + [format_length(n) for n in lengths]
 
 
-def retrieval_summary(rows: list[dict]) -> list[dict]:
-    """Accuracy per (scheme, length), averaged over depths."""
-    groups: dict[tuple, list[float]] = {}
-    for row in rows:
-        groups.setdefault((row["scheme"], row["length"]), []).append(row["accuracy"])
-    return [{"scheme": s, "length": n, "accuracy": sum(v) / len(v)} for (s, n), v in groups.items()]
+def _forward_note(cells: list[dict]) -> str:
+    """What the perplexity cells were read from: one forward per window start, or separate windows (and why)."""
+    ppl_cells = [c for c in cells if c["task"] == "ppl"]
+    separate = list(dict.fromkeys(c["scheme"] for c in ppl_cells if not c.get("shared", False)))
+    unfit = list(dict.fromkeys(c["scheme"] for c in ppl_cells if c.get("causal_consistent") is False))
+    note = "Windows are cut from the start of the text (mean ± spread over windows). "
+    if not separate:
+        return note + "Every length was read from one forward at the longest length per window start."
+    if unfit:
+        note += (f"Not causal-consistent (rows follow the whole window's length), so each window had its own "
+                 f"forward: {', '.join(unfit)}. ")  # fmt: skip
+    rest = [scheme for scheme in separate if scheme not in unfit]
+    if rest:
+        note += f"Separate forwards were asked for (--separate): {', '.join(rest)}. "
+    return note + "The other schemes read every length from one forward at the longest."
 
 
 def write_report(run: report.RunFolder, title: str = "pos_swap evaluation") -> list[report.Section]:
-    """Terminal tables, PNG plots and report.html for the run's cells (the folder's when it has one)."""
+    """Terminal tables, PNG plots and report.html for the run's cells (the folder's when it has one); the tables
+    also go into results.json as its ``summary``."""
     trained = run.meta.get("trained_context")
-    sections = []
+    sections, summary = [], {}
     ppl_rows = perplexity_table(run.cells)
     if ppl_rows:
-        for value, name, what in (("ppl_tail", "ppl_tail.png", "last-quarter perplexity"),
-                                  ("ppl", "ppl.png", "whole-window perplexity")):  # fmt: skip
-            series, bands = {}, {}
-            for scheme in dict.fromkeys(r["scheme"] for r in ppl_rows):
-                mine = sorted((r for r in ppl_rows if r["scheme"] == scheme), key=lambda r: r["length"])
-                xs, ys, sd = [r["length"] for r in mine], [r[value] for r in mine], [r[value + "_std"] for r in mine]
-                series[scheme] = (xs, ys)
-                bands[scheme] = ([y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)])
-            if run.path is not None:
-                report.line_plot(run.path / name, series, xlabel="window length (tokens)", ylabel=what,
-                                 title=f"{what} by length", marks={"trained context": trained} if trained else None,
-                                 logx=True, logy=True, bands=bands,
-                                 xticks={n: format_length(n) for n in {r["length"] for r in ppl_rows}})  # fmt: skip
-            sections.append(report.Section(what.capitalize(), table=pivot(ppl_rows, value, value + "_std"),
-                                           images=[name],
-                                           text="Mean ± spread over windows; each window is cut from the start of "
-                                                "the text."))  # fmt: skip
+        summary["perplexity"] = ppl_rows
+        longest = max(r["length"] for r in ppl_rows)
+        curves = position_curves(run.cells, bucket_size(longest))
+        images = []
+        if run.path is not None and curves:
+            step = max(longest // 8, 1)
+            report.line_plot(run.path / "ppl_position.png", curves, xlabel="position in the window (tokens)",
+                             ylabel="perplexity of the tokens there", logy=True,
+                             title=f"perplexity by position ({bucket_size(longest)}-token buckets, "
+                                   f"{format_length(longest)} window)",
+                             marks={"trained context": trained} if trained and trained < longest else None,
+                             xticks={x: format_length(x) for x in range(0, longest + 1, step)})  # fmt: skip
+            images = ["ppl_position.png"]
+        note = _forward_note(run.cells)
+        sections.append(report.Section("Last-quarter perplexity", table=pivot(ppl_rows, "ppl_tail", "ppl_tail_std"),
+                                       images=images,
+                                       text=f"{note} The plot: perplexity of each bucket of positions of the "
+                                            f"longest window; the dashed line marks the trained context."))  # fmt: skip
+        sections.append(report.Section("Whole-window perplexity", table=pivot(ppl_rows, "ppl", "ppl_std")))
     for task in ("passkey", "multikey"):
         rows = accuracy_table(run.cells, task)
         if not rows:
             continue
+        pooled = accuracy_table(run.cells, task, by=("scheme", "length"))
+        summary[task] = {"by_depth": rows, "by_length": pooled}
+        images = []
         if run.path is not None:
-            panels = {}
             depths = sorted({r["depth"] for r in rows})
             lengths = sorted({r["length"] for r in rows})
+            panels, labels, logprobs = {}, {}, {}
             for scheme in dict.fromkeys(r["scheme"] for r in rows):
-                grid = [[math.nan] * len(lengths) for _ in depths]
+                grids = [[[math.nan] * len(lengths) for _ in depths] for _ in range(2)]
+                text = [[""] * len(lengths) for _ in depths]
                 for r in rows:
                     if r["scheme"] == scheme:
-                        grid[depths.index(r["depth"])][lengths.index(r["length"])] = r["accuracy"]
-                panels[scheme] = grid
-            report.heatmaps(run.path / f"{task}.png", panels, xlabel="length", ylabel="needle depth",
-                            xticks=[format_length(n) for n in lengths], yticks=[f"{d:.0%}" for d in depths],
-                            vmin=0, vmax=1, cmap="RdYlGn", annotate=True, colorbar="accuracy")  # fmt: skip
-        sections.append(report.Section(f"{task} retrieval accuracy",
-                                       table=pivot(retrieval_summary(rows), "accuracy", fmt="{:.0%}"),
-                                       images=[f"{task}.png"],
-                                       text="Accuracy over depths and trials (exact match of the first number of a "
-                                            "greedy, cached reply); the heatmap shows each depth."))  # fmt: skip
+                        i, j = depths.index(r["depth"]), lengths.index(r["length"])
+                        grids[0][i][j], grids[1][i][j] = r["accuracy"], r["logprob"]
+                        text[i][j] = f"{r['successes']}/{r['trials']}\n[{r['low']:.0%}-{r['high']:.0%}]"
+                panels[scheme], logprobs[scheme], labels[scheme] = grids[0], grids[1], text
+            axes = dict(xlabel="length", ylabel="needle depth", xticks=[format_length(n) for n in lengths],
+                        yticks=[f"{d:.0%}" for d in depths], annotate=True)  # fmt: skip
+            report.heatmaps(run.path / f"{task}.png", panels, vmin=0, vmax=1, cmap="RdYlGn", labels=labels,
+                            colorbar="exact-match accuracy", **axes)  # fmt: skip
+            report.heatmaps(run.path / f"{task}_logprob.png", logprobs, cmap="RdYlGn",
+                            colorbar="log-probability of the answer (nats)", **axes)  # fmt: skip
+            images = [f"{task}.png", f"{task}_logprob.png"]
+        table = pivot([{**r, "label": accuracy_label(r)} for r in pooled], "label", fmt="{}")
+        logprob_table = pivot(pooled, "logprob", fmt="{:.2f}")
+        shared = all(c.get("shared", False) for c in run.cells if c["task"] == task)
+        sections.append(report.Section(
+            f"{task} retrieval accuracy", table=table, images=images,
+            text=f"Exact match of the first number of a greedy, cached reply: hits/trials over depths and trials, "
+                 f"with the Wilson 95% interval; the first heatmap shows each depth. The second shows the continuous "
+                 f"score, the log-probability of the answer's tokens by teacher forcing (closer to 0 is better). "
+                 + ("Trials shared their filler prefix through one cache." if shared else
+                    "Some schemes prefilled every prompt afresh (not causal-consistent, or --separate).")))  # fmt: skip
+        sections.append(report.Section(f"{task} answer log-probability (mean over depths and trials)",
+                                       table=logprob_table))  # fmt: skip
+    run.summarize(summary)
     if run.path is not None:
         report.write_html(run.path / "report.html", title, sections, meta=run.meta)
     return sections
@@ -299,3 +355,5 @@ def print_sections(sections: list[report.Section]) -> None:
     for section in sections:
         print(f"\n{section.heading}")
         print(report.format_table(*section.table))
+        if section.text:
+            print(textwrap.fill(section.text, 116))

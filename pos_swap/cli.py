@@ -154,6 +154,7 @@ def cmd_eval(args) -> None:
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
         retrieval_lengths=evaluate.parse_lengths(args.retrieval_lengths) if args.retrieval_lengths else None,
         depths=evaluate.specs.parse_depths(args.depths), trials=args.trials, windows=args.windows, seed=args.seed,
+        shared=not args.separate,
     )  # fmt: skip
     report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
     model, tokenizer = evaluate.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest(),
@@ -176,6 +177,10 @@ def cmd_recommend(args) -> None:
                                 resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     print()
     print(evaluate.choose.explain(result))
+    if args.out:
+        title = f"pos_swap recommend: {args.model} at {evaluate.specs.format_length(target)}"
+        evaluate.write_report(result["run"], title=title, lead=[evaluate.choose.section(result)])
+        print(f"\nwrote {result['run'].file}, the PNG plots and {result['run'].path / 'report.html'}")
 
 
 def cmd_demo(args) -> None:
@@ -310,7 +315,11 @@ k = 1024 (16k = 16384).""", formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--tasks", default="ppl", help="any of ppl,passkey,multikey (default: ppl)")
     p.add_argument("--retrieval-lengths", metavar="LENGTHS", help="lengths for passkey/multikey (default: --lengths)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in 0..1 (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--trials", type=int, default=1, help="retrieval prompts per length and depth (default: 1)")
+    p.add_argument("--trials", type=int, default=1,
+                   help="retrieval prompts per length and depth; accuracy comes with a Wilson 95%% interval (default: 1)")
+    p.add_argument("--separate", action="store_true",
+                   help="a forward per perplexity window and a fresh prefill per retrieval prompt (default: a "
+                        "causal-consistent scheme reads all lengths from one forward and reuses the filler's cache)")
     p.add_argument("--seed", type=int, default=0, help="seed of the needles (recorded in results.json)")
     _add_run_options(p, "runs/eval")
     p.set_defaults(run=cmd_eval)

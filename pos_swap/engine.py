@@ -337,6 +337,15 @@ def observe(model: torch.nn.Module, *observers):
         changes._undo_all()
 
 
+def causal_consistent(model: torch.nn.Module) -> bool:
+    """Whether each token's output depends only on the tokens up to it under the model's current patch (its
+    scheme's declaration) or, unpatched, its own rotary (transformers' ``dynamic``/``longrope`` follow the window)."""
+    handle = current_patch(model)
+    if handle is not None:
+        return handle.scheme.causal_consistent()
+    return not archs.follows_length(model)
+
+
 def describe(model: torch.nn.Module) -> dict | None:
     """The model's current patch as ``{"scheme", "params", "version"}``, or None when unpatched."""
     handle = current_patch(model)

@@ -149,6 +149,13 @@ class Scheme:
         """Change the model through ``patch`` (``patch.set``, ``patch.set_rotary``, ...) so it can be undone."""
         raise NotImplementedError
 
+    def causal_consistent(self) -> bool:
+        """Whether a token's output depends only on the tokens up to it, as in the unpatched model. Then the losses
+        of a window [0, L) are the first L of one longer forward from the same start, and a cached prefix can be
+        reused for any continuation (the evaluation relies on both; ``tests/test_evaluate.py`` checks every scheme's
+        answer against separate forwards). False for rules that rotate a whole window by its current length."""
+        return True
+
     def hf_rope_parameters(self, config, slot) -> dict | None:
         """The plain transformers ``rope_parameters`` equal to this patch for one rotary table, or None."""
         return None

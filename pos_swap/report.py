@@ -36,6 +36,7 @@ class RunFolder:
                  results: str = RESULTS):  # fmt: skip
         self.kind, self.meta = kind, json.loads(json.dumps(meta))  # a JSON-clean copy
         self.cells: list[dict] = []
+        self.summary: dict | None = None
         self.path = None if path is None else Path(path)
         if self.path is None:
             return
@@ -62,10 +63,16 @@ class RunFolder:
         self.cells = [c for c in self.cells if c.get("key") != cell.get("key")] + [json.loads(json.dumps(cell))]
         self._write()
 
+    def summarize(self, summary: dict) -> None:
+        """Record the tables made from the cells (``summary`` in the results file, next to the cells)."""
+        self.summary = json.loads(json.dumps(summary))
+        self._write()
+
     def _write(self) -> None:
         if self.path is None:
             return
         payload = {"kind": self.kind, "meta": self.meta, "cells": self.cells,
+                   **({"summary": self.summary} if self.summary is not None else {}),
                    "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
         handle, temporary = tempfile.mkstemp(prefix=f".{self.file.name}.", suffix=".tmp", dir=self.path)
         try:
@@ -200,8 +207,9 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
 
 
 def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, yticks=None, vmin=None, vmax=None,
-             cmap: str = "viridis", annotate: bool = False, colorbar: str = "") -> Path:  # fmt: skip
-    """One heatmap per entry of ``panels`` (title -> 2-D array, rows drawn top to bottom), side by side."""
+             cmap: str = "viridis", annotate: bool = False, colorbar: str = "", labels: dict | None = None) -> Path:  # fmt: skip
+    """One heatmap per entry of ``panels`` (title -> 2-D array, rows drawn top to bottom), side by side;
+    ``annotate`` writes each value in its cell, or the text ``labels[title][i][j]`` when given."""
     import numpy as np
 
     count = max(1, len(panels))
@@ -217,7 +225,8 @@ def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, ytick
                 ax.set_yticks(range(len(yticks)), [str(t) for t in yticks], fontsize=7)
             if annotate:
                 for (i, j), value in np.ndenumerate(matrix):
-                    ax.text(j, i, "" if np.isnan(value) else f"{value:.2g}", ha="center", va="center", fontsize=7,
+                    text = labels[title][i][j] if labels else f"{value:.2g}"
+                    ax.text(j, i, "" if np.isnan(value) else text, ha="center", va="center", fontsize=7,
                             color="white" if value < np.nanmean(matrix) else "black")  # fmt: skip
             fig.colorbar(image, ax=ax, label=colorbar)
     return Path(path)

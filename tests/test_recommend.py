@@ -215,7 +215,7 @@ def rows_for(values: dict, trained=128, target=512):
         cells.append({"scheme": scheme, "task": "ppl", "length": target, "ppl": tail, "ppl_tail": tail})
         cells.append({"scheme": scheme, "task": "ppl", "length": trained, "ppl": inside, "ppl_tail": inside})
         cells.append({"scheme": scheme, "task": "passkey", "length": target, "depth": 0.5, "correct": correct,
-                      "answer_loss": answer})  # fmt: skip
+                      "answer_logprob": -6 * answer, "answer_tokens": 6})  # fmt: skip
     return cells
 
 
@@ -239,13 +239,13 @@ def test_recommend_measures_the_grid_and_resumes(tokenizer, tmp_path, monkeypatc
     model = tiny_lm(tokenizer)
     options = choose.Options(quick=True, depths=(0.25, 0.5, 0.75))
     measured = []
-    real = run.retrieval_trial
+    real = run.trial_row
 
     def counted(*args, **kwargs):
-        measured.append(args[2:6])
+        measured.append(args[:4])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run, "retrieval_trial", counted)
+    monkeypatch.setattr(run, "trial_row", counted)
     result = choose.recommend(model, tokenizer, 512, options=options, out=tmp_path, progress=False)
     labels = [spec.label for spec in choose.grid(128, 512, quick=True)]
     assert sorted(r["scheme"] for r in result["ranking"]) == sorted(labels)

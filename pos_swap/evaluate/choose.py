@@ -16,7 +16,7 @@ import math
 from .. import archs
 from ..errors import PosSwapError, did_you_mean
 from ..registry import get_scheme, list_schemes
-from .run import Plan, evaluate, measured, perplexity_table, text_tokens, check_plan
+from .run import Plan, check_plan, evaluate, measured_cells, perplexity_table, text_tokens
 from .specs import NATIVE, SchemeSpec, format_length
 
 OBJECTIVES = {
@@ -113,13 +113,14 @@ def rank(cells: list[dict], specs: list[SchemeSpec], trained: int, target: int, 
     ``options.tolerance`` of native perplexity at the trained length."""
     at = {(r["scheme"], r["length"]): r for r in perplexity_table(cells)}
     native_inside = at[(NATIVE, trained)]["ppl"]
-    passkeys = [c for c in measured(cells) if c["task"] == "passkey" and c["length"] == target]
+    passkeys = [c for c in measured_cells(cells) if c["task"] == "passkey" and c["length"] == target]
     rows = []
     for spec in specs:
         mine = [c for c in passkeys if c["scheme"] == spec.label]
+        hits = sum(c["correct"] for c in mine)
         row = {"scheme": spec.label, "target_ppl_tail": at[(spec.label, target)]["ppl_tail"],
-               "answer_loss": sum(c["answer_loss"] for c in mine) / len(mine),
-               "passkey": sum(c["correct"] for c in mine) / len(mine), "passkey_hits": f"{sum(c['correct'] for c in mine)}/{len(mine)}",
+               "answer_loss": sum(-c["answer_logprob"] / c["answer_tokens"] for c in mine) / len(mine),
+               "passkey": hits / len(mine), "passkey_hits": f"{hits}/{len(mine)}",
                "trained_ppl": at[(spec.label, trained)]["ppl"]}  # fmt: skip
         row["inside_change"] = row["trained_ppl"] / native_inside - 1
         row["keeps_native"] = abs(row["inside_change"]) <= options.tolerance
@@ -147,6 +148,16 @@ def recommend(model, tokenizer, target: int, *, text=None, options: Options | No
 
 COLUMNS = ["scheme", "score", "target_ppl_tail", "answer_loss", "passkey_hits", "trained_ppl", "inside_change",
            "keeps_native"]  # fmt: skip
+
+
+def section(result: dict):
+    """The ranking as the first section of ``report.html``."""
+    from ..report import Section
+
+    rows = [{**r, "inside_change": f"{r['inside_change']:+.1%}", "score": f"{r['score']:.3f}"}
+            for r in result["ranking"]]  # fmt: skip
+    head, legend, *_ = explain(result).split("\n")
+    return Section(f"Recommendation: {result['line']}", text=f"{head}. {legend}.", table=(rows, COLUMNS))
 
 
 def explain(result: dict) -> str:

@@ -58,6 +58,13 @@ class Rope(Scheme):
         hook = DeferredRotation(functools.partial(self._frequencies, scaling, dim), block)
         patch.hook_attention(archs.attention_modules(model), hook, backend=backend)
 
+    def causal_consistent(self) -> bool:
+        """As the scaling rule on top (plain rotary positions are)."""
+        if self.config.scaling is None:
+            return True
+        rule = get_scheme(self.config.scaling)
+        return rule(rule.Config(**(self.config.scaling_params or {}))).causal_consistent()
+
     def _frequencies(self, scaling, dim: int, seq_lens: torch.Tensor):
         if scaling is not None:
             return scaling.per_sequence(dim, self.config.base, seq_lens)

@@ -291,10 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_probe)
 
     p = sub.add_parser(
-        "demo", help="SmolLM2 native vs dynamic-yarn beyond its 8k context, offline (a few minutes on a CPU)",
+        "demo", help="SmolLM2 native vs leaky ReRoPE beyond its 8k context, offline (about 5 minutes on a 2-core CPU)",
         description=evaluate.demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--full", action="store_true", help="the longer version: lengths to 16k, passkey at five depths")
+    p.add_argument("--full", action="store_true", help="the longer version: a 16k window with five pass keys")
     _add_run_options(p, "runs/demo")
     p.set_defaults(run=cmd_demo)
 

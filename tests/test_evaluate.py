@@ -14,7 +14,7 @@ import transformers as T
 import pos_swap
 from pos_swap import cli, report
 from pos_swap.errors import PosSwapError
-from pos_swap.evaluate import demo, ppl, retrieval, run, specs
+from pos_swap.evaluate import ppl, retrieval, run, specs
 from tests.conftest import tiny
 
 
@@ -277,17 +277,3 @@ def test_cli_folder_without_tokenizer_is_refused(tmp_path, capsys):
     tiny("llama").save_pretrained(tmp_path)
     assert cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_end_to_end_on_the_real_smollm2(tmp_path, monkeypatch, capsys):
-    """The demo's code path on the real checkpoint with short lengths (the real settings run in the README test)."""
-    monkeypatch.setitem(demo.SETTINGS, False, dict(lengths=[512, 1024], retrieval_lengths=[1024], depths=(0.0, 1.0)))
-    done = demo.demo(tmp_path, progress=False)
-    cells = {c["key"]: c for c in done.cells}
-    assert len(cells) == 2 * (2 + 2)
-    # SmolLM2 retrieves a passkey at 1k natively, and dynamic-yarn is native inside the trained context
-    assert cells["native|passkey|1024|d0/t0"]["correct"] and cells["native|passkey|1024|d1/t0"]["correct"]
-    assert cells["dynamic-yarn|ppl|1024|w0"]["ppl"] == pytest.approx(cells["native|ppl|1024|w0"]["ppl"], rel=1e-5)
-    assert 5 < cells["native|ppl|1024|w0"]["ppl"] < 30
-    assert (tmp_path / "report.html").exists() and "Last-quarter perplexity" in capsys.readouterr().out

@@ -15,7 +15,7 @@ import transformers as T
 import pos_swap
 from pos_swap import archs, cli, engine, registry, report
 from pos_swap.errors import PosSwapError
-from pos_swap.evaluate import choose, ppl, retrieval, run, specs
+from pos_swap.evaluate import choose, demo, ppl, retrieval, run, specs
 from tests.conftest import tiny
 
 
@@ -274,3 +274,53 @@ def test_cli_recommend_prints_the_table_and_the_line(tiny_dir, tmp_path, capsys)
     assert "use:\n    pos_swap.patch(model, " in printed or "use:\n    # no patch" in printed
     assert cli.main(argv) == 2 and "--resume" in capsys.readouterr().err
     assert cli.main(argv + ["--resume"]) == 0 and (out / "report.html").exists()
+
+
+# -- the demo --------------------------------------------------------------------------------------------------------
+def test_demo_haystack_hides_each_key_at_its_depth_in_the_text(tokenizer):
+    tokens, _ = run.text_tokens(tokenizer)
+    ids, mask, asked = demo.haystack(tokenizer, tokens, 600, (0.1, 0.5, 0.9))
+    assert max(len(n.ids) for n in asked) == 600 and all(n.ids[: len(ids)] == ids for n in asked)
+    room = len(ids) - int(mask.sum())
+    for needle in asked:
+        hidden = tokenizer.decode(ids[needle.needle_at : needle.needle_at + 40])
+        assert f"pass key of the {needle.details['asked']} is {needle.answer}" in hidden
+        text_before = int((~mask[: needle.needle_at]).sum())
+        assert text_before == round(needle.depth * room)  # the text tokens before the needle: its depth
+        assert tokenizer.decode(needle.ids[len(ids) :]).strip() == demo.question(needle.details["asked"])
+    assert tokenizer.decode(ids[:30]) == tokenizer.decode(tokens[:30].tolist())  # the haystack is the text itself
+
+
+def test_demo_measures_from_one_forward_what_separate_forwards_give(tokenizer):
+    from transformers import DynamicCache
+
+    model = tiny_lm(tokenizer)
+    tokens, _ = run.text_tokens(tokenizer)
+    ids, mask, asked = demo.haystack(tokenizer, tokens, 400, (0.1, 0.5, 0.9))
+    cells = demo.measure(model, tokenizer, ids, mask, asked)
+    losses = ppl.token_losses(model, torch.tensor([ids]))  # reference: an uncached forward
+    (_, _, curve), *retrieved = cells
+    assert curve["ppl"] == pytest.approx(ppl.window_perplexity(losses[~mask[1:]])["ppl"], rel=1e-6)
+    assert curve["buckets"] == pytest.approx(ppl.bucket_losses(losses.masked_fill(mask[1:], math.nan), 32), nan_ok=True)
+    for (task, (depth, _), row), needle in zip(retrieved, asked):
+        fresh = retrieval.score(model, tokenizer, needle.ids, needle.answer, DynamicCache())  # its own prefill
+        assert task == "multikey" and depth == needle.depth and row["prefilled"] == len(needle.ids) - len(ids)
+        assert row["answer_logprob"] == pytest.approx(fresh["answer_logprob"], rel=1e-5)
+        assert row["reply"] == fresh["reply"].strip()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_the_real_smollm2(tmp_path, monkeypatch, capsys):
+    """The demo's code path on the real checkpoint with a short window (the real settings run in CI's long step)."""
+    monkeypatch.setitem(demo.SETTINGS, False, dict(length=1024, depths=(0.1, 0.9)))
+    done = demo.demo(tmp_path, progress=False)
+    cells = {c["key"]: c for c in done.cells}
+    assert len(cells) == 2 * (1 + 2)
+    leaky = demo.SCHEMES.split(",")[1]
+    # SmolLM2 finds a named key at 1k natively; inside its 4096-token window leaky ReRoPE is the native model
+    assert cells["native|multikey|1024|d0.1/t0"]["correct"] and cells["native|multikey|1024|d0.9/t0"]["correct"]
+    assert cells[f"{leaky}|ppl|1024|w0"]["ppl"] == pytest.approx(cells["native|ppl|1024|w0"]["ppl"], rel=1e-4)
+    assert 5 < cells["native|ppl|1024|w0"]["ppl"] < 30
+    html = (tmp_path / "report.html").read_text()
+    assert "<table class='settings'>" in html and "why this scheme" in html and "<pre>" not in html
+    assert "Last-quarter perplexity" in capsys.readouterr().out

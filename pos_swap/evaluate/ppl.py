@@ -19,14 +19,16 @@ TAIL = 0.25  # the share of a window at its end whose tokens need the long conte
 LOGITS_MIB = 32  # float32 logits held at once: 170 positions of a 49k vocabulary
 
 
-def token_losses(model, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def token_losses(model, ids: torch.Tensor, chunk: int | None = None, cache=None) -> torch.Tensor:
     """Negative log-likelihood (float32, shape ``(L - 1,)``) of each token of ``ids (1, L)`` given the tokens
     before it, in one forward pass of the whole window; the head runs over ``chunk`` positions at a time
-    (default: as many as fit in LOGITS_MIB of float32 logits)."""
+    (default: as many as fit in LOGITS_MIB of float32 logits). A ``cache`` (a transformers ``Cache``) keeps the
+    window's keys and values, to continue from it."""
     head = _head(model)
     ids = ids.to(head.weight.device)
+    kept = {"use_cache": False} if cache is None else {"use_cache": True, CACHE_ARGUMENT: cache}
     with torch.no_grad():
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (L - 1, hidden)
+        hidden = model.base_model(input_ids=ids, **kept).last_hidden_state[0, :-1]  # (L - 1, hidden)
         return _losses(model, hidden, ids[0, 1:], chunk)
 
 

@@ -265,6 +265,14 @@ def test_recommend_measures_the_grid_and_resumes(tokenizer, tmp_path, monkeypatc
     assert not measured and [r["scheme"] for r in again["ranking"]] == [r["scheme"] for r in result["ranking"]]
 
 
+def test_recommend_on_a_learned_table_ranks_native_beyond_it_last(tokenizer):
+    model = tiny_lm(tokenizer, trained=256, arch="gpt2")
+    result = choose.recommend(model, tokenizer, 512, options=choose.Options(quick=True), progress=False)
+    assert [r["scheme"] for r in result["ranking"]] == ["learned-interpolate:factor=2", "native"]
+    assert result["ranking"][-1]["passkey_hits"] == "not measured" and "not measured" in choose.explain(result)
+    assert result["line"] == 'pos_swap.patch(model, "learned-interpolate", factor=2.0)'
+
+
 def test_cli_recommend_prints_the_table_and_the_line(tiny_dir, tmp_path, capsys):
     out = tmp_path / "rec"
     argv = ["recommend", str(tiny_dir), "--length", "0.5k", "--quick", "--objective", "retrieval", "--out", str(out)]

@@ -112,21 +112,24 @@ def rank(cells: list[dict], specs: list[SchemeSpec], trained: int, target: int, 
     """One row per setting, best first by ``options.objective``; ``keeps_native`` marks the settings within
     ``options.tolerance`` of native perplexity at the trained length."""
     at = {(r["scheme"], r["length"]): r for r in perplexity_table(cells)}
-    native_inside = at[(NATIVE, trained)]["ppl"]
+    native_inside = at[(NATIVE, trained)]["ppl"] if (NATIVE, trained) in at else None
     passkeys = [c for c in measured_cells(cells) if c["task"] == "passkey" and c["length"] == target]
     rows = []
     for spec in specs:
         mine = [c for c in passkeys if c["scheme"] == spec.label]
+        if (spec.label, target) not in at or (spec.label, trained) not in at or not mine:  # e.g. past a learned table
+            rows.append({"scheme": spec.label, "score": math.inf, "keeps_native": False, "passkey_hits": "not measured"})
+            continue
         hits = sum(c["correct"] for c in mine)
         row = {"scheme": spec.label, "target_ppl_tail": at[(spec.label, target)]["ppl_tail"],
                "answer_loss": sum(-c["answer_logprob"] / c["answer_tokens"] for c in mine) / len(mine),
                "passkey": hits / len(mine), "passkey_hits": f"{hits}/{len(mine)}",
                "trained_ppl": at[(spec.label, trained)]["ppl"]}  # fmt: skip
-        row["inside_change"] = row["trained_ppl"] / native_inside - 1
+        row["inside_change"] = row["trained_ppl"] / native_inside - 1 if native_inside else 0.0
         row["keeps_native"] = abs(row["inside_change"]) <= options.tolerance
         row["score"] = score(row, options.objective)[0]
         rows.append(row)
-    return sorted(rows, key=lambda r: (not r["keeps_native"], score(r, options.objective)))
+    return sorted(rows, key=lambda r: (not r["keeps_native"], score(r, options.objective) if "passkey" in r else (math.inf,)))
 
 
 def recommend(model, tokenizer, target: int, *, text=None, options: Options | None = None, out=None,
@@ -150,12 +153,16 @@ COLUMNS = ["scheme", "score", "target_ppl_tail", "answer_loss", "passkey_hits", 
            "keeps_native"]  # fmt: skip
 
 
+def _printable(row: dict) -> dict:
+    change = f"{row['inside_change']:+.1%}" if "inside_change" in row else ""
+    return {**row, "inside_change": change, "score": f"{row['score']:.3f}"}
+
+
 def section(result: dict):
     """The ranking as the first section of ``report.html``."""
     from ..report import Section
 
-    rows = [{**r, "inside_change": f"{r['inside_change']:+.1%}", "score": f"{r['score']:.3f}"}
-            for r in result["ranking"]]  # fmt: skip
+    rows = [_printable(r) for r in result["ranking"]]
     head, legend, *_ = explain(result).split("\n")
     return Section(f"Recommendation: {result['line']}", text=f"{head}. {legend}.", table=(rows, COLUMNS))
 
@@ -166,8 +173,7 @@ def explain(result: dict) -> str:
 
     options = result["options"]
     trained, target = format_length(result["trained"]), format_length(result["target"])
-    rows = [{**r, "inside_change": f"{r['inside_change']:+.1%}", "score": f"{r['score']:.3f}"}
-            for r in result["ranking"]]  # fmt: skip
+    rows = [_printable(r) for r in result["ranking"]]
     depths = ", ".join(f"{d:.0%}" for d in options.depths)
     return "\n".join([
         f"ranked by objective '{options.objective}': {OBJECTIVES[options.objective]}",

@@ -226,8 +226,9 @@ def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, ytick
             if annotate:
                 for (i, j), value in np.ndenumerate(matrix):
                     text = labels[title][i][j] if labels else f"{value:.2g}"
+                    red, green, blue, _ = image.cmap(image.norm(value))  # the cell's colour: dark ones get white text
                     ax.text(j, i, "" if np.isnan(value) else text, ha="center", va="center", fontsize=7,
-                            color="white" if value < np.nanmean(matrix) else "black")  # fmt: skip
+                            color="white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "black")  # fmt: skip
             fig.colorbar(image, ax=ax, label=colorbar)
     return Path(path)
 

@@ -2,6 +2,8 @@
 declaration against separate forwards, perplexity of several lengths from one forward, the position curve, Wilson
 intervals, the answer's log-probability by teacher forcing, and retrieval sweeps that reuse a cached prefix."""
 
+import dataclasses
+import json
 import math
 import random
 
@@ -11,9 +13,9 @@ import transformers as T
 from transformers import DynamicCache
 
 import pos_swap
-from pos_swap import engine
+from pos_swap import cli, engine
 from pos_swap.errors import PosSwapError
-from pos_swap.evaluate import ppl, retrieval
+from pos_swap.evaluate import ppl, retrieval, run, specs
 from tests.conftest import scheme_params, tiny
 
 # one setting per registered scheme (length-following rules both per position and whole-window), on a tiny model
@@ -190,3 +192,55 @@ def test_a_sweep_reuses_only_for_a_causal_consistent_model(tokenizer, monkeypatc
     assert all(r["answer_logprob"] < 0 and r["correct"] == (retrieval.answer_of(r["reply"]) == r["answer"]) for r in rows)
     with pytest.raises(PosSwapError, match="--trials must be at least 1"):
         pos_swap.evaluate.passkey(model, tokenizer, [300], trials=0)
+
+
+# -- the run, its report and the command line ----------------------------------------------------------------------
+def test_a_run_shares_forwards_only_where_it_may_and_says_so(tokenizer, tmp_path):
+    model = tiny_lm(tokenizer)
+    plan = run.Plan(schemes=specs.parse_schemes("native,dynamic-yarn:per_position=false"), lengths=[64, 256],
+                    tasks=("ppl", "passkey"), retrieval_lengths=[256], depths=(0.0, 1.0), trials=2)  # fmt: skip
+    done = run.evaluate(model, tokenizer, plan, out=tmp_path / "shared", progress=False)
+    separate = run.evaluate(model, tokenizer, dataclasses.replace(plan, shared=False), progress=False)
+    cells = {c["key"]: c for c in done.cells}
+    assert cells["native|ppl|64|w0"]["forward"] == 256 and cells["native|passkey|256|d0/t0"]["shared"]
+    whole = "dynamic-yarn:per_position=false"
+    assert cells[f"{whole}|ppl|64|w0"]["forward"] == 64 and not cells[f"{whole}|passkey|256|d0/t0"]["shared"]
+    for cell in separate.cells:  # the shared results are those of separate forwards and fresh prefills
+        for key in ("ppl", "ppl_tail", "answer_logprob"):
+            if key in cell:
+                assert cells[cell["key"]][key] == pytest.approx(cell[key], rel=1e-4, abs=1e-3), cell["key"]
+    sections = run.write_report(done)
+    assert f"each window had its own forward: {whole}" in sections[0].text
+    assert "one forward at the longest" in sections[0].text
+    saved = json.loads((tmp_path / "shared" / "results.json").read_text())
+    pooled = {r["scheme"]: r for r in saved["summary"]["passkey"]["by_length"]}
+    hits = sum(c["correct"] for c in done.cells if c["scheme"] == "native" and c["task"] == "passkey")
+    assert pooled["native"]["trials"] == 4 and pooled["native"]["successes"] == hits
+    assert (pooled["native"]["low"], pooled["native"]["high"]) == pytest.approx(retrieval.wilson_interval(hits, 4))
+    assert len(cells["native|ppl|256|w0"]["buckets"]) == 8 and len(cells["native|ppl|64|w0"]["buckets"]) == 2  # of 32
+    assert (tmp_path / "shared" / "ppl_position.png").stat().st_size > 1000
+
+
+def test_cli_refuses_trials_below_one_before_loading(tmp_path, capsys):
+    missing = tmp_path / "no-model-here"
+    argv = ["eval", str(missing), "--tasks", "passkey", "--trials", "0", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--trials must be at least 1; got 0" in err and "config" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_on_the_real_smollm2(smollm2_dir, tmp_path, capsys):
+    """The real checkpoint at 1k: passkey found at both depths natively, two trials each, through one cache, and
+    every length's perplexity from one forward."""
+    argv = ["eval", str(smollm2_dir), "--schemes", "native", "--lengths", "512,1k", "--tasks", "ppl,passkey",
+            "--retrieval-lengths", "1k", "--depths", "0,1", "--trials", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4/4 100% [51%-100%]" in out and "one forward at the longest" in out
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    passkeys = [c for c in cells if c["task"] == "passkey"]
+    assert all(c["correct"] and c["shared"] and -3 < c["answer_logprob"] < 0 for c in passkeys)
+    assert sum(c["prefilled"] for c in passkeys) < 0.7 * sum(c["prompt_tokens"] for c in passkeys)
+    ppl_512 = next(c for c in cells if c["key"] == "native|ppl|512|w0")
+    assert ppl_512["forward"] == 1024 and 5 < ppl_512["ppl"] < 30

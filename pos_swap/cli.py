@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_probe)
 
     p = sub.add_parser(
-        "demo", help="SmolLM2 native vs leaky ReRoPE beyond its 8k context, offline (about 5 minutes on a 2-core CPU)",
+        "demo", help="SmolLM2 native vs leaky ReRoPE beyond its 8k context, offline (about 11 CPU-minutes)",
         description=evaluate.demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--full", action="store_true", help="the longer version: a 16k window with five pass keys")

@@ -169,6 +169,16 @@ def rotary_slots(model: nn.Module, every_layer_type: bool = False) -> list[Rotar
     return [RotarySlot(module, layer_type) for layer_type in layer_types or (None,)]
 
 
+LENGTH_FOLLOWING_ROPE_TYPES = ("dynamic", "longrope")  # transformers recomputes these per forward from its length
+
+
+def follows_length(model: nn.Module) -> bool:
+    """Whether the model's own rotary tables change with the whole window's length (transformers' ``dynamic``
+    and ``longrope`` rope types), so a token's output also depends on how long the window is."""
+    types = {slot.rope_parameters(model.config).get("rope_type", "default") for slot in rotary_slots(model, every_layer_type=True)}
+    return bool(types & set(LENGTH_FOLLOWING_ROPE_TYPES))
+
+
 def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
     """The attention modules, optionally only those of one layer type (Gemma 3's ``full_attention``)."""
     spec = lookup(model)

@@ -204,11 +204,13 @@ def cmd_eval(args) -> None:
         schemes=evaluate.parse_schemes(args.schemes), lengths=evaluate.parse_lengths(args.lengths),
         tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
         retrieval_lengths=evaluate.parse_lengths(args.retrieval_lengths) if args.retrieval_lengths else None,
-        depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials, windows=args.windows, seed=args.seed,
+        depths=evaluate.specs.parse_depths(args.depths), trials=args.trials, windows=args.windows, seed=args.seed,
+        shared=not args.separate,
     )  # fmt: skip
     report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
     _check_text(args.text)
-    model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest())
+    model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=plan.longest(),
+                                    check=evaluate.run.plan_check(plan, args.text))  # fmt: skip
     run = evaluate.evaluate(model, tokenizer, plan, out=args.out, model_name=args.model, text=args.text,
                             resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     evaluate.run.print_sections(evaluate.write_report(run))
@@ -217,18 +219,21 @@ def cmd_eval(args) -> None:
 
 def cmd_recommend(args) -> None:
     target = evaluate.specs.parse_length(args.length)
+    options = evaluate.choose.Options(objective=args.objective, tolerance=args.tolerance, quick=args.quick,
+                                      windows=args.windows)  # fmt: skip
     if args.out:
-        report.check_output(args.out, overwrite=args.overwrite)
+        report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
     _check_text(args.text)
-    model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target)
-    result = evaluate.recommend(model, tokenizer, target, text=args.text, windows=args.windows,
-                                tolerance=args.tolerance, out=args.out, overwrite=args.overwrite)  # fmt: skip
-    rows = [{**r, "inside_change": f"{r['inside_change']:+.1%}"} for r in result["ranking"]]
-    trained, length = evaluate.specs.format_length(result["trained"]), evaluate.specs.format_length(target)
-    columns = ["scheme", "target_ppl_tail", "trained_ppl", "inside_change", "keeps_native"]
-    print(f"\nranked by last-quarter perplexity at {length}; trained_ppl: whole-window at the trained {trained}")
-    print(report.format_table(rows, columns))
-    print(f"\nuse:\n    {result['line']}")
+    model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target,
+                                    check=evaluate.choose.plan_check(target, options, args.text))  # fmt: skip
+    result = evaluate.recommend(model, tokenizer, target, text=args.text, options=options, out=args.out,
+                                resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+    print()
+    print(evaluate.choose.explain(result))
+    if args.out:
+        title = f"pos_swap recommend: {args.model} at {evaluate.specs.format_length(target)}"
+        evaluate.write_report(result["run"], title=title, lead=[evaluate.choose.section(result)])
+        print(f"\nwrote {result['run'].file}, the PNG plots and {result['run'].path / 'report.html'}")
 
 
 def cmd_demo(args) -> None:
@@ -286,7 +291,8 @@ def _add_model_options(p) -> None:
 
 
 def _add_run_options(p, default_out: str | None) -> None:
-    p.add_argument("--out", metavar="DIR", default=default_out, help=f"run folder (default: {default_out})")
+    p.add_argument("--out", metavar="DIR", default=default_out,
+                   help=f"run folder (default: {default_out or 'none: nothing written'})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished cells")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
@@ -343,10 +349,10 @@ def _add_probe_command(sub) -> None:
 
 def _add_demo_command(sub) -> None:
     p = sub.add_parser(
-        "demo", help="SmolLM2 native vs dynamic-yarn beyond its 8k context, offline (a few minutes on a CPU)",
+        "demo", help="SmolLM2 native vs leaky ReRoPE beyond its 8k context, offline (about 11 CPU-minutes)",
         description=evaluate.demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--full", action="store_true", help="the longer version: lengths to 16k, passkey at five depths")
+    p.add_argument("--full", action="store_true", help="the longer version: a 16k window with five pass keys")
     _add_run_options(p, "runs/demo")
     p.set_defaults(run=cmd_demo, command_parser=p)
 
@@ -363,7 +369,11 @@ def _add_eval_command(sub) -> None:
     p.add_argument("--tasks", default="ppl", help="any of ppl,passkey,multikey (default: ppl)")
     p.add_argument("--retrieval-lengths", metavar="LENGTHS", help="lengths for passkey/multikey (default: --lengths)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in 0..1 (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--trials", type=int, default=1, help="retrieval prompts per length and depth (default: 1)")
+    p.add_argument("--trials", type=int, default=1,
+                   help="retrieval prompts per length and depth; accuracy comes with a Wilson 95%% interval (default: 1)")
+    p.add_argument("--separate", action="store_true",
+                   help="a forward per perplexity window and a fresh prefill per retrieval prompt (default: a "
+                        "causal-consistent scheme reads all lengths from one forward and reuses the filler's cache)")
     p.add_argument("--seed", type=int, default=0, help="seed of the needles (recorded in results.json)")
     _add_run_options(p, "runs/eval")
     p.set_defaults(run=cmd_eval, command_parser=p)
@@ -376,10 +386,14 @@ def _add_recommend_command(sub) -> None:
     )  # fmt: skip
     _add_model_options(p)
     p.add_argument("--length", required=True, help="target context length, e.g. 32k")
+    p.add_argument("--objective", default="balanced",
+                   help="what the ranking weighs: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                 evaluate.choose.OBJECTIVES.items()).replace("%", "%%"))
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="allowed change of whole-window perplexity at the trained length (default: 0.01 = 1%%)")
-    p.add_argument("--out", metavar="DIR", help="also write results.json, plots and report.html there")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--quick", action="store_true",
+                   help="one setting per scheme (its first), one retrieval trial per depth: about half the time")
+    _add_run_options(p, None)
     p.set_defaults(run=cmd_recommend, command_parser=p)
 
 

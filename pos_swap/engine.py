@@ -388,6 +388,22 @@ def patched(model: torch.nn.Module, scheme: str, **params):
 
 
 @contextlib.contextmanager
+def unpatched(model: torch.nn.Module):
+    """``with pos_swap.engine.unpatched(model):`` the model without its patch (e.g. one a folder was saved with)
+    inside the block; on exit a patch put on inside is removed and the original one, its very objects (trained
+    tables included), is put back."""
+    handle = current_patch(model)
+    undone = handle._undo_all() if handle is not None else []
+    try:
+        yield
+    finally:
+        if current_patch(model) is not None:
+            unpatch(model)
+        if handle is not None:
+            handle._redo(undone)
+
+
+@contextlib.contextmanager
 def observe(model: torch.nn.Module, *observers):
     """``with pos_swap.observe(model, observer):`` every attention module shows ``observer`` the attention it really
     computes, under the model's patch (ALiBi's bias, a dynamic rotation, Self-Extend's grouped positions) and
@@ -409,6 +425,15 @@ def observe(model: torch.nn.Module, *observers):
         yield
     finally:
         changes._undo_all()
+
+
+def causal_consistent(model: torch.nn.Module) -> bool:
+    """Whether each token's output depends only on the tokens up to it under the model's current patch (its
+    scheme's declaration) or, unpatched, its own rotary (transformers' ``dynamic``/``longrope`` follow the window)."""
+    handle = current_patch(model)
+    if handle is not None:
+        return handle.scheme.causal_consistent()
+    return not archs.follows_length(model)
 
 
 def describe(model: torch.nn.Module) -> dict | None:

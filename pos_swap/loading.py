@@ -87,11 +87,12 @@ def load_tokenizer(name_or_path, *, required: bool = True):
 
 
 def load(name_or_path, *, device: str = "cpu", dtype: str | None = None, longest: int | None = None,
-         require_tokenizer: bool = True):  # fmt: skip
+         require_tokenizer: bool = True, check=None):  # fmt: skip
     """``(model, tokenizer)``: the model in eval mode on ``device`` (a saved patch re-applied) and its tokenizer
     (None when it has none and ``require_tokenizer`` is False). ``dtype`` None keeps the checkpoint's. Everything
     that needs no weights is checked first: device, dtype, config, tokenizer, and on a CPU the memory a
-    ``longest``-token forward needs."""
+    ``longest``-token forward needs, and ``check(tokenizer, skeleton)`` when given (``skeleton``: the model built
+    without weights on the meta device, without its saved patch; its config keeps the record)."""
     chosen_dtype = torch_dtype(dtype)
     check_device(device)
     path, config = read_config(name_or_path)
@@ -100,6 +101,8 @@ def load(name_or_path, *, device: str = "cpu", dtype: str | None = None, longest
 
         check_fits(config, longest, (chosen_dtype or torch.float32).itemsize)
     tokenizer = load_tokenizer(name_or_path, required=require_tokenizer)
+    if check is not None:
+        check(tokenizer, skeleton(config))
     try:
         model = engine.from_pretrained(path, config=config, **({"dtype": chosen_dtype} if chosen_dtype else {}))
     except OSError as error:  # a folder with a config but no (or broken) weights
@@ -110,14 +113,17 @@ def load(name_or_path, *, device: str = "cpu", dtype: str | None = None, longest
 def load_empty(name_or_path):
     """``(model, record)``: the model built on the meta device, without weights (cheap, for ``pos-swap info``), and
     the pos_swap patch record its config carries (None: none)."""
+    _, config = read_config(name_or_path)
+    return skeleton(config), engine.read_record(config)
+
+
+def skeleton(config):
+    """The model of ``config`` built on the meta device, without weights and without a saved patch."""
     from accelerate import init_empty_weights
 
-    _, config = read_config(name_or_path)
-    record = engine.read_record(config)
     with init_empty_weights():
         model_class = engine.saved_model_class(config)
-        model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
-    return model, record
+        return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
 
 
 def read_text(path) -> str:

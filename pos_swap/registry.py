@@ -127,6 +127,13 @@ class Scheme:
         return {}
 
     @classmethod
+    def candidates(cls, trained: int, target: int) -> list[dict]:
+        """The settings ``pos-swap recommend`` measures for a model trained on ``trained`` tokens and used at
+        ``target``, by a rule the scheme's docstring states; the first is the one a ``--quick`` run keeps. A scheme
+        that needs training, or does not extend a context, has none."""
+        return []
+
+    @classmethod
     def check_family(cls, model, family: str) -> None:
         if family not in cls.families:
             raise IncompatibleSchemeError(
@@ -142,6 +149,13 @@ class Scheme:
     def apply(self, patch) -> None:
         """Change the model through ``patch`` (``patch.set``, ``patch.set_rotary``, ...) so it can be undone."""
         raise NotImplementedError
+
+    def causal_consistent(self) -> bool:
+        """Whether a token's output depends only on the tokens up to it, as in the unpatched model. Then the losses
+        of a window [0, L) are the first L of one longer forward from the same start, and a cached prefix can be
+        reused for any continuation (the evaluation relies on both; ``tests/test_evaluate.py`` checks every scheme's
+        answer against separate forwards). False for rules that rotate a whole window by its current length."""
+        return True
 
     def hf_rope_parameters(self, config, slot) -> dict | None:
         """The plain transformers ``rope_parameters`` equal to this patch for one rotary table, or None."""

@@ -38,11 +38,14 @@ class RunFolder:
                  results: str = RESULTS, may_change=(), resumable: bool = True):  # fmt: skip
         self.kind, self.meta = kind, json.loads(json.dumps(meta))  # a JSON-clean copy
         self.cells: list[dict] = []
+        self.summary: dict | None = None
         self.path = None if path is None else Path(path)
         if self.path is None:
             return
         self.file = self.path / results
         saved = check_output(self.path, resume=resume, overwrite=overwrite, results=results, resumable=resumable)
+        self.path.mkdir(parents=True, exist_ok=True)
+        _lock(self.path, results)
         if saved is not None:
             old = saved.get("meta", {})
             changed = sorted(k for k in {**old, **self.meta} if k not in may_change and old.get(k) != self.meta.get(k))
@@ -52,7 +55,6 @@ class RunFolder:
                     f"differ). Use the same settings, or --overwrite to start again."
                 )
             self.cells = saved.get("cells", [])
-        self.path.mkdir(parents=True, exist_ok=True)
         self._write()
 
     def done(self, key: str) -> bool:
@@ -63,14 +65,51 @@ class RunFolder:
         self.cells = [c for c in self.cells if c.get("key") != cell.get("key")] + [json.loads(json.dumps(cell))]
         self._write()
 
+    def summarize(self, summary: dict) -> None:
+        """Record the tables made from the cells (``summary`` in the results file, next to the cells)."""
+        self.summary = json.loads(json.dumps(summary))
+        self._write()
+
     def _write(self) -> None:
         if self.path is None:
             return
         payload = {"kind": self.kind, "meta": self.meta, "cells": self.cells,
+                   **({"summary": self.summary} if self.summary is not None else {}),
                    "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-        temporary = self.file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(payload, indent=1, allow_nan=True))
-        os.replace(temporary, self.file)
+        handle, temporary = tempfile.mkstemp(prefix=f".{self.file.name}.", suffix=".tmp", dir=self.path)
+        try:
+            with os.fdopen(handle, "w") as stream:
+                stream.write(json.dumps(payload, indent=1, allow_nan=True))
+            os.replace(temporary, self.file)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+_HELD_LOCKS: dict[Path, object] = {}  # lock file -> its open stream, for the life of this process
+
+
+def _lock(path: Path, results: str):
+    """Lock the run folder for this process (released when the process ends), so two processes never write one
+    results file; refuse a folder another live process holds. No lock where the platform has no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: unique temporary names still keep each write whole
+        return None
+    file = (path / f".{results}.lock").resolve()
+    if file in _HELD_LOCKS:
+        return _HELD_LOCKS[file]
+    stream = open(file, "a")
+    try:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        stream.close()
+        raise PosSwapError(
+            f"Another pos_swap run is writing to '{path}' right now. Wait for it to finish, or choose another output "
+            f"folder (--out DIR)."
+        ) from None
+    _HELD_LOCKS[file] = stream
+    return stream
 
 
 def check_output(path, *, resume: bool = False, overwrite: bool = False, results: str = RESULTS,
@@ -85,7 +124,15 @@ def check_output(path, *, resume: bool = False, overwrite: bool = False, results
     file = path / results
     if not file.exists() or overwrite:
         return None
-    saved = json.loads(file.read_text())
+    try:
+        saved = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        saved = error
+    if not isinstance(saved, dict):
+        raise PosSwapError(
+            f"'{file}' is not a pos_swap results file (not a JSON object: {str(saved)[:80]}). Move it away, choose "
+            f"another output folder, or pass --overwrite to replace it."
+        )
     if not saved.get("cells"):
         return None  # it stopped before its first cell: nothing to keep, so it does not block the corrected command
     if not resume:
@@ -176,8 +223,9 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
 
 
 def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, yticks=None, vmin=None, vmax=None,
-             cmap: str = "viridis", annotate: bool = False, colorbar: str = "") -> Path:  # fmt: skip
-    """One heatmap per entry of ``panels`` (title -> 2-D array, rows drawn top to bottom), side by side."""
+             cmap: str = "viridis", annotate: bool = False, colorbar: str = "", labels: dict | None = None) -> Path:  # fmt: skip
+    """One heatmap per entry of ``panels`` (title -> 2-D array, rows drawn top to bottom), side by side;
+    ``annotate`` writes each value in its cell, or the text ``labels[title][i][j]`` when given."""
     import numpy as np
 
     count = max(1, len(panels))
@@ -193,8 +241,10 @@ def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, ytick
                 ax.set_yticks(range(len(yticks)), [str(t) for t in yticks], fontsize=7)
             if annotate:
                 for (i, j), value in np.ndenumerate(matrix):
-                    ax.text(j, i, "" if np.isnan(value) else f"{value:.2g}", ha="center", va="center", fontsize=7,
-                            color="white" if value < np.nanmean(matrix) else "black")  # fmt: skip
+                    text = labels[title][i][j] if labels else f"{value:.2g}"
+                    red, green, blue, _ = image.cmap(image.norm(value))  # the cell's colour: dark ones get white text
+                    ax.text(j, i, "" if np.isnan(value) else text, ha="center", va="center", fontsize=7,
+                            color="white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "black")  # fmt: skip
             fig.colorbar(image, ax=ax, label=colorbar)
     return Path(path)
 
@@ -218,12 +268,22 @@ def _html_table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _readable(value) -> str:
+    """A setting as a person reads it: lists joined by commas, dicts as key=value, None as a dash."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_readable(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_readable(v)}" for k, v in value.items())
+    return "—" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def write_html(path, title: str, sections: list[Section], meta: dict | None = None) -> Path:
     """A single self-contained HTML file (PNG images embedded) with the run's settings, tables and plots."""
     path = Path(path)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if meta:
-        parts.append(f"<pre>{html.escape(json.dumps(meta, indent=1))}</pre>")
+        rows = [{"setting": key.replace("_", " "), "value": _readable(value)} for key, value in meta.items()]
+        parts.append(_html_table(rows, ["setting", "value"]).replace("<table>", "<table class='settings'>", 1))
     for section in sections:
         parts.append(f"<h2>{html.escape(section.heading)}</h2>")
         if section.text:
@@ -237,7 +297,7 @@ def write_html(path, title: str, sections: list[Section], meta: dict | None = No
                 parts.append(f'<img alt="{html.escape(image.name)}" src="data:image/png;base64,{data}">')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"
+             "text-align:right}th{background:#f3f3f3}table.settings td{text-align:left}img{max-width:100%;display:block;margin:1em 0}"
              "pre{background:#f7f7f7;padding:.5em;font-size:12px}")  # fmt: skip
     document = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip

@@ -1,36 +1,92 @@
-"""Choose a training-free setting for a target length by measuring a small grid on the user's text.
+"""Choose a training-free setting for a target length by measuring a grid on the user's text.
 
-The grid: native, ``dynamic-yarn``, ``dynamic`` and ``yarn`` at factors around target / trained, and Self-Extend
-with window and group from the LongLM rule ((L0 - window) * group + window >= target). Every setting is measured
-at the target length and at the trained length L0; the pick is the lowest last-quarter perplexity at the target
-among the settings that stay within ``tolerance`` of native whole-window perplexity at L0 (all of them, when none
-does). No setting is preferred in advance: the ranking is what the text gives.
+The grid: native, then every registered scheme that fits the model's positional family and offers settings for
+(trained, target) through ``Scheme.candidates`` (each states its rule: ``dynamic-yarn`` per position and whole
+window, ``dynamic`` and ``yarn`` at factors from target / trained, Self-Extend by the LongLM rule, leaky and
+capped ReRoPE, Dual Chunk Attention, ...). Every setting is measured at the target length (last-quarter
+perplexity, and passkey retrieval at several depths: exact match, and the continuous score when the retrieval
+cells carry it) and at the trained length L0 (whole-window perplexity). The pick is the best by the objective
+among the settings that stay within ``tolerance`` of native perplexity at L0 (all of them, when none does). No
+setting is preferred in advance: the ranking is what the text gives.
 """
 
+import dataclasses
 import math
 
 from .. import archs
-from .run import Plan, evaluate, perplexity_table
-from .specs import NATIVE, SchemeSpec
+from ..errors import PosSwapError, did_you_mean
+from ..registry import get_scheme, list_schemes
+from .run import Plan, check_plan, evaluate, measured_cells, perplexity_table, text_tokens
+from .specs import NATIVE, SchemeSpec, format_length
+
+OBJECTIVES = {
+    "balanced": "lowest sum of two losses in nats per token, the last-quarter loss at the target and the loss of "
+                "the passkey's answer tokens (the default: a setting must both read the text and find the needle)",
+    "retrieval": "lowest loss of the passkey's answer tokens at the target (exact matches break ties)",
+    "perplexity": "lowest last-quarter perplexity at the target",
+}  # fmt: skip
+DEPTHS = (0.25, 0.5, 0.75)
 
 
-def self_extend_setting(trained: int, target: int, window: int) -> SchemeSpec:
-    """Self-Extend with neighbour ``window`` and the smallest group G with (L0 - window) * G + window >= target."""
-    group = max(2, math.ceil((target - window) / (trained - window)))
-    window -= window % group  # the window must be a multiple of the group
-    return SchemeSpec(f"self-extend:window={window}:group={group}", "self-extend", {"window": window, "group": group})
+@dataclasses.dataclass
+class Options:
+    """How :func:`recommend` measures and ranks. ``trials``: retrieval prompts per depth (default 1 with ``quick``,
+    2 without); ``quick`` also keeps only each scheme's first setting."""
+
+    objective: str = "balanced"
+    tolerance: float = 0.01
+    quick: bool = False
+    windows: int = 1
+    depths: tuple[float, ...] = DEPTHS
+    trials: int | None = None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise PosSwapError(
+                f"Unknown objective '{self.objective}'.{did_you_mean(self.objective, OBJECTIVES)} Choose one of "
+                f"{', '.join(OBJECTIVES)}."
+            )
+        if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise PosSwapError(
+                f"--tolerance must be a finite number >= 0 (0.01 = 1% change of perplexity at the trained length); "
+                f"got {self.tolerance}."
+            )
+        self.trials = self.trials or (1 if self.quick else 2)
 
 
-def grid(trained: int, target: int) -> list[SchemeSpec]:
-    """The settings :func:`recommend` measures for a model trained on ``trained`` tokens, used at ``target``."""
-    ratio = max(target / trained, 1.25)
-    factors = sorted({round(ratio * m, 2) for m in (1.0, 1.5, 2.0)})
-    specs = [SchemeSpec(NATIVE, None, {}), SchemeSpec("dynamic-yarn", "dynamic-yarn", {})]
-    specs += [SchemeSpec(f"dynamic:factor={f:g}", "dynamic", {"factor": f}) for f in factors[:1]]
-    specs += [SchemeSpec(f"yarn:factor={f:g}", "yarn", {"factor": f}) for f in factors]
-    windows = sorted({max(trained // 8, 16), max(trained // 4, 32)})
-    specs += list({s.label: s for s in (self_extend_setting(trained, target, w) for w in windows)}.values())
+def label(name: str, params: dict) -> str:
+    """The scheme-list entry for a setting, as ``pos-swap eval --schemes`` reads it: ``yarn:factor=4``."""
+    def text(value):
+        return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return name + "".join(f":{key}={text(value)}" for key, value in params.items())
+
+
+def grid(trained: int, target: int, family: str = archs.ROTARY, quick: bool = False) -> list[SchemeSpec]:
+    """Native, then every setting the registered schemes of ``family`` offer for (``trained``, ``target``)."""
+    specs = [SchemeSpec(NATIVE, None, {})]
+    for name in list_schemes():
+        scheme = get_scheme(name)
+        if family in scheme.families:
+            settings = scheme.candidates(trained, target)
+            specs += [SchemeSpec(label(name, p), name, p) for p in (settings[:1] if quick else settings)]
     return specs
+
+
+def plan_for(trained: int, target: int, options: Options, family: str = archs.ROTARY) -> Plan:
+    """What :func:`recommend` measures: perplexity at the trained length and the target, passkeys at the target."""
+    return Plan(schemes=grid(trained, target, family, options.quick), lengths=sorted({trained, target}),
+                tasks=("ppl", "passkey"), retrieval_lengths=[target], depths=options.depths, trials=options.trials,
+                windows=options.windows)  # fmt: skip
+
+
+def plan_check(target: int, options: Options, text=None):
+    """A check for :func:`pos_swap.evaluate.load` (``check=``): the plan fits the text and the model's config."""
+    def check(tokenizer, model):
+        plan = plan_for(archs.trained_context(model.config), target, options, archs.lookup(model).family)
+        check_plan(plan, tokenizer, text_tokens(tokenizer, text)[0], model)
+
+    return check
 
 
 def python_line(spec: SchemeSpec) -> str:
@@ -41,26 +97,91 @@ def python_line(spec: SchemeSpec) -> str:
     return f'pos_swap.patch(model, "{spec.name}"{params})'
 
 
-def recommend(model, tokenizer, target: int, *, text=None, windows: int = 1, tolerance: float = 0.01, out=None,
-              resume: bool = False, overwrite: bool = False, progress: bool = True, specs=None) -> dict:  # fmt: skip
-    """Measure the grid (or ``specs``) at ``target`` and at the trained length; return ``{"ranking": rows,
-    "best": SchemeSpec, "line": python code, "run": RunFolder}``. Rows are sorted best first."""
-    trained = archs.trained_context(model.config)
-    specs = specs or grid(trained, target)
-    lengths = sorted({trained, target})
-    run = evaluate(model, tokenizer, Plan(schemes=specs, lengths=lengths, windows=windows), out=out, text=text,
-                   resume=resume, overwrite=overwrite, progress=progress)  # fmt: skip
-    table = perplexity_table(run.cells)
-    at = {(r["scheme"], r["length"]): r for r in table}
+def score(row: dict, objective: str) -> tuple:
+    """The sort key of a ranking row under ``objective`` (lower is better)."""
+    tail_loss = math.log(row["target_ppl_tail"])
+    answer = row["answer_loss"]
+    if objective == "perplexity":
+        return (tail_loss,)
+    if objective == "retrieval":
+        return (answer, -row["passkey"])
+    return (tail_loss + answer, -row["passkey"])
+
+
+def rank(cells: list[dict], specs: list[SchemeSpec], trained: int, target: int, options: Options) -> list[dict]:
+    """One row per setting, best first by ``options.objective``; ``keeps_native`` marks the settings within
+    ``options.tolerance`` of native perplexity at the trained length."""
+    at = {(r["scheme"], r["length"]): r for r in perplexity_table(cells)}
     native_inside = at[(NATIVE, trained)]["ppl"] if (NATIVE, trained) in at else None
-    ranking = []
+    passkeys = [c for c in measured_cells(cells) if c["task"] == "passkey" and c["length"] == target]
+    rows = []
     for spec in specs:
+        mine = [c for c in passkeys if c["scheme"] == spec.label]
+        if (spec.label, target) not in at or (spec.label, trained) not in at or not mine:  # e.g. past a learned table
+            rows.append({"scheme": spec.label, "score": math.inf, "keeps_native": False, "passkey_hits": "not measured"})
+            continue
+        hits = sum(c["correct"] for c in mine)
         row = {"scheme": spec.label, "target_ppl_tail": at[(spec.label, target)]["ppl_tail"],
+               "answer_loss": sum(-c["answer_logprob"] / c["answer_tokens"] for c in mine) / len(mine),
+               "passkey": hits / len(mine), "passkey_hits": f"{hits}/{len(mine)}",
                "trained_ppl": at[(spec.label, trained)]["ppl"]}  # fmt: skip
         row["inside_change"] = row["trained_ppl"] / native_inside - 1 if native_inside else 0.0
-        row["keeps_native"] = abs(row["inside_change"]) <= tolerance
-        ranking.append(row)
-    ranking.sort(key=lambda r: r["target_ppl_tail"])
-    eligible = [r for r in ranking if r["keeps_native"]] or ranking
-    best = next(spec for spec in specs if spec.label == eligible[0]["scheme"])
-    return {"ranking": ranking, "best": best, "line": python_line(best), "run": run, "trained": trained, "target": target}
+        row["keeps_native"] = abs(row["inside_change"]) <= options.tolerance
+        row["score"] = score(row, options.objective)[0]
+        rows.append(row)
+    return sorted(rows, key=lambda r: (not r["keeps_native"], score(r, options.objective) if "passkey" in r else (math.inf,)))
+
+
+def recommend(model, tokenizer, target: int, *, text=None, options: Options | None = None, out=None,
+              resume: bool = False, overwrite: bool = False, progress: bool = True, specs=None) -> dict:  # fmt: skip
+    """Measure the grid (or ``specs``) at ``target`` and at the trained length; return ``{"ranking": rows,
+    "best": SchemeSpec, "line": python code, "run": RunFolder, "trained", "target", "options"}``. Rows are sorted
+    best first: the settings that keep native perplexity inside the trained context, then the others."""
+    options = options or Options()
+    trained = archs.trained_context(model.config)
+    plan = plan_for(trained, target, options, archs.lookup(model).family)
+    if specs is not None:
+        plan.schemes = list(specs)
+    run = evaluate(model, tokenizer, plan, out=out, text=text, resume=resume, overwrite=overwrite, progress=progress)
+    ranking = rank(run.cells, plan.schemes, trained, target, options)
+    best = next(spec for spec in plan.schemes if spec.label == ranking[0]["scheme"])
+    return {"ranking": ranking, "best": best, "line": python_line(best), "run": run, "trained": trained,
+            "target": target, "options": options}  # fmt: skip
+
+
+COLUMNS = ["scheme", "score", "target_ppl_tail", "answer_loss", "passkey_hits", "trained_ppl", "inside_change",
+           "keeps_native"]  # fmt: skip
+
+
+def _printable(row: dict) -> dict:
+    change = f"{row['inside_change']:+.1%}" if "inside_change" in row else ""
+    return {**row, "inside_change": change, "score": f"{row['score']:.3f}"}
+
+
+def section(result: dict):
+    """The ranking as the first section of ``report.html``."""
+    from ..report import Section
+
+    rows = [_printable(r) for r in result["ranking"]]
+    head, legend, *_ = explain(result).split("\n")
+    return Section(f"Recommendation: {result['line']}", text=f"{head}. {legend}.", table=(rows, COLUMNS))
+
+
+def explain(result: dict) -> str:
+    """The ranked table with every column, what the columns mean, and the line to use."""
+    from ..report import format_table
+
+    options = result["options"]
+    trained, target = format_length(result["trained"]), format_length(result["target"])
+    rows = [_printable(r) for r in result["ranking"]]
+    depths = ", ".join(f"{d:.0%}" for d in options.depths)
+    return "\n".join([
+        f"ranked by objective '{options.objective}': {OBJECTIVES[options.objective]}",
+        f"target_ppl_tail: last-quarter perplexity at {target}; answer_loss: nats per answer token of the passkey at "
+        f"{target} (depths {depths}, {options.trials} trial(s) each), passkey_hits: exact matches; trained_ppl: "
+        f"whole-window perplexity at the trained {trained}, inside_change against native (tolerance "
+        f"{options.tolerance:.1%})",
+        format_table(rows, COLUMNS, floats="{:.3f}"),
+        "",
+        f"use:\n    {result['line']}",
+    ])  # fmt: skip

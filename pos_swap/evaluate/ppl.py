@@ -18,14 +18,16 @@ TAIL = 0.25  # the share of a window at its end whose tokens need the long conte
 LOGITS_MIB = 32  # float32 logits held at once: 170 positions of a 49k vocabulary
 
 
-def token_losses(model, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def token_losses(model, ids: torch.Tensor, chunk: int | None = None, cache=None) -> torch.Tensor:
     """Negative log-likelihood (float32, shape ``(L - 1,)``) of each token of ``ids (1, L)`` given the tokens
     before it, in one forward pass of the whole window; the head runs over ``chunk`` positions at a time
-    (default: as many as fit in LOGITS_MIB of float32 logits)."""
+    (default: as many as fit in LOGITS_MIB of float32 logits). A ``cache`` (a transformers ``Cache``) keeps the
+    window's keys and values, to continue from it."""
     head = _head(model)
     ids = ids.to(head.weight.device)
+    kept = {"use_cache": False} if cache is None else {"use_cache": True, CACHE_ARGUMENT: cache}
     with torch.no_grad():
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]  # (L - 1, hidden)
+        hidden = model.base_model(input_ids=ids, **kept).last_hidden_state[0, :-1]  # (L - 1, hidden)
         return _losses(model, hidden, ids[0, 1:], chunk)
 
 
@@ -94,20 +96,55 @@ def windows(tokens: torch.Tensor, length: int, count: int) -> list[torch.Tensor]
     return [tokens[i * length : (i + 1) * length][None] for i in range(min(count, available))]
 
 
+def forwards(cells, one_forward: bool) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The forwards that give the losses of every window ``(length, index)`` (window ``index`` of ``length``
+    starts at ``index * length``), as ``(start, tokens, windows)``. With ``one_forward`` the windows sharing a
+    start share one forward at the longest of them (their losses are its first ``length - 1``: right for a
+    causal-consistent model only); otherwise each window has its own."""
+    if not one_forward:
+        return [(index * length, length, [(length, index)]) for length, index in cells]
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for length, index in cells:
+        groups.setdefault(index * length, []).append((length, index))
+    return [(start, max(length for length, _ in group), group) for start, group in groups.items()]
+
+
+def bucket_losses(losses: torch.Tensor, bucket: int) -> list[float]:
+    """Mean loss of the tokens at positions [0, B), [B, 2B), ... of a window (``losses[i]`` is token i + 1's;
+    token 0 has none, so the first bucket averages B - 1)."""
+    by_position = torch.cat([torch.full((1,), math.nan), losses.double().cpu()])
+    return [by_position[start : start + bucket].nanmean().item() for start in range(0, by_position.numel(), bucket)]
+
+
+def bucket_size(longest: int) -> int:
+    """Tokens per bucket of a perplexity-by-position curve: 512 up to 16k windows, 1024 beyond, and 1/8 of a short
+    window (a power of two) below 4k."""
+    if longest > 16384:
+        return 1024
+    return 512 if longest >= 4096 else max(1, 2 ** int(math.log2(max(longest // 8, 1))))
+
+
 def perplexity(model, tokens: torch.Tensor, lengths, *, windows_per_length: int = 1, tail: float = TAIL,
-               chunk: int | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
+               chunk: int | None = None, one_forward: bool | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
     """Perplexity of ``model`` on windows of each length cut from ``tokens`` (a 1-D tensor, or ``(1, N)``).
 
     Returns one dict per window: ``length``, ``window`` (its index), ``ppl``, ``ppl_tail`` (last ``tail`` share of
-    the window), ``tokens``, ``tail_tokens``. :func:`summarize` gives mean and spread per length.
+    the window), ``tokens``, ``tail_tokens``, ``forward`` (the tokens of the forward it was read from).
+    :func:`summarize` gives mean and spread per length. ``one_forward`` (default: when
+    :func:`pos_swap.engine.causal_consistent` says the patched model allows it) reads windows sharing a start from
+    one forward at the longest of them.
     """
+    from ..engine import causal_consistent
+
     tokens = tokens.reshape(-1)
-    jobs = [(length, index, ids) for length in lengths for index, ids in
-            enumerate(windows(tokens, length, windows_per_length))]  # fmt: skip
+    one_forward = causal_consistent(model) if one_forward is None else one_forward
+    cells = [(length, index) for length in lengths for index in range(len(windows(tokens, length, windows_per_length)))]
     rows = []
-    for length, index, ids in tqdm(jobs, desc="perplexity", disable=not progress, leave=False):
-        rows.append({"length": length, "window": index, **window_perplexity(token_losses(model, ids, chunk), tail)})
-    return rows
+    for start, longest, group in tqdm(forwards(cells, one_forward), desc="perplexity", disable=not progress, leave=False):
+        losses = token_losses(model, tokens[start : start + longest][None], chunk)
+        rows += [{"length": length, "window": index, "forward": longest,
+                  **window_perplexity(losses[: length - 1], tail)} for length, index in group]  # fmt: skip
+    return sorted(rows, key=lambda row: (row["length"], row["window"]))
 
 
 def summarize(rows: list[dict], keys=("ppl", "ppl_tail")) -> dict:

@@ -4,6 +4,7 @@ terminal tables, PNG plots and ``report.html``. ``pos-swap eval``, ``recommend``
 import contextlib
 import dataclasses
 import math
+import textwrap
 
 import torch
 from tqdm.auto import tqdm
@@ -11,16 +12,19 @@ from tqdm.auto import tqdm
 from .. import archs, engine, report
 from ..errors import PosSwapError
 from ..loading import text_tokens
-from .ppl import summarize, token_losses, window_perplexity, windows
-from .retrieval import DEPTHS, PROMPTS, _rng, retrieval_trial
-from .specs import SchemeSpec, format_length
+from ..registry import get_scheme
+from .ppl import bucket_losses, bucket_size, forwards, summarize, token_losses, window_perplexity
+from .retrieval import DEPTHS, needle_for, retrieval_cells, sweep, trial_row, wilson_interval
+from .specs import MIN_LENGTH, SAVED, SchemeSpec, format_length, parse_depths
 
 TASKS = ("ppl", "passkey", "multikey")
 
 
 @dataclasses.dataclass
 class Plan:
-    """What an evaluation measures. ``retrieval_lengths`` default to ``lengths``."""
+    """What an evaluation measures. ``retrieval_lengths`` default to ``lengths``. ``shared``: a causal-consistent
+    scheme reads every perplexity window from one forward per window start and runs each retrieval task through
+    one cache (other schemes fall back to a forward or prefill per cell, and the report says so)."""
 
     schemes: list[SchemeSpec]
     lengths: list[int]
@@ -31,6 +35,7 @@ class Plan:
     windows: int = 1
     seed: int = 0
     keys: int = 4  # needles in a multikey haystack
+    shared: bool = True
 
     def __post_init__(self):
         unknown = [task for task in self.tasks if task not in TASKS]
@@ -40,6 +45,10 @@ class Plan:
             if value < 1:
                 raise PosSwapError(f"--{name} must be at least 1; got {value}.")
         self.retrieval_lengths = self.retrieval_lengths or self.lengths
+        for length in self.lengths + self.retrieval_lengths:
+            if isinstance(length, bool) or not isinstance(length, int) or length < MIN_LENGTH:
+                raise PosSwapError(f"Lengths are whole numbers of tokens >= {MIN_LENGTH}; got {length!r}.")
+        self.depths = parse_depths(self.depths)
 
     def cells(self):
         """Every cell as ``(scheme, task, length, index)``; index = window for ppl, (depth, trial) for retrieval."""
@@ -63,24 +72,59 @@ def cell_key(spec: SchemeSpec, task: str, length: int, index) -> str:
 # -- the run ------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def applied(model, spec: SchemeSpec):
-    """The model under ``spec`` inside the block; yields what :func:`pos_swap.describe` says then (None: native)."""
-    if spec.name is None:
+    """The model under ``spec`` inside the block; yields what :func:`pos_swap.describe` says then (None: native).
+    ``native`` is the model without any patch, also when it was loaded from a folder saved with one; ``saved`` is
+    the model as loaded, with that patch."""
+    if spec.name == SAVED:
         yield engine.describe(model)
         return
-    with engine.patched(model, spec.name, **spec.params):
-        yield engine.describe(model)
+    with engine.unpatched(model):
+        if spec.name is None:
+            yield engine.describe(model)
+            return
+        with engine.patched(model, spec.name, **spec.params):
+            yield engine.describe(model)
 
 
-def _check_plan(plan: Plan, tokenizer, tokens: torch.Tensor) -> None:
-    """Fail before any compute: lengths the text cannot fill, retrieval lengths too short for their prompt."""
-    if "ppl" in plan.tasks and tokens.numel() < max(plan.lengths):
-        raise PosSwapError(
-            f"The text holds {tokens.numel()} tokens, fewer than the longest length {max(plan.lengths)}. Pass a "
-            f"longer text (--text FILE) or shorter --lengths."
-        )
+def check_plan(plan: Plan, tokenizer, tokens: torch.Tensor, model) -> None:
+    """Fail before any compute: windows the text cannot fill, retrieval lengths too short for their prompt, a
+    scheme whose parameters do not fit ``model`` (the loaded model, or a skeleton of it without weights)."""
+    if "ppl" in plan.tasks:
+        for length in plan.lengths:
+            if tokens.numel() < length * plan.windows:
+                fit = tokens.numel() // length
+                raise PosSwapError(
+                    f"The text holds {tokens.numel()} tokens: {plan.windows} windows of {length} tokens need "
+                    f"{length * plan.windows}. Pass a longer text (--text FILE), shorter --lengths or "
+                    f"--windows {fit}." if fit else
+                    f"The text holds {tokens.numel()} tokens, fewer than the length {length}. Pass a longer text "
+                    f"(--text FILE) or shorter --lengths."
+                )  # fmt: skip
     for task in set(plan.tasks) - {"ppl"}:
-        extra = {"keys": plan.keys} if task == "multikey" else {}
-        PROMPTS[task](tokenizer, min(plan.retrieval_lengths), 0.5, _rng(0, task, 0, 0.5, 0), **extra)
+        retrieval_cells(task, plan.retrieval_lengths, plan.depths, plan.trials)
+        needle_for(tokenizer, task, min(plan.retrieval_lengths), 0.5, 0, plan.seed,
+                   **({"keys": plan.keys} if task == "multikey" else {}))  # fmt: skip
+    for spec in plan.schemes:
+        if spec.name == SAVED:
+            if (engine.describe(model) or getattr(model.config, engine.RECORD_KEY, None)) is None:
+                raise PosSwapError(f"'{SAVED}' measures the patch a model folder was saved with, but this model "
+                                   f"carries none; drop '{SAVED}' from the schemes.")  # fmt: skip
+        elif spec.name is not None:
+            scheme = get_scheme(spec.name)
+            scheme.check_family(model, archs.lookup(model).family)
+            scheme.configure(model, spec.params)
+
+
+def plan_check(plan: Plan, text=None):
+    """A check for :func:`load` (``check=``): :func:`check_plan` on the text's tokens and the model's skeleton."""
+    return lambda tokenizer, model: check_plan(plan, tokenizer, text_tokens(tokenizer, text)[0], model)
+
+
+def position_limit(model) -> int | None:
+    """The longest input the model can take as it is now: a native learned table's rows; None when unbounded."""
+    if engine.describe(model) is not None or archs.lookup(model).family != archs.LEARNED:
+        return None
+    return archs.position_table(model).num_embeddings - archs.lookup(model).table_offset
 
 
 def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", text=None, resume: bool = False,
@@ -88,7 +132,7 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
     """Measure every cell of ``plan`` on ``model`` and return the run (its ``cells``; with ``out``, a folder whose
     results.json is rewritten after every cell, so ``resume=True`` skips what an interrupted run finished)."""
     tokens, text_label = text_tokens(tokenizer, text)
-    _check_plan(plan, tokenizer, tokens)
+    check_plan(plan, tokenizer, tokens, model)
     meta = {"model": model_name or getattr(model.config, "_name_or_path", ""), "text": text_label,
             "text_tokens": tokens.numel(), "trained_context": archs.trained_context(model.config),
             **{k: v for k, v in dataclasses.asdict(plan).items() if k != "schemes"},
@@ -101,40 +145,98 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
         if not mine:
             continue
         with applied(model, spec) as described:
-            for _, task, length, index in mine:
-                bar.set_postfix_str(f"{spec.label} {task} {format_length(length)}")
-                if task == "ppl":
-                    ids = windows(tokens, length, plan.windows)[index]
-                    result = {"window": index, **window_perplexity(token_losses(model, ids))}
-                else:
-                    extra = {"keys": plan.keys} if task == "multikey" else {}
-                    result = retrieval_trial(model, tokenizer, task, length, index[0], index[1], plan.seed, **extra)
-                run.add({"key": cell_key(spec, task, length, index), "scheme": spec.label, "task": task,
-                         "length": length, "patch": described, "model": meta["model"], "text": text_label,
-                         "seed": plan.seed, **result})  # fmt: skip
-                bar.update(1)
+            limit, consistent = position_limit(model), engine.causal_consistent(model)
+            common = {"scheme": spec.label, "patch": described, "model": meta["model"], "text": text_label,
+                      "seed": plan.seed, "causal_consistent": consistent, "shared": plan.shared and consistent}  # fmt: skip
+            for task in plan.tasks:
+                bar.set_postfix_str(f"{spec.label} {task}")
+                cells = [(length, index) for _, kind, length, index in mine if kind == task]
+                for length, index in [cell for cell in cells if limit is not None and cell[0] > limit]:
+                    run.add({"key": cell_key(spec, task, length, index), "task": task, "length": length, **common,
+                             "unmeasured": f"{spec.label} has a learned table of {limit} positions: it cannot run "
+                                           f"{length} tokens"})  # fmt: skip
+                    bar.update(1)
+                cells = [cell for cell in cells if limit is None or cell[0] <= limit]
+                measured = _perplexities if task == "ppl" else _retrievals
+                for length, index, result in measured(model, tokenizer, tokens, plan, task, cells, common["shared"]):
+                    run.add({"key": cell_key(spec, task, length, index), "task": task, "length": length, **common,
+                             **result})  # fmt: skip
+                    bar.update(1)
     bar.close()
     return run
 
 
+def _perplexities(model, tokenizer, tokens, plan: Plan, task: str, cells, shared: bool):
+    """``(length, window, result)`` of each perplexity cell, windows sharing a start read from one forward when
+    ``shared``; each result carries its position buckets and the length of the forward it was read from."""
+    bucket = bucket_size(max(plan.lengths))
+    for start, longest, group in forwards(cells, shared):
+        losses = token_losses(model, tokens[start : start + longest][None])
+        for length, index in group:
+            mine = losses[: length - 1]
+            yield length, index, {"window": index, "forward": longest, **window_perplexity(mine),
+                                  "buckets": bucket_losses(mine, bucket)}  # fmt: skip
+
+
+def _retrievals(model, tokenizer, tokens, plan: Plan, task: str, cells, shared: bool):
+    """``(length, (depth, trial), result)`` of each retrieval cell, through one cache when ``shared``."""
+    extra = {"keys": plan.keys} if task == "multikey" else {}
+    cells = [(length, depth, trial) for length, (depth, trial) in cells]
+    needles = [needle_for(tokenizer, task, *cell, plan.seed, **extra) for cell in cells]
+    for index, result in sweep(model, tokenizer, needles, reuse=shared, progress=False):
+        length, depth, trial = cells[index]
+        yield length, (depth, trial), trial_row(task, length, depth, trial, plan.seed, needles[index], result)
+
+
 # -- summaries, plots and the report ------------------------------------------------------------------------------
+def measured_cells(cells: list[dict]) -> list[dict]:
+    """The cells that hold a measurement (not those that say why they could not be measured)."""
+    return [cell for cell in cells if "unmeasured" not in cell]
+
+
 def perplexity_table(cells: list[dict]) -> list[dict]:
     """One row per (scheme, length): mean and spread over windows of whole-window and last-quarter perplexity."""
     groups: dict[tuple, list[dict]] = {}
-    for cell in cells:
+    for cell in measured_cells(cells):
         if cell["task"] == "ppl":
             groups.setdefault((cell["scheme"], cell["length"]), []).append(cell)
     return [{"scheme": scheme, "length": length, **summarize(group)} for (scheme, length), group in groups.items()]
 
 
-def accuracy_table(cells: list[dict], task: str) -> list[dict]:
-    """One row per (scheme, length, depth): retrieval accuracy over trials."""
-    groups: dict[tuple, list[bool]] = {}
-    for cell in cells:
+def accuracy_table(cells: list[dict], task: str, by=("scheme", "length", "depth")) -> list[dict]:
+    """One row per group of ``by`` (default: scheme, length, depth): exact-match accuracy over its trials with the
+    Wilson 95% interval (``low``, ``high``), and the mean log-probability of the answer (``logprob``)."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in measured_cells(cells):
         if cell["task"] == task:
-            groups.setdefault((cell["scheme"], cell["length"], cell["depth"]), []).append(cell["correct"])
-    return [{"scheme": s, "length": n, "depth": d, "accuracy": sum(v) / len(v), "trials": len(v)}
-            for (s, n, d), v in groups.items()]  # fmt: skip
+            groups.setdefault(tuple(cell[key] for key in by), []).append(cell)
+    rows = []
+    for values, group in groups.items():
+        hits, logprobs = sum(c["correct"] for c in group), [c.get("answer_logprob", math.nan) for c in group]
+        low, high = wilson_interval(hits, len(group))
+        rows.append({**dict(zip(by, values)), "accuracy": hits / len(group), "successes": hits, "trials": len(group),
+                     "low": low, "high": high, "logprob": sum(logprobs) / len(logprobs)})  # fmt: skip
+    return rows
+
+
+def accuracy_label(row: dict) -> str:
+    """``"2/3 67% [21-94%]"``: hits of trials, accuracy and its Wilson 95% interval."""
+    return f"{row['successes']}/{row['trials']} {row['accuracy']:.0%} [{row['low']:.0%}-{row['high']:.0%}]"
+
+
+def position_curves(cells: list[dict], bucket: int) -> dict:
+    """Perplexity by position per scheme: ``{scheme: (bucket centres, perplexities)}`` from the ``bucket``-token
+    position buckets of its longest perplexity windows (mean loss over windows per bucket, then exp)."""
+    curves = {}
+    for scheme in dict.fromkeys(c["scheme"] for c in cells if c["task"] == "ppl"):
+        mine = [c for c in cells if c["task"] == "ppl" and c["scheme"] == scheme and "buckets" in c]
+        if not mine:
+            continue
+        longest = max(c["length"] for c in mine)
+        buckets = torch.tensor([c["buckets"] for c in mine if c["length"] == longest], dtype=torch.float64)
+        centres = [min(longest, (i + 0.5) * bucket) for i in range(buckets.shape[1])]
+        curves[scheme] = (centres, buckets.mean(dim=0).exp().tolist())
+    return curves
 
 
 def pivot(rows: list[dict], value: str, spread: str | None = None, fmt: str = "{:.2f}") -> tuple[list[dict], list[str]]:
@@ -154,59 +256,94 @@ def pivot(rows: list[dict], value: str, spread: str | None = None, fmt: str = "{
     return table, ["scheme"] + [format_length(n) for n in lengths]
 
 
-def retrieval_summary(rows: list[dict]) -> list[dict]:
-    """Accuracy per (scheme, length), averaged over depths."""
-    groups: dict[tuple, list[float]] = {}
-    for row in rows:
-        groups.setdefault((row["scheme"], row["length"]), []).append(row["accuracy"])
-    return [{"scheme": s, "length": n, "accuracy": sum(v) / len(v)} for (s, n), v in groups.items()]
+def _forward_note(cells: list[dict]) -> str:
+    """What the perplexity cells were read from: one forward per window start, or separate windows (and why)."""
+    ppl_cells = [c for c in cells if c["task"] == "ppl"]
+    separate = list(dict.fromkeys(c["scheme"] for c in ppl_cells if not c.get("shared", False)))
+    unfit = list(dict.fromkeys(c["scheme"] for c in ppl_cells if c.get("causal_consistent") is False))
+    note = "Windows are cut from the start of the text (mean ± spread over windows). "
+    if not separate:
+        return note + "Every length was read from one forward at the longest length per window start."
+    if unfit:
+        note += (f"Not causal-consistent (rows follow the whole window's length), so each window had its own "
+                 f"forward: {', '.join(unfit)}. ")  # fmt: skip
+    rest = [scheme for scheme in separate if scheme not in unfit]
+    if rest:
+        note += f"Separate forwards were asked for (--separate): {', '.join(rest)}. "
+    return note + "The other schemes read every length from one forward at the longest."
 
 
-def write_report(run: report.RunFolder, title: str = "pos_swap evaluation") -> list[report.Section]:
-    """Terminal tables, PNG plots and report.html for the run's cells (the folder's when it has one)."""
+def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead=()) -> list[report.Section]:
+    """Terminal tables, PNG plots and report.html for the run's cells (the folder's when it has one), after the
+    ``lead`` sections (e.g. a recommendation); the tables also go into results.json as its ``summary``."""
     trained = run.meta.get("trained_context")
-    sections = []
+    sections, summary = list(lead), {}
     ppl_rows = perplexity_table(run.cells)
     if ppl_rows:
-        for value, name, what in (("ppl_tail", "ppl_tail.png", "last-quarter perplexity"),
-                                  ("ppl", "ppl.png", "whole-window perplexity")):  # fmt: skip
-            series, bands = {}, {}
-            for scheme in dict.fromkeys(r["scheme"] for r in ppl_rows):
-                mine = sorted((r for r in ppl_rows if r["scheme"] == scheme), key=lambda r: r["length"])
-                xs, ys, sd = [r["length"] for r in mine], [r[value] for r in mine], [r[value + "_std"] for r in mine]
-                series[scheme] = (xs, ys)
-                bands[scheme] = ([y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)])
-            if run.path is not None:
-                report.line_plot(run.path / name, series, xlabel="window length (tokens)", ylabel=what,
-                                 title=f"{what} by length", marks={"trained context": trained} if trained else None,
-                                 logx=True, logy=True, bands=bands,
-                                 xticks={n: format_length(n) for n in {r["length"] for r in ppl_rows}})  # fmt: skip
-            sections.append(report.Section(what.capitalize(), table=pivot(ppl_rows, value, value + "_std"),
-                                           images=[name],
-                                           text="Mean ± spread over windows; each window is cut from the start of "
-                                                "the text."))  # fmt: skip
+        summary["perplexity"] = ppl_rows
+        longest = max(r["length"] for r in ppl_rows)
+        curves = position_curves(run.cells, bucket_size(longest))
+        images = []
+        if run.path is not None and curves:
+            step = max(longest // 8, 1)
+            report.line_plot(run.path / "ppl_position.png", curves, xlabel="position in the window (tokens)",
+                             ylabel="perplexity of the tokens there", logy=True,
+                             title=f"perplexity by position ({bucket_size(longest)}-token buckets, "
+                                   f"{format_length(longest)} window)",
+                             marks={"trained context": trained} if trained and trained < longest else None,
+                             xticks={x: format_length(x) if x else "0" for x in range(0, longest + 1, step)})  # fmt: skip
+            images = ["ppl_position.png"]
+        note = _forward_note(run.cells)
+        sections.append(report.Section("Last-quarter perplexity", table=pivot(ppl_rows, "ppl_tail", "ppl_tail_std"),
+                                       images=images,
+                                       text=f"{note} The plot: perplexity of each bucket of positions of the "
+                                            f"longest window; the dashed line marks the trained context."))  # fmt: skip
+        sections.append(report.Section("Whole-window perplexity", table=pivot(ppl_rows, "ppl", "ppl_std")))
     for task in ("passkey", "multikey"):
         rows = accuracy_table(run.cells, task)
         if not rows:
             continue
+        pooled = accuracy_table(run.cells, task, by=("scheme", "length"))
+        summary[task] = {"by_depth": rows, "by_length": pooled}
+        images = []
         if run.path is not None:
-            panels = {}
             depths = sorted({r["depth"] for r in rows})
             lengths = sorted({r["length"] for r in rows})
+            panels, labels, logprobs = {}, {}, {}
             for scheme in dict.fromkeys(r["scheme"] for r in rows):
-                grid = [[math.nan] * len(lengths) for _ in depths]
+                grids = [[[math.nan] * len(lengths) for _ in depths] for _ in range(2)]
+                text = [[""] * len(lengths) for _ in depths]
                 for r in rows:
                     if r["scheme"] == scheme:
-                        grid[depths.index(r["depth"])][lengths.index(r["length"])] = r["accuracy"]
-                panels[scheme] = grid
-            report.heatmaps(run.path / f"{task}.png", panels, xlabel="length", ylabel="needle depth",
-                            xticks=[format_length(n) for n in lengths], yticks=[f"{d:.0%}" for d in depths],
-                            vmin=0, vmax=1, cmap="RdYlGn", annotate=True, colorbar="accuracy")  # fmt: skip
-        sections.append(report.Section(f"{task} retrieval accuracy",
-                                       table=pivot(retrieval_summary(rows), "accuracy", fmt="{:.0%}"),
-                                       images=[f"{task}.png"],
-                                       text="Accuracy over depths and trials (exact match of the first number of a "
-                                            "greedy, cached reply); the heatmap shows each depth."))  # fmt: skip
+                        i, j = depths.index(r["depth"]), lengths.index(r["length"])
+                        grids[0][i][j], grids[1][i][j] = r["accuracy"], r["logprob"]
+                        text[i][j] = f"{r['successes']}/{r['trials']}\n[{r['low']:.0%}-{r['high']:.0%}]"
+                panels[scheme], logprobs[scheme], labels[scheme] = grids[0], grids[1], text
+            axes = dict(xlabel="length", ylabel="needle depth", xticks=[format_length(n) for n in lengths],
+                        yticks=[f"{d:.0%}" for d in depths], annotate=True)  # fmt: skip
+            report.heatmaps(run.path / f"{task}.png", panels, vmin=0, vmax=1, cmap="RdYlGn", labels=labels,
+                            colorbar="exact-match accuracy", **axes)  # fmt: skip
+            scores = [r["logprob"] for r in rows if not math.isnan(r["logprob"])] or [0.0]
+            report.heatmaps(run.path / f"{task}_logprob.png", logprobs, cmap="RdYlGn", vmin=min(scores), vmax=max(scores),
+                            colorbar="log-probability of the answer (nats)", **axes)  # fmt: skip
+            images = [f"{task}.png", f"{task}_logprob.png"]
+        table = pivot([{**r, "label": accuracy_label(r)} for r in pooled], "label", fmt="{}")
+        logprob_table = pivot(pooled, "logprob", fmt="{:.2f}")
+        shared = all(c.get("shared", False) for c in run.cells if c["task"] == task)
+        sections.append(report.Section(
+            f"{task} retrieval accuracy", table=table, images=images,
+            text=f"Exact match of the first number of a greedy, cached reply: hits/trials over depths and trials, "
+                 f"with the Wilson 95% interval; the first heatmap shows each depth. The second shows the continuous "
+                 f"score, the log-probability of the answer's tokens by teacher forcing (closer to 0 is better). "
+                 + ("Trials shared their filler prefix through one cache." if shared else
+                    "Some schemes prefilled every prompt afresh (not causal-consistent, or --separate).")))  # fmt: skip
+        sections.append(report.Section(f"{task} answer log-probability (mean over depths and trials)",
+                                       table=logprob_table))  # fmt: skip
+    run.summarize(summary)
+    unmeasured = {(c["scheme"], c["length"]): c["unmeasured"] for c in run.cells if "unmeasured" in c}
+    if unmeasured:
+        rows = [{"scheme": s, "length": format_length(n), "why": why} for (s, n), why in unmeasured.items()]
+        sections.append(report.Section("Not measured", table=(rows, ["scheme", "length", "why"])))
     if run.path is not None:
         report.write_html(run.path / "report.html", title, sections, meta=run.meta)
     return sections
@@ -216,3 +353,5 @@ def print_sections(sections: list[report.Section]) -> None:
     for section in sections:
         print(f"\n{section.heading}")
         print(report.format_table(*section.table))
+        if section.text:
+            print(textwrap.fill(section.text, 116))

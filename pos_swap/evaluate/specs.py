@@ -4,12 +4,15 @@
 import ast
 import dataclasses
 import json
+import math
 import typing
 
 from ..errors import PosSwapError
 from ..registry import get_scheme, parameter_hints
 
+MIN_LENGTH = 2  # a window needs a token to predict and one before it
 NATIVE = "native"  # the model without any pos_swap patch
+SAVED = "saved"  # the model as loaded: with the patch its folder was saved with
 SCHEME_FORM = "NAME[:PARAM=VALUE[:PARAM=VALUE...]], comma-separated, e.g. native,yarn:factor=4,self-extend:window=1024:group=8"
 
 
@@ -19,9 +22,11 @@ def parse_length(text) -> int:
     try:
         value = float(raw[:-1]) * 1024 if raw.endswith("k") else float(raw)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
         raise PosSwapError(f"Cannot read length '{text}': give tokens as a number or with a k suffix (16k = 16384).")
-    if value < 1 or value != int(value):
-        raise PosSwapError(f"Length '{text}' must be a whole number of tokens >= 1 (16k = 16384).")
+    if value < MIN_LENGTH or value != int(value):
+        raise PosSwapError(f"Length '{text}' must be a whole number of tokens >= {MIN_LENGTH} (16k = 16384).")
     return int(value)
 
 
@@ -32,6 +37,26 @@ def parse_lengths(text) -> list[int]:
     if not lengths:
         raise PosSwapError("No lengths given: pass e.g. --lengths 2k,8k,16k.")
     return lengths
+
+
+def parse_depths(text) -> tuple[float, ...]:
+    """``"0,0.5,1"`` (or a list of numbers) -> ``(0.0, 0.5, 1.0)``: needle depths, each a finite number in 0..1."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    depths = []
+    for item in items:
+        try:
+            depth = float(item)
+        except (TypeError, ValueError):
+            depth = math.nan
+        if not 0.0 <= depth <= 1.0:  # also refuses nan
+            raise PosSwapError(
+                f"Cannot use needle depth '{str(item).strip()}': give numbers in 0..1 (0 = start of the haystack, "
+                f"1 = its end), e.g. --depths 0,0.5,1."
+            )
+        depths.append(depth)
+    if not depths:
+        raise PosSwapError("No needle depths given: pass e.g. --depths 0,0.5,1.")
+    return tuple(dict.fromkeys(depths))
 
 
 def format_length(tokens: int) -> str:
@@ -98,10 +123,10 @@ def parse_scheme(text: str) -> SchemeSpec:
     """``"yarn:factor=4"`` -> SchemeSpec("yarn:factor=4", "yarn", {"factor": 4.0}); ``"native"`` -> no patch."""
     label = text.strip()
     name, *pairs = split_outside_brackets(label, ":")
-    if name == NATIVE:
+    if name in (NATIVE, SAVED):
         if pairs:
-            raise PosSwapError(f"'native' takes no parameters; got '{label}'. Expected form: {SCHEME_FORM}.")
-        return SchemeSpec(NATIVE, None, {})
+            raise PosSwapError(f"'{name}' takes no parameters; got '{label}'. Expected form: {SCHEME_FORM}.")
+        return SchemeSpec(name, None if name == NATIVE else SAVED, {})
     scheme = get_scheme(name)  # unknown names: an error with the closest name
     hints = parameter_hints(scheme)  # the scheme's parameters and the modifiers' keywords
     params = {}

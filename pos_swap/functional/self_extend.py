@@ -6,6 +6,8 @@ Farther pairs use grouped positions, i // G + W - W // G for the query and j // 
 the window shrink G times and, when G divides W, start at W exactly where the neighbour window ends.
 """
 
+import math
+
 import torch
 
 
@@ -27,3 +29,16 @@ def relative_positions(query_positions: torch.Tensor, key_positions: torch.Tenso
     near = query_positions[..., :, None] - key_positions[..., None, :]  # (..., Lq, Lk)
     far = grouped_query[..., :, None] - grouped_key[..., None, :]  # (..., Lq, Lk)
     return torch.where(in_window(query_positions, key_positions, window), near, far)
+
+
+def longlm_setting(trained: int, target: int, window: int) -> dict | None:
+    """LongLM's rule for a neighbour window near ``window``: the smallest group G >= 2 with (trained - W) G + W >=
+    target, W rounded up to a multiple of G; ``{"window": W, "group": G}``, or None when no W below ``trained``
+    satisfies it."""
+    while 0 < window < trained:
+        group = max(2, math.ceil((target - window) / (trained - window)))
+        rounded = math.ceil(window / group) * group
+        if rounded == window:
+            return {"window": window, "group": group}
+        window = rounded
+    return None

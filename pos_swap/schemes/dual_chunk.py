@@ -99,5 +99,11 @@ class DualChunk(SelfExtend):
     Config = DualChunkConfig
     families = (archs.ROTARY,)
 
+    @classmethod
+    def candidates(cls, trained, target):
+        """ChunkLlama's: chunk_size 3/4 and local_window 1/16 of the trained context."""
+        chunk = max(2, trained * 3 // 4)
+        return [{"chunk_size": chunk, "local_window": min(chunk - 1, max(1, trained // 16))}]
+
     def hook(self, inv_freq, attention_scaling):
         return DualChunkAttention(inv_freq, attention_scaling, self.config.chunk_size, self.config.local_window)

@@ -23,6 +23,11 @@ class Dynamic(RopeScaling):
     Config = DynamicConfig
     follows_length = True
 
+    @classmethod
+    def candidates(cls, trained, target):
+        """Factor target / trained (at least 1.25)."""
+        return [{"factor": round(max(target / trained, 1.25), 2)}]
+
     def frequencies(self, dim, base, seq_len=None):
         return rope.dynamic_ntk(dim, base, self.config.factor, self.original_length, seq_len or self.original_length)
 

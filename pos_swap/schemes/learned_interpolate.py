@@ -27,6 +27,11 @@ class LearnedInterpolate(Scheme):
     Config = LearnedInterpolateConfig
     families = (archs.LEARNED,)
 
+    @classmethod
+    def candidates(cls, trained, target):
+        """Factor target / trained (at least 1.25): the stretched table just covers the target."""
+        return [{"factor": round(max(target / trained, 1.25), 2)}]
+
     def apply(self, patch) -> None:
         offset = archs.lookup(patch.model).table_offset
         patch.replace_table(functools.partial(stretched_rows, offset=offset, factor=self.config.factor))

@@ -7,6 +7,7 @@ cache unrotated and each call rotates queries and keys at near and far positions
 """
 
 import dataclasses
+import math
 
 import torch
 
@@ -48,6 +49,14 @@ class Rerope(SelfExtend):
     summary = "ReRoPE: normal RoPE within a window, relative positions capped (or leaky) beyond it (Su 2023)"
     Config = ReropeConfig
     families = (archs.ROTARY,)
+
+    @classmethod
+    def candidates(cls, trained, target):
+        """Leaky, then capped, with window W = trained / 2; leaky factor k = 16 (Su's), raised when needed so that
+        the farthest distance, W + (target - W) / k, stays within the trained context."""
+        window = max(1, trained // 2)
+        leaky = max(16, math.ceil((target - window) / max(1, trained - window)))
+        return [{"window": window, "leaky_factor": float(leaky)}, {"window": window}]
 
     def hook(self, inv_freq, attention_scaling):
         return CappedAttention(inv_freq, attention_scaling, self.config.window, self.config.leaky_factor)

@@ -59,6 +59,13 @@ class Rope(Scheme):
         backend = scaling.backend(model) if scaling else None
         patch.hook_attention(archs.attention_modules(model), hook, backend=backend)
 
+    def causal_consistent(self) -> bool:
+        """As the scaling rule on top (plain rotary positions are)."""
+        if self.config.scaling is None:
+            return True
+        rule = get_scheme(self.config.scaling)
+        return rule(rule.Config(**(self.config.scaling_params or {}))).causal_consistent()
+
     def _frequencies(self, scaling, dim: int, seq_lens: torch.Tensor):
         if scaling is not None:
             return scaling.per_sequence(dim, self.config.base, seq_lens)

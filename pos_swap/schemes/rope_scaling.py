@@ -82,6 +82,11 @@ class RopeScaling(Scheme):
         scaling = torch.tensor([tables[length][1] for length in lengths], device=seq_lens.device)
         return inv_freq, scaling
 
+    def causal_consistent(self) -> bool:
+        """Static rules and per-position rows depend on their prefix only; whole-window rotation by the current
+        length changes every row's frequencies when the window grows."""
+        return not self.follows_length or self.block is not None
+
     @property
     def block(self) -> int | None:
         """The per-position block of a length-following rule, or None for whole-window frequencies."""

@@ -119,6 +119,17 @@ class SelfExtend(Scheme):
     Config = SelfExtendConfig
     families = (archs.ROTARY,)
 
+    @classmethod
+    def candidates(cls, trained, target):
+        """LongLM's rule for neighbour windows near trained / 8 and trained / 4: the smallest group G >= 2 with
+        (trained - W) G + W >= target, W rounded up to a multiple of G (the hook needs it) and below trained."""
+        settings = []
+        for wanted in (trained // 8, trained // 4):
+            setting = self_extend.longlm_setting(trained, target, max(1, wanted))
+            if setting is not None and setting not in settings:
+                settings.append(setting)
+        return settings
+
     def hook(self, inv_freq: torch.Tensor, attention_scaling: float) -> GroupedAttention:
         """The attention hook of one rotary table with frequencies ``inv_freq``."""
         return GroupedAttention(inv_freq, attention_scaling, self.config.window, self.config.group)

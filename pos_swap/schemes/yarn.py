@@ -39,6 +39,12 @@ class Yarn(RopeScaling):
     summary = "YaRN: ramp between interpolated and original frequencies, plus attention temperature"
     Config = YarnConfig
 
+    @classmethod
+    def candidates(cls, trained, target):
+        """Factors s, 1.5 s and 2 s for s = target / trained (at least 1.25)."""
+        ratio = max(target / trained, 1.25)
+        return [{"factor": round(ratio * m, 2)} for m in (1.0, 1.5, 2.0)]
+
     def frequencies(self, dim, base, seq_len=None):
         c = self.config
         return rope.yarn(
@@ -69,6 +75,11 @@ class DynamicYarn(RopeScaling):
     summary = "YaRN whose factor follows the length: native up to the trained context, L/L0 beyond"
     Config = DynamicYarnConfig
     follows_length = True
+
+    @classmethod
+    def candidates(cls, trained, target):
+        """Its defaults (per-position frequencies), then whole-window ones (``per_position=False``)."""
+        return [{}, {"per_position": False}]
 
     def frequencies(self, dim, base, seq_len=None):
         c = self.config

@@ -42,6 +42,8 @@ def test_benchmark_and_examples_run(tmp_path):
          "--decode-repeats", "1", "--layers", "2", "--out", tmp_path / "perpos"],
         [ROOT / "benchmarks" / "sinks_stream.py", "--length", "300", "--step", "64", "--segment", "128", "--window", "60",
          "--out", tmp_path / "stream"],
+        [ROOT / "benchmarks" / "retrieval_cost.py", "--length", "300", "--depths", "0,1", "--trials", "1",
+         "--out", tmp_path / "sweep"],
         [ROOT / "examples" / "quickstart.py"],
         [ROOT / "examples" / "retrofits.py", "--length", "128"],
         [ROOT / "examples" / "long_context_perplexity.py", "--lengths", "128", "256", "--out", tmp_path / "ppl"],

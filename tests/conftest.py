@@ -21,6 +21,7 @@ ROPE_ARCHS = {
     "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(sliding_window=None)),
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(head_dim=16)),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(head_dim=16)),
     "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(head_dim=16, sliding_window=8)),
     "gemma3_text": (
         T.Gemma3TextConfig, T.Gemma3ForCausalLM,

@@ -1,4 +1,8 @@
-"""The README stays true: its Python quick start and its pos-swap commands run as written (offline)."""
+"""The README and the docs pages stay true: their Python blocks and their pos-swap commands run as written (offline).
+
+Each page runs in its own folder and namespace. Commands that take minutes (the demo as written) are marked
+`long`: `python -m pytest -q` leaves them out, and CI runs them in a step of their own (`-m long`).
+"""
 
 import re
 import shlex
@@ -10,25 +14,58 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LONG_COMMANDS = ("pos-swap demo",)  # run as written in the `long` step
 
 
-def test_python_blocks_run_as_written(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    assert blocks
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+def page_id(page):
+    return str(page.relative_to(ROOT))
 
 
-def test_pos_swap_commands_run_as_written(tmp_path):
-    commands = [line for line in re.findall(r"^pos-swap .*$", README, re.M)]
-    assert len(commands) >= 4
-    for command in commands:
+def commands(page, *, long):
+    found = re.findall(r"^pos-swap .*$", page.read_text(), re.M)
+    return [command for command in found if (command.strip() in LONG_COMMANDS) == long]
+
+
+def run_commands(commands_, cwd):
+    for command in commands_:
         argv = shlex.split(command)[1:]
-        done = subprocess.run([sys.executable, "-m", "pos_swap.cli", *argv], cwd=tmp_path, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "pos_swap.cli", *argv], cwd=cwd, capture_output=True, text=True)
         assert done.returncode == 0, (command, done.stderr[-2000:])
+
+
+def python_blocks(page):
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+
+
+WITH_PYTHON = [page for page in PAGES if python_blocks(page)]
+WITH_COMMANDS = [page for page in PAGES if commands(page, long=False)]
+LONG = [(page, command) for page in PAGES for command in commands(page, long=True)]
+
+
+def test_readme_has_runnable_examples():
+    readme = ROOT / "README.md"
+    assert readme in WITH_PYTHON and len(commands(readme, long=False)) >= 4
+    assert (readme, "pos-swap demo") in LONG
+
+
+@pytest.mark.parametrize("page", WITH_PYTHON, ids=page_id)
+def test_python_blocks_run_as_written(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in python_blocks(page):
+        exec(compile(block, page_id(page), "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", WITH_COMMANDS, ids=page_id)
+def test_pos_swap_commands_run_as_written(page, tmp_path):
+    run_commands(commands(page, long=False), tmp_path)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("page, command", LONG, ids=lambda value: value if isinstance(value, str) else page_id(value))
+def test_long_commands_run_as_written(page, command, tmp_path):
+    run_commands([command], tmp_path)
 
 
 def test_benchmark_and_examples_run(tmp_path):

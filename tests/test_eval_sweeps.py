@@ -247,7 +247,7 @@ def test_eval_end_to_end_on_the_real_smollm2(smollm2_dir, tmp_path, capsys):
     argv = ["eval", str(smollm2_dir), "--schemes", "native", "--lengths", "512,1k", "--tasks", "ppl,passkey",
             "--retrieval-lengths", "1k", "--depths", "0,1", "--trials", "2", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # the notes are wrapped to the terminal
     assert "4/4 100% [51%-100%]" in out and "one forward at the longest" in out
     cells = json.loads((tmp_path / "results.json").read_text())["cells"]
     passkeys = [c for c in cells if c["task"] == "passkey"]

@@ -2,6 +2,7 @@
 
     python benchmarks/retrieval_cost.py                                   # SmolLM2-135M, 4k, 5 depths x 3 trials
     python benchmarks/retrieval_cost.py --length 16384 --scheme rerope:window=4096:leaky_factor=16
+    python benchmarks/retrieval_cost.py --length 16384 --count-only       # tokens prefilled each way, no model
 
 One sweep of ``--depths`` x ``--trials`` prompts at ``--length``, run twice: every prompt prefilled from scratch,
 then through one cache that each prompt continues from the filler it shares with the previous one
@@ -14,8 +15,11 @@ import json
 import time
 from pathlib import Path
 
-from pos_swap import report
-from pos_swap.evaluate import load, parse_schemes, retrieval
+from transformers import AutoTokenizer
+
+from pos_swap import offline, report
+from pos_swap.evaluate import parse_schemes, retrieval
+from pos_swap.loading import load
 from pos_swap.evaluate.run import applied
 
 
@@ -28,12 +32,20 @@ def main(argv=None):
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="folder for results.json")
+    parser.add_argument("--count-only", action="store_true", help="only count the prompt tokens each way prefills")
     args = parser.parse_args(argv)
 
-    model, tokenizer = load(args.model, device=args.device, longest=args.length)
+    tokenizer = AutoTokenizer.from_pretrained(offline.resolve(args.model))
     depths = [float(d) for d in args.depths.split(",")]
     cells = retrieval.retrieval_cells("passkey", [args.length], depths, args.trials)
     needles = [retrieval.needle_for(tokenizer, "passkey", *cell, seed=0) for cell in cells]
+    if args.count_only:
+        fresh = sum(len(n.ids) for n in needles)
+        reused = fresh - sum(kept for _, kept in retrieval.reuse_plan(tokenizer, needles))
+        print(f"{len(needles)} prompts of {args.length} tokens: fresh prefills {fresh} tokens, reused prefix "
+              f"{reused} tokens ({reused / fresh:.2f}x)")  # fmt: skip
+        return
+    model, tokenizer = load(args.model, device=args.device, longest=args.length)
     (spec,) = parse_schemes(args.scheme)
     results, row = {}, {"scheme": spec.label, "length": args.length, "prompts": len(needles)}
     with applied(model, spec):

@@ -81,6 +81,8 @@ def test_benchmark_and_examples_run(tmp_path):
          "--out", tmp_path / "stream"],
         [ROOT / "benchmarks" / "temperature_cost.py", "--lengths", "64", "--repeats", "1", "--layers", "1",
          "--schemes", "yarn", "rerope", "--out", tmp_path / "temperature"],
+        [ROOT / "benchmarks" / "retrieval_cost.py", "--length", "300", "--depths", "0,1", "--trials", "1",
+         "--out", tmp_path / "sweep"],
         [ROOT / "examples" / "quickstart.py"],
         [ROOT / "examples" / "retrofits.py", "--length", "128"],
         [ROOT / "examples" / "long_context_perplexity.py", "--lengths", "128", "256", "--out", tmp_path / "ppl"],

@@ -81,7 +81,7 @@ def plan_for(trained: int, target: int, options: Options, family: str = archs.RO
 
 
 def plan_check(target: int, options: Options, text=None):
-    """A check for :func:`pos_swap.evaluate.load` (``check=``): the plan fits the text and the model's config."""
+    """A check for :func:`pos_swap.loading.load` (``check=``): the plan fits the text and the model's config."""
     def check(tokenizer, model):
         plan = plan_for(archs.trained_context(model.config), target, options, archs.lookup(model).family)
         check_plan(plan, tokenizer, text_tokens(tokenizer, text)[0], model)

@@ -173,25 +173,35 @@ def score(model, tokenizer, ids: list[int], answer: str, cache, max_new_tokens: 
     return {"reply": reply, "answer_logprob": logprob, "answer_tokens": target.numel()}
 
 
+def reuse_plan(tokenizer, needles: list[Needle]) -> list[tuple[int, int]]:
+    """``(index, kept)`` per needle in the order a reusing :func:`sweep` runs them (deepest first needle first):
+    ``kept`` prompt tokens come from the cache, what the prompt shares with the previous prompt and its
+    teacher-forced answer (at most all but the last token, which must run to predict the reply)."""
+    steps, held = [], []
+    for index in sorted(range(len(needles)), key=lambda i: -needles[i].needle_at):
+        ids = needles[index].ids
+        steps.append((index, min(common_prefix(held, ids), len(ids) - 1)))
+        held = ids + answer_tokens(tokenizer, needles[index].answer)[:-1]
+    return steps
+
+
 def sweep(model, tokenizer, needles: list[Needle], *, reuse: bool, max_new_tokens: int = 12, progress: bool = True):
-    """Score every needle; yields ``(index, result)`` in the order run. With ``reuse`` one cache serves them all:
-    deepest first needle first, each prompt continuing from the prefix it shares with what the cache holds
-    (exact for a causal-consistent model only); otherwise each prompt is prefilled from scratch. ``result`` adds
-    ``prefilled`` (prompt tokens computed) to :func:`score`'s."""
+    """Score every needle; yields ``(index, result)`` in the order run. With ``reuse`` one cache serves them all,
+    cropped to what each prompt shares with the previous one (:func:`reuse_plan`; exact for a causal-consistent
+    model only); otherwise each prompt is prefilled from scratch. ``result`` adds ``prefilled`` (prompt tokens
+    computed) to :func:`score`'s."""
     from transformers import DynamicCache
 
-    order = sorted(range(len(needles)), key=lambda i: -needles[i].needle_at) if reuse else range(len(needles))
-    cache, held = DynamicCache(), []
-    for index in tqdm(order, desc="needles", disable=not progress, leave=False):
-        needle = needles[index]
+    steps = reuse_plan(tokenizer, needles) if reuse else [(index, 0) for index in range(len(needles))]
+    cache = DynamicCache()
+    for index, kept in tqdm(steps, desc="needles", disable=not progress, leave=False):
         if reuse:
-            keep = min(common_prefix(held, needle.ids), len(needle.ids) - 1)
-            crop_to(cache, keep)
+            crop_to(cache, kept)
         else:
-            cache, keep = DynamicCache(), 0
+            cache = DynamicCache()
+        needle = needles[index]
         result = score(model, tokenizer, needle.ids, needle.answer, cache, max_new_tokens)
-        held = needle.ids + answer_tokens(tokenizer, needle.answer)[:-1]
-        yield index, {**result, "prefilled": len(needle.ids) - keep}
+        yield index, {**result, "prefilled": len(needle.ids) - kept}
 
 
 def retrieval(model, tokenizer, task: str, lengths, depths=DEPTHS, *, trials: int = 1, seed: int = 0,

@@ -8,6 +8,7 @@ when decoding. The reference multiplies cos and sin by 0.1 ln 2 + 1 (``attention
 """
 
 import dataclasses
+import math
 
 from .. import archs
 from ..errors import InvalidParameterError
@@ -70,6 +71,17 @@ class String(SelfExtend):
     @classmethod
     def defaults(cls, model) -> dict:
         return {"shift": archs.trained_context(model.config) // 3}
+
+    @classmethod
+    def candidates(cls, trained, target):
+        """The paper's defaults, shift S = trained / 3 and local window W = 128 (at most S / 2); past the trained
+        context, YaRN frequencies (``rope_factor``) stretched so that the farthest shifted distance, target - S + W,
+        fits in it."""
+        shift = max(2, trained // 3)
+        window = max(1, min(128, shift // 2))
+        factor = (target - shift + window) / trained
+        stretch = {"rope_factor": math.ceil(factor * 100) / 100} if factor > 1 else {}
+        return [{"shift": shift, "local_window": window, **stretch}]
 
     def hook(self, inv_freq, attention_scaling):
         c = self.config

@@ -213,7 +213,7 @@ def trained_context(config) -> int:
     """The context length the checkpoint was trained for: an ``original_max_position_embeddings`` in its RoPE
     parameters or config (Phi-3 keeps it there), else ``max_position_embeddings``."""
     params = getattr(config, "rope_parameters", None) or {}
-    flat = [params] if "rope_type" in params else list(params.values())
+    flat = [params] if "rope_type" in params else [p for p in params.values() if p]  # per layer type: some None
     originals = [p["original_max_position_embeddings"] for p in flat if p.get("original_max_position_embeddings")]
     originals.append(getattr(config, "original_max_position_embeddings", None))
     originals.append(getattr(config, "max_position_embeddings", None))
@@ -322,6 +322,9 @@ def discover(model: nn.Module) -> ArchSpec:
     if not all(_has_theta(slot, config) for slot in slots):
         raise refuse(model, "its config's rope_parameters give no rope_theta for each of its rotary tables, which "
                             "pos_swap's frequencies start from.")  # fmt: skip
+    if any(bool((slot.inv_freq == 0).any()) for slot in slots):
+        raise refuse(model, "some planes of its rotary have frequency 0 (rope_type 'proportional', p-RoPE), which "
+                            "pos_swap's frequency rules do not keep.")  # fmt: skip
     reached = _trace(model, rotary, slots)  # [(path, layer type)]
     names = {id(m): name for name, m in base.named_modules()}
     modules = [find_modules(model, path)[0] for path, _ in reached]

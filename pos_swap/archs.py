@@ -304,6 +304,11 @@ def discover(model: nn.Module) -> ArchSpec:
     unusual where that pattern does not hold."""
     config = model.config
     _refuse_by_config(model)
+    if any(p.is_meta for p in model.parameters()):
+        raise PosSwapError(
+            f"pos_swap finds where a '{config.model_type}' model keeps its positions by running it on "
+            f"{TRACE_TOKENS} tokens, which needs its weights: load it with them (this one is on the meta device)."
+        )
     base = model.base_model
     rotaries = [(name, m) for name, m in base.named_modules() if "inv_freq" in dict(m.named_buffers(recurse=False))
                 or table_layer_types(m)]  # fmt: skip
@@ -373,11 +378,6 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
     """Run ``model`` twice on a few tokens under :func:`_record_and_silence`, with the rotary's output and with the
     identity rotation; return ``(path, layer type)`` of each attention module whose queries and keys the rotary's
     output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
-    if any(p.is_meta for p in model.parameters()):
-        raise PosSwapError(
-            f"pos_swap finds where a '{model.config.model_type}' model keeps its positions by running it on "
-            f"{TRACE_TOKENS} tokens, which needs its weights: load it with them (this one is on the meta device)."
-        )
     device = next(model.parameters()).device
     ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
     positions = torch.arange(TRACE_TOKENS, device=device)[None]

@@ -290,7 +290,9 @@ AttentionMaskInterface.register(TRACE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 def refuse(model: nn.Module, unusual: str) -> UnsupportedArchitectureError:
     return UnsupportedArchitectureError(
-        f"pos_swap cannot patch this '{model.config.model_type}' model ({type(model).__name__}): {unusual}"
+        f"pos_swap cannot patch this '{model.config.model_type}' model ({type(model).__name__}): {unusual} "
+        f"Supported model types: {', '.join(sorted(ARCHITECTURES))}, and the RoPE models discovery derives "
+        f"(`pos-swap info MODEL` tells)."
     )
 
 

@@ -223,7 +223,7 @@ def trained_context(config) -> int:
     """The context length the checkpoint was trained for: an ``original_max_position_embeddings`` in its RoPE
     parameters or config (Phi-3 keeps it there), else ``max_position_embeddings``."""
     params = getattr(config, "rope_parameters", None) or {}
-    flat = [params] if "rope_type" in params else list(params.values())
+    flat = [params] if "rope_type" in params else [p for p in params.values() if p]  # per layer type: some None
     originals = [p["original_max_position_embeddings"] for p in flat if p.get("original_max_position_embeddings")]
     originals.append(getattr(config, "original_max_position_embeddings", None))
     originals.append(getattr(config, "max_position_embeddings", None))
@@ -300,7 +300,9 @@ AttentionMaskInterface.register(TRACE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 def refuse(model: nn.Module, unusual: str) -> UnsupportedArchitectureError:
     return UnsupportedArchitectureError(
-        f"pos_swap cannot patch this '{model.config.model_type}' model ({type(model).__name__}): {unusual}"
+        f"pos_swap cannot patch this '{model.config.model_type}' model ({type(model).__name__}): {unusual} "
+        f"Supported model types: {', '.join(sorted(ARCHITECTURES))}, and the RoPE models discovery derives "
+        f"(`pos-swap info MODEL` tells)."
     )
 
 
@@ -314,6 +316,11 @@ def discover(model: nn.Module) -> ArchSpec:
     unusual where that pattern does not hold."""
     config = model.config
     _refuse_by_config(model)
+    if any(p.is_meta for p in model.parameters()):
+        raise PosSwapError(
+            f"pos_swap finds where a '{config.model_type}' model keeps its positions by running it on "
+            f"{TRACE_TOKENS} tokens, which needs its weights: load it with them (this one is on the meta device)."
+        )
     base = model.base_model
     rotaries = [(name, m) for name, m in base.named_modules() if "inv_freq" in dict(m.named_buffers(recurse=False))
                 or table_layer_types(m)]  # fmt: skip
@@ -332,6 +339,9 @@ def discover(model: nn.Module) -> ArchSpec:
     if not all(_has_theta(slot, config) for slot in slots):
         raise refuse(model, "its config's rope_parameters give no rope_theta for each of its rotary tables, which "
                             "pos_swap's frequencies start from.")  # fmt: skip
+    if any(bool((slot.inv_freq == 0).any()) for slot in slots):
+        raise refuse(model, "some planes of its rotary have frequency 0 (rope_type 'proportional', p-RoPE), which "
+                            "pos_swap's frequency rules do not keep.")  # fmt: skip
     reached = _trace(model, rotary, slots)  # [(path, layer type)]
     names = {id(m): name for name, m in base.named_modules()}
     modules = [find_modules(model, path)[0] for path, _ in reached]
@@ -380,11 +390,6 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
     """Run ``model`` twice on a few tokens under :func:`_record_and_silence`, with the rotary's output and with the
     identity rotation; return ``(path, layer type)`` of each attention module whose queries and keys the rotary's
     output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
-    if any(p.is_meta for p in model.parameters()):
-        raise PosSwapError(
-            f"pos_swap finds where a '{model.config.model_type}' model keeps its positions by running it on "
-            f"{TRACE_TOKENS} tokens, which needs its weights: load it with them (this one is on the meta device)."
-        )
     device = next(model.parameters()).device
     ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
     positions = torch.arange(TRACE_TOKENS, device=device)[None]

@@ -247,7 +247,7 @@ class DeferredRotation(torch.nn.Module):
         )  # fmt: skip
         scale = kwargs.get("scaling") or head_dim**-0.5
         lengths = rope.block_lengths(q_pos, self.block, self.trained_length)  # (B, Lq)
-        output, weights = query.new_zeros(batch, q_len, heads, head_dim), None
+        output, weights = query.new_zeros(batch, q_len, heads, value.shape[-1]), None  # value heads may be narrower
         for length in lengths.unique().tolist():
             chosen = lengths == length  # (B, Lq)
             rows = _span(chosen.any(dim=0))

@@ -542,7 +542,8 @@ def plain_rope_parameters(model: torch.nn.Module, scheme: Scheme) -> dict | None
     exported = {slot.layer_type: scheme.hf_rope_parameters(config, slot) for slot in slots}
     if not slots or None in exported.values():
         return None
-    keep = ("rope_theta", "partial_rotary_factor")
+    # native keys the model reads besides the frequencies (Ministral 3's attention reads the Llama 4 scaling pair)
+    keep = ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings", "llama_4_scaling_beta")
     params = copy.deepcopy(config.rope_parameters)
     for slot in slots:
         native = slot.rope_parameters(config)

@@ -15,7 +15,13 @@ These paths are for inference: the log-sum-exp of the kernel carries no gradient
 :func:`pos_swap.attention.chunked_attention` when gradients, dropout, a softcap or eager attention weights
 are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch's
 ``_scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)`` is the kernel to wire in next.
+
+The CPU kernel is a private torch op: :data:`CPU_KERNEL` is looked up once at import, and where this torch lacks it
+(or its signature changed) every hook takes the chunked path, with one warning.
 """
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +34,49 @@ ALIBI_BLOCK = 2048
 BAND_BLOCK = 1024  # Self-Extend's neighbour pass reads the window plus this many keys per row
 COPE_BLOCK_BYTES = 2**22  # float32 scores of one block of CoPE query rows: small enough that its passes stay in cache
 COPE_COLUMNS = 512  # keys counted at a time, before CoPE checks whether every position has reached the table's end
+KERNEL_NAME = "_scaled_dot_product_flash_attention_for_cpu"
+KERNEL_ARGUMENTS = ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")  # as called below
+
+
+def find_cpu_kernel(ops=torch.ops.aten):
+    """torch's private CPU flash attention that also returns the log-sum-exp, ``ops.`` :data:`KERNEL_NAME`, or
+    None when ``ops`` has no such op or its arguments or outputs are not those :func:`attention_with_lse` uses."""
+    op = getattr(ops, KERNEL_NAME, None)
+    schema = getattr(getattr(op, "default", None), "_schema", None)
+    if schema is None:
+        return None
+    fits = tuple(argument.name for argument in schema.arguments) == KERNEL_ARGUMENTS and len(schema.returns) == 2
+    return op if fits else None
+
+
+CPU_KERNEL = find_cpu_kernel()
+
+
+@functools.cache
+def _warn_without_kernel() -> None:
+    warnings.warn(
+        f"This torch ({torch.__version__}) has no torch.ops.aten.{KERNEL_NAME} with the arguments "
+        f"{', '.join(KERNEL_ARGUMENTS)}: pos_swap's fused attention passes are off, and schemes that change the "
+        f"scores run the chunked path (same results, slower on long inputs).",
+        stacklevel=3,
+    )
 
 
 def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
     """Whether a scheme's hook may use the fused passes instead of the chunked path: a CPU tensor (the kernel
     that returns the log-sum-exp), sdpa routing (eager must return weights), no softcap, evaluation mode (dropout)
     and no gradient wanted through ``query`` or ``parameters`` (the kernel's log-sum-exp has none). A hook that
-    takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`)."""
+    takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`). False, with
+    one warning, where this torch lacks the kernel (:data:`CPU_KERNEL`)."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *parameters))
-    return (
+    fits = (
         query.device.type == "cpu" and backend_of(module) == "sdpa" and softcap is None and not module.training
         and not wants_grad
     )  # fmt: skip
+    if fits and CPU_KERNEL is None:
+        _warn_without_kernel()
+        return False
+    return fits
 
 
 def attention_with_lse(query, key, value, scale: float, *, causal: bool = False, mask=None):
@@ -47,9 +84,7 @@ def attention_with_lse(query, key, value, scale: float, *, causal: bool = False,
     float64 inputs), from one fused CPU kernel (torch's flash attention for CPU); keys and values may have fewer
     heads than the queries (grouped-query attention, each shared by consecutive query heads), all one head dim;
     ``causal`` is top-left aligned (row r sees keys <= r), ``mask`` is additive in the query's dtype."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, causal, attn_mask=mask, scale=scale
-    )
+    return CPU_KERNEL(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def merge_by_lse(parts):

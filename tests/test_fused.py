@@ -4,6 +4,7 @@ and a float64 model, through caches, padding, grouped heads and half precision."
 
 import ast
 import inspect
+import types
 
 import pytest
 import torch
@@ -304,6 +305,35 @@ def test_a_float64_model_attends_in_float64(monkeypatch, backend, path, mask):
     key, value = (x[0].repeat_interleave(3, dim=0) for x in (key, value))
     expected, _ = reference_attention(query[0], key, value, scale, allowed, bias=bias)
     torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=0, atol=1e-12)
+
+
+def test_the_private_cpu_kernel_is_found_only_with_the_signature_it_is_called_with():
+    assert fused.find_cpu_kernel() is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    assert fused.find_cpu_kernel(types.SimpleNamespace()) is None  # a torch without the op
+    renamed = torch._C.parse_schema(
+        "aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, float dropout=0., "
+        "bool is_causal=False, *, Tensor? attn_mask=None, float? scale=None) -> (Tensor output, Tensor logsumexp)"
+    )  # a later torch that renamed dropout_p
+    changed = types.SimpleNamespace(_scaled_dot_product_flash_attention_for_cpu=types.SimpleNamespace(
+        default=types.SimpleNamespace(_schema=renamed)))  # fmt: skip
+    assert fused.find_cpu_kernel(changed) is None
+
+
+@pytest.mark.parametrize("scheme, params", [("alibi", {}), ("self-extend", dict(window=8, group=4)), ("dynamic-yarn", {})])
+def test_without_the_cpu_kernel_the_hooks_take_the_chunked_path_with_one_warning(monkeypatch, scheme, params):
+    def logits():
+        model = tiny("llama")
+        pos_swap.patch(model, scheme, **params, **({"block": 8} if scheme == "dynamic-yarn" else {}))
+        with torch.no_grad():
+            return model(IDS).logits
+
+    monkeypatch.setattr(fused, "CPU_KERNEL", None)  # a torch without the private op
+    fused._warn_without_kernel.cache_clear()
+    with pytest.warns(UserWarning, match="_scaled_dot_product_flash_attention_for_cpu") as caught:
+        without = logits()
+    assert len([w for w in caught if "fused attention passes are off" in str(w.message)]) == 1  # once, not per layer
+    chunked(monkeypatch)
+    assert torch.equal(without, logits())
 
 
 def test_fused_imports_only_the_base_below_attention():

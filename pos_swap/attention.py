@@ -17,7 +17,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import fused
-from .attention_base import BLOCK_MIB, PREFIX, additive_mask, backend_of, row_indices, rows_per_block
+from .attention_base import BLOCK_MIB, PREFIX, additive_mask, backend_of, row_indices, rows_per_block, score_dtype
 from .errors import IncompatibleSchemeError
 from .functional import rope
 
@@ -97,7 +97,7 @@ def notify_probabilities(module, probs: torch.Tensor, rows, cols: slice, shape: 
     (a slice or the indices ``(C,)``; observers get the indices) against keys ``cols`` of a call with
     ``shape = (Lq, Lk)`` (keys past ``cols`` are masked for these rows; the queries are the last ``Lq`` of the
     ``Lk`` positions)."""
-    rows = row_indices(rows, probs.device)
+    rows, probs = row_indices(rows, probs.device), probs.float()
     for observer in observers_of(module):
         observer.probabilities(module, probs, rows, cols, shape)
 
@@ -383,17 +383,22 @@ def query_blocks(module, query, key, attention_mask, budget_mib=BLOCK_MIB):
 
 
 def block_scores(rows, cols, q_rows, k_cols, mask, scaling, *, logits=None, bias=None, softcap=None):
-    """The float32 attention scores ``(B, H, C, W)`` of one block: ``logits(rows, cols, q_rows, k_cols, mask)`` or the
+    """The attention scores ``(B, H, C, W)`` of one block, in :func:`score_dtype`: ``logits(rows, cols, q_rows, k_cols, mask)`` or the
     scaled dot product plus ``bias(rows, cols)``, then the softcap (Gemma 2) and the additive mask."""
     if logits is not None:
         scores = logits(rows, cols, q_rows, k_cols, mask)
     else:
-        scores = (q_rows @ k_cols.transpose(-1, -2)).float() * scaling
+        scores = scaled_scores(q_rows @ k_cols.transpose(-1, -2), scaling)
         if bias is not None:
             scores = scores + bias(rows, cols)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     return scores if mask is None else scores + mask
+
+
+def scaled_scores(products: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Dot products of queries and keys times ``scaling``, in :func:`score_dtype` (float64 stays float64)."""
+    return products.to(score_dtype(products.dtype)) * scaling
 
 
 def chunked_attention(
@@ -429,7 +434,7 @@ def chunked_attention(
             outputs.append(F.scaled_dot_product_attention(q_rows, k_cols, v_cols, extra, dropout_p=p, scale=scaling))
             continue
         scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, logits=logits, bias=bias, softcap=softcap)
-        probs = torch.softmax(scores, dim=-1)  # (B, H, C, W) float32
+        probs = torch.softmax(scores, dim=-1)  # (B, H, C, W) float32, or float64 for float64 inputs
         if watched is not None:
             shown = watched[(watched >= rows.start) & (watched < rows.stop)]
             notify_probabilities(module, probs[:, :, shown - rows.start], shown, cols, (query.shape[2], k_len))

@@ -14,6 +14,12 @@ def backend_of(module) -> str:
     return (module.config._attn_implementation or "eager").removeprefix(PREFIX)
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention scores and their softmax are computed in for inputs of ``dtype``: float64 for float64,
+    float32 for every other (half precision included)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rows_per_block(budget_bytes: float, batch: int, heads: int, key_length: int) -> int:
     """How many query rows fit ``budget_bytes`` of float32 scores ``(B, H, rows, Lk)`` (at least one)."""
     return max(1, int(budget_bytes) // (4 * batch * heads * key_length))

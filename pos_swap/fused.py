@@ -15,12 +15,18 @@ These paths are for inference: the log-sum-exp of the kernel carries no gradient
 :func:`pos_swap.attention.chunked_attention` when gradients, dropout, a softcap or eager attention weights
 are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch's
 ``_scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)`` is the kernel to wire in next.
+
+The CPU kernel is a private torch op: :data:`CPU_KERNEL` is looked up once at import, and where this torch lacks it
+(or its signature changed) every hook takes the chunked path, with one warning.
 """
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .attention_base import additive_mask, backend_of, rows_per_block
+from .attention_base import additive_mask, backend_of, rows_per_block, score_dtype
 
 # Query rows per pass. The CPU kernel splits queries finely below 768 rows (slower), and ALiBi's folded bias near
 # the diagonal stays below slope x ALIBI_BLOCK / 2 (float32 error about 3e-5 in the logits at slope 1/2).
@@ -28,28 +34,57 @@ ALIBI_BLOCK = 2048
 BAND_BLOCK = 1024  # Self-Extend's neighbour pass reads the window plus this many keys per row
 COPE_BLOCK_BYTES = 2**22  # float32 scores of one block of CoPE query rows: small enough that its passes stay in cache
 COPE_COLUMNS = 512  # keys counted at a time, before CoPE checks whether every position has reached the table's end
+KERNEL_NAME = "_scaled_dot_product_flash_attention_for_cpu"
+KERNEL_ARGUMENTS = ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")  # as called below
+
+
+def find_cpu_kernel(ops=torch.ops.aten):
+    """torch's private CPU flash attention that also returns the log-sum-exp, ``ops.`` :data:`KERNEL_NAME`, or
+    None when ``ops`` has no such op or its arguments or outputs are not those :func:`attention_with_lse` uses."""
+    op = getattr(ops, KERNEL_NAME, None)
+    schema = getattr(getattr(op, "default", None), "_schema", None)
+    if schema is None:
+        return None
+    fits = tuple(argument.name for argument in schema.arguments) == KERNEL_ARGUMENTS and len(schema.returns) == 2
+    return op if fits else None
+
+
+CPU_KERNEL = find_cpu_kernel()
+
+
+@functools.cache
+def _warn_without_kernel() -> None:
+    warnings.warn(
+        f"This torch ({torch.__version__}) has no torch.ops.aten.{KERNEL_NAME} with the arguments "
+        f"{', '.join(KERNEL_ARGUMENTS)}: pos_swap's fused attention passes are off, and schemes that change the "
+        f"scores run the chunked path (same results, slower on long inputs).",
+        stacklevel=3,
+    )
 
 
 def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
     """Whether a scheme's hook may use the fused passes instead of the chunked path: a CPU tensor (the kernel
     that returns the log-sum-exp), sdpa routing (eager must return weights), no softcap, evaluation mode (dropout)
     and no gradient wanted through ``query`` or ``parameters`` (the kernel's log-sum-exp has none). A hook that
-    takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`)."""
+    takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`). False, with
+    one warning, where this torch lacks the kernel (:data:`CPU_KERNEL`)."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *parameters))
-    return (
+    fits = (
         query.device.type == "cpu" and backend_of(module) == "sdpa" and softcap is None and not module.training
         and not wants_grad
     )  # fmt: skip
+    if fits and CPU_KERNEL is None:
+        _warn_without_kernel()
+        return False
+    return fits
 
 
 def attention_with_lse(query, key, value, scale: float, *, causal: bool = False, mask=None):
-    """Attention ``(B, H, Lq, D)`` and the log-sum-exp of the scaled scores ``(B, H, Lq)`` in float32, from one
-    fused CPU kernel (torch's flash attention for CPU); keys and values may have fewer heads than the queries
-    (grouped-query attention, each shared by consecutive query heads), all one head dim; ``causal`` is top-left
-    aligned (row r sees keys <= r), ``mask`` is additive in the query's dtype."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, causal, attn_mask=mask, scale=scale
-    )
+    """Attention ``(B, H, Lq, D)`` and the log-sum-exp of the scaled scores ``(B, H, Lq)`` in float32 (float64 for
+    float64 inputs), from one fused CPU kernel (torch's flash attention for CPU); keys and values may have fewer
+    heads than the queries (grouped-query attention, each shared by consecutive query heads), all one head dim;
+    ``causal`` is top-left aligned (row r sees keys <= r), ``mask`` is additive in the query's dtype."""
+    return CPU_KERNEL(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def merge_by_lse(parts):
@@ -60,7 +95,7 @@ def merge_by_lse(parts):
     lses = torch.stack([lse for _, lse in parts])  # (P, B, H, Lq)
     total = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - total).nan_to_num(0.0)  # rows no pass reached: 0, not nan
-    output = sum(out.float() * w[..., None] for (out, _), w in zip(parts, weights))
+    output = sum(out.to(w.dtype) * w[..., None] for (out, _), w in zip(parts, weights))  # in the lse's dtype
     return output.to(parts[0][0].dtype), total
 
 
@@ -88,10 +123,11 @@ def shifted_causal_attention(query, key, value, scale: float, shift: int):
 
 
 def two_terms(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (float32) as ``hi + lo`` in ``dtype``: about twice the dtype's precision, so that bfloat16 features
-    still carry key distances in the thousands and slopes to float32 accuracy."""
+    """``x`` (float32 or float64) as ``hi + lo`` in ``dtype``: about twice the dtype's precision, so that bfloat16
+    features still carry key distances in the thousands and slopes to float32 accuracy (lo is 0 when ``dtype``
+    holds ``x`` exactly)."""
     hi = x.to(dtype)
-    return hi, (x - hi.float()).to(dtype)
+    return hi, (x - hi.to(x.dtype)).to(dtype)
 
 
 def _fold(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -108,7 +144,8 @@ def alibi_attention(query, key, value, slopes, query_positions, key_positions, s
     queries from key slot ``first_query``).
     """
     q_len, dim = query.shape[2:]
-    slope_hi, slope_lo = two_terms(slopes.float().to(query.device) / scale, query.dtype)
+    exact = score_dtype(query.dtype)  # the dtype the bias is computed in before it is split
+    slope_hi, slope_lo = two_terms(slopes.to(device=query.device, dtype=exact) / scale, query.dtype)
     query = _fold(query, torch.stack([slope_hi, slope_hi, slope_lo, slope_lo], -1)[None, :, None])
     value = F.pad(value, (0, 4))  # the kernel wants one head dim for q, k and v
     outputs = []
@@ -116,7 +153,7 @@ def alibi_attention(query, key, value, slopes, query_positions, key_positions, s
         rows = slice(start, min(start + ALIBI_BLOCK, q_len))
         cols = slice(0, first_query + rows.stop)
         middle = (rows.start + rows.stop) // 2
-        distance = (key_positions[:, cols] - query_positions[:, middle : middle + 1]).float()  # (B, W)
+        distance = (key_positions[:, cols] - query_positions[:, middle : middle + 1]).to(exact)  # (B, W)
         d_hi, d_lo = two_terms(distance, query.dtype)
         block_key = _fold(key[:, :, cols], torch.stack([d_hi, d_lo, d_hi, d_lo], -1)[:, None])
         block_query, block_value = query[:, :, rows], value[:, :, cols]
@@ -214,7 +251,8 @@ def cope_attention(query, key, value, table, scale: float, first_query: int):
     kv_heads, last = key.shape[1], table.shape[0] - 1
     group = heads // kv_heads
     newest_first = key[:, :, : first_query + q_len].flip(2), value[:, :, : first_query + q_len].flip(2)
-    per_integer = (query.float() @ table.float().T) * scale  # (B, H, Lq, npos): q . E[n]
+    exact = score_dtype(query.dtype)
+    per_integer = (query.to(exact) @ table.to(exact).T) * scale  # (B, H, Lq, npos): q . E[n]
     step = F.pad(per_integer.diff(dim=-1), (0, 1))  # (B, H, Lq, npos): E[n + 1] - E[n], 0 past the end
     rows_per_pass = rows_per_block(COPE_BLOCK_BYTES, batch, heads, first_query + q_len)
     outputs = []
@@ -223,7 +261,7 @@ def cope_attention(query, key, value, table, scale: float, first_query: int):
         count, newest = rows.stop - rows.start, first_query + rows.stop - 1  # rows, the block's last key slot
         keys, values = (x[:, :, x.shape[2] - newest - 1 :] for x in newest_first)  # column c: key slot newest - c
         grouped = query[:, :, rows].reshape(batch, kv_heads, group * count, dim)
-        scores = (grouped @ keys.transpose(-1, -2)).float().mul_(scale).view(batch, heads, count, -1)  # (B, H, C, W)
+        scores = (grouped @ keys.transpose(-1, -2)).to(exact).mul_(scale).view(batch, heads, count, -1)  # (B, H, C, W)
         slots = torch.arange(first_query + rows.start, newest + 1, device=query.device)[:, None]  # (C, 1)
         later = newest - torch.arange(count, device=query.device) > slots  # (C, C): the keys a row may not see
         _add_positions(scores, later, per_integer[:, :, rows], step[:, :, rows], last)

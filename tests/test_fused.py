@@ -4,6 +4,7 @@ and a float64 model, through caches, padding, grouped heads and half precision."
 
 import ast
 import inspect
+import types
 
 import pytest
 import torch
@@ -35,9 +36,9 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(fused, "COPE_COLUMNS", 16)
 
 
-def reference_attention(query, key, value, scale, allowed):
-    """Float64 softmax attention and log-sum-exp with a boolean ``allowed (Lq, Lk)``."""
-    scores = (query.double() @ key.double().transpose(-1, -2)) * scale
+def reference_attention(query, key, value, scale, allowed, bias=0.0):
+    """Float64 softmax attention and log-sum-exp with a boolean ``allowed (Lq, Lk)`` and an additive ``bias``."""
+    scores = (query.double() @ key.double().transpose(-1, -2)) * scale + bias
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1) @ value.double(), torch.logsumexp(scores, dim=-1)
 
@@ -184,6 +185,14 @@ def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, par
     torch.testing.assert_close(fast, patched_logits(scheme, params, dtype=torch.float64), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scheme, params", SCHEMES)
+def test_in_float64_the_fused_and_chunked_paths_agree_to_float64_precision(monkeypatch, scheme, params):
+    """Both paths keep float64 scores, softmax and merges for a float64 model (a float32 step: about 1e-7)."""
+    fast = patched_logits(scheme, params, dtype=torch.float64)
+    chunked(monkeypatch)
+    torch.testing.assert_close(fast, patched_logits(scheme, params, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scheme, params", SCHEMES)
 def test_half_precision_is_as_close_to_float64_as_the_chunked_path(monkeypatch, scheme, params, dtype):
@@ -267,6 +276,67 @@ def test_observers_see_the_probabilities_of_the_chunked_path(monkeypatch, scheme
     assert len(fast_seen) == len(slow_seen) > 0
     for fast, slow in zip(fast_seen, slow_seen):
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "backend, path, mask",
+    [("sdpa", "fused", None), ("sdpa", "fused", "bool"), ("sdpa", "chunked", "bool"), ("eager", "chunked", "float")],
+)
+def test_a_float64_model_attends_in_float64(monkeypatch, backend, path, mask):
+    """ALiBi's hook on float64 inputs equals float64 math to 1e-12 on each path (a float32 step costs about 1e-7).
+    Twelve heads of twelve features: slopes 2^-0.5, 2^-1.5, ... and 1/sqrt(12), which float32 does not hold."""
+    if path == "chunked":
+        chunked(monkeypatch)
+    model = tiny("llama", hidden_size=144, num_attention_heads=12, num_key_value_heads=4, attn_implementation=backend)
+    model = model.double()
+    pos_swap.patch(model, "alibi")
+    module = model.model.layers[0].self_attn
+    hook, scale = module._modules[pos_swap.attention.HOOK], 12**-0.5
+    generator = torch.Generator().manual_seed(0)
+    k_len = 34  # in blocks of 16 query rows (small_blocks): passes merged by log-sum-exp
+    q_len = k_len if mask is None else 21  # None: a prefill; with a mask, queries after 13 cached keys
+    query = torch.randn(1, 12, q_len, 12, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(1, 4, k_len, 12, generator=generator, dtype=torch.float64) for _ in range(2))
+    q_pos, k_pos = torch.arange(k_len - q_len, k_len), torch.arange(k_len)
+    allowed = k_pos[None, :] <= q_pos[:, None]  # (Lq, Lk)
+    given = {None: None, "bool": allowed[None, None],
+             "float": torch.zeros(1, 1, q_len, k_len, dtype=torch.float64).masked_fill(~allowed, -1e300)}[mask]  # fmt: skip
+    inner = pos_swap.attention.backend_function(module, backend)
+    out, _ = hook(inner, module, query, key, value, given, scaling=scale, position_ids=q_pos[None])
+    slopes = [2 ** (-8 * k / 8) for k in range(1, 9)] + [2 ** (-8 * k / 16) for k in (1, 3, 5, 7)]  # the paper's
+    bias = -torch.tensor(slopes, dtype=torch.float64).view(-1, 1, 1) * (q_pos[:, None] - k_pos[None, :])  # (H, Lq, Lk)
+    key, value = (x[0].repeat_interleave(3, dim=0) for x in (key, value))
+    expected, _ = reference_attention(query[0], key, value, scale, allowed, bias=bias)
+    torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=0, atol=1e-12)
+
+
+def test_the_private_cpu_kernel_is_found_only_with_the_signature_it_is_called_with():
+    assert fused.find_cpu_kernel() is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    assert fused.find_cpu_kernel(types.SimpleNamespace()) is None  # a torch without the op
+    renamed = torch._C.parse_schema(
+        "aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, Tensor value, float dropout=0., "
+        "bool is_causal=False, *, Tensor? attn_mask=None, float? scale=None) -> (Tensor output, Tensor logsumexp)"
+    )  # a later torch that renamed dropout_p
+    changed = types.SimpleNamespace(_scaled_dot_product_flash_attention_for_cpu=types.SimpleNamespace(
+        default=types.SimpleNamespace(_schema=renamed)))  # fmt: skip
+    assert fused.find_cpu_kernel(changed) is None
+
+
+@pytest.mark.parametrize("scheme, params", [("alibi", {}), ("self-extend", dict(window=8, group=4)), ("dynamic-yarn", {})])
+def test_without_the_cpu_kernel_the_hooks_take_the_chunked_path_with_one_warning(monkeypatch, scheme, params):
+    def logits():
+        model = tiny("llama")
+        pos_swap.patch(model, scheme, **params, **({"block": 8} if scheme == "dynamic-yarn" else {}))
+        with torch.no_grad():
+            return model(IDS).logits
+
+    monkeypatch.setattr(fused, "CPU_KERNEL", None)  # a torch without the private op
+    fused._warn_without_kernel.cache_clear()
+    with pytest.warns(UserWarning, match="_scaled_dot_product_flash_attention_for_cpu") as caught:
+        without = logits()
+    assert len([w for w in caught if "fused attention passes are off" in str(w.message)]) == 1  # once, not per layer
+    chunked(monkeypatch)
+    assert torch.equal(without, logits())
 
 
 def test_fused_imports_only_the_base_below_attention():

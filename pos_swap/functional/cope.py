@@ -27,12 +27,14 @@ def interpolate(logits_int: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def logits(query, key, table, mask, scaling: float) -> torch.Tensor:
-    """Attention logits ``(B, H, Lq, Lk)`` in float32: scaled q . k plus the CoPE position logit.
+    """Attention logits ``(B, H, Lq, Lk)`` in float32 (float64 for float64 inputs): scaled q . k plus the CoPE
+    position logit.
 
     query ``(B, H, Lq, D)``, key ``(B, H, Lk, D)``, table ``(npos, D)``; ``mask`` is additive ``(B|1, 1, Lq, Lk)``
     (0 where allowed, a huge negative number elsewhere) or None when every key is allowed.
     """
-    scores = (query @ key.transpose(-1, -2)).float() * scaling  # (B, H, Lq, Lk)
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = (query @ key.transpose(-1, -2)).to(dtype) * scaling  # (B, H, Lq, Lk)
     gates = torch.sigmoid(scores if mask is None else scores + mask)  # (B, H, Lq, Lk), 0 where masked
-    logits_int = (query.float() @ table.float().T) * scaling  # (B, H, Lq, npos)
+    logits_int = (query.to(dtype) @ table.to(dtype).T) * scaling  # (B, H, Lq, npos)
     return scores + interpolate(logits_int, positions(gates, table.shape[0]))

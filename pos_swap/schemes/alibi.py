@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import archs, fused
 from ..attention import backend_of, chunked_attention, first_query_slot, notify_blocks, observers_of, positions
-from ..attention_base import BLOCK_MIB
+from ..attention_base import BLOCK_MIB, score_dtype
 from ..errors import InvalidParameterError
 from ..functional import alibi
 from ..registry import Scheme, SchemeConfig, greater_than, param, register
@@ -63,7 +63,7 @@ class AlibiBias(nn.Module):
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)
 
         def bias(rows, cols):
-            return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric)  # (B, H, C, W)
+            return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric, score_dtype(query.dtype))
 
         if fused.applies(module, query, kwargs.get("softcap"), self.slopes) and getattr(module, "is_causal", True):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
@@ -105,7 +105,8 @@ class Alibi(Scheme):
 
     def apply(self, patch) -> None:
         model, c = patch.model, self.config
-        slopes = torch.tensor(c.slopes) if c.slopes else alibi.slopes(model.config.num_attention_heads)
+        dtype = score_dtype(model.dtype)  # float64 slopes for a float64 model, float32 otherwise
+        slopes = torch.tensor(c.slopes, dtype=dtype) if c.slopes else alibi.slopes(model.config.num_attention_heads, dtype)
         symmetric = (not archs.is_causal(model)) if c.symmetric is None else c.symmetric
         patch.remove_positions()
         if c.trainable:

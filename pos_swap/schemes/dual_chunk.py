@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import archs, fused
-from ..attention import chunked_attention, first_query_slot, notify_blocks, positions
+from ..attention import chunked_attention, first_query_slot, notify_blocks, positions, scaled_scores
 from ..errors import InvalidParameterError
 from ..functional import dual_chunk, rope
 from ..registry import MAX_POSITIONS, greater_than, param, register
@@ -75,7 +75,7 @@ class DualChunkAttention(nn.Module):
         def logits(rows, cols, q_rows, k_cols, mask):
             apart = dual_chunk.chunks_apart(q_pos[:, rows], k_pos[:, cols], *sizes)[:, None]  # (B, 1, C, W)
             scores = (q[:, :, rows] @ k_cols.transpose(-1, -2) for q in (intra, successive, inter))  # (B, H, C, W)
-            return dual_chunk.pick(apart, *scores).float() * scaling
+            return scaled_scores(dual_chunk.pick(apart, *scores), scaling)
 
         chunk_keys = self._rotate(key, dual_chunk.chunk_key_positions(k_pos, *sizes))  # (B, Hkv, Lk, D)
         if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _chunks_on_slots(q_pos):

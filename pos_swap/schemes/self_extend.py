@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import archs, fused
-from ..attention import chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions
+from ..attention import chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions, scaled_scores
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
 from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
@@ -98,7 +98,7 @@ class GroupedAttention(nn.Module):
             near = near_rows @ near_cols.transpose(-1, -2)  # (B, H, C, W)
             far = far_query[:, :, rows] @ far_cols.transpose(-1, -2)  # (B, H, C, W)
             neighbours = self_extend.in_window(q_pos[:, rows], k_pos[:, cols], self.window)[:, None]  # (B, 1, C, W)
-            return torch.where(neighbours, near, far).float() * scaling
+            return scaled_scores(torch.where(neighbours, near, far), scaling)
 
         if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _slots(q_pos):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])

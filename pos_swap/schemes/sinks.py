@@ -21,7 +21,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import archs, fused
-from ..attention import HOOK, additive_mask, chunked_attention, chunked_backend, first_query_slot, notify_blocks
+from ..attention import HOOK, additive_mask, chunked_attention, chunked_backend, first_query_slot, notify_blocks, scaled_scores
 from ..engine import current_patch, resolve
 from ..errors import IncompatibleSchemeError, NotPatchedError, PosSwapError
 from ..functional import rope, sinks
@@ -116,7 +116,8 @@ class SinkAttention(nn.Module):
             finite -1e30, so that adding transformers' mask cannot overflow to -inf)."""
             q_ranks, k_ranks = q_rank[:, rows], k_rank[:, cols]
             near, far = q_rows @ k_cols.transpose(-1, -2), far_query[:, :, rows] @ k_cols.transpose(-1, -2)
-            scores = torch.where(sinks.in_window(q_ranks, k_ranks, self.window)[:, None], near, far).float() * scaling
+            neighbours = sinks.in_window(q_ranks, k_ranks, self.window)[:, None]  # (B, 1, C, W)
+            scores = scaled_scores(torch.where(neighbours, near, far), scaling)
             return scores.masked_fill(~sinks.visible(q_ranks, k_ranks, *sizes)[:, None], HIDDEN)
 
         if fused.applies(module, query, kwargs.get("softcap")) and _bands_apply(k_rank, first, *sizes):

@@ -9,6 +9,7 @@ global, and ``print(model)`` shows it.
 """
 
 import sys
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,10 @@ def _observed(inner):
     """``inner`` that also shows the module's observers the attention it computes from the queries, keys and mask
     it receives (after any scheme's rotation); the output is ``inner``'s, untouched."""
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, attention_mask, *, observed_span=None, **kwargs):
         output = inner(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        notify_blocks(module, query, key, attention_mask, scaling, softcap=kwargs.get("softcap"))
+        notify_blocks(module, query, key, attention_mask, scaling, span=observed_span, softcap=kwargs.get("softcap"))
         return output
 
     return attention
@@ -66,14 +67,20 @@ def observed_rows(module, query_length: int) -> torch.Tensor | None:
     return torch.linspace(0, query_length - 1, limit, dtype=torch.float64).round().long().unique()
 
 
-def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=BLOCK_MIB, **scores) -> None:
+def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=BLOCK_MIB, span: "Span | None" = None,
+                  **scores) -> None:  # fmt: skip
     """Show the module's observers the queries and keys ``(B, H|Hkv, L, D)`` of one call and the probabilities of
     the query rows they watch (:func:`observed_rows`), scored in blocks by :func:`block_scores` with ``scores``
-    (bias, logits, softcap): for paths whose kernel never holds the probabilities."""
-    watched = observed_rows(module, query.shape[2])
+    (bias, logits, softcap): for paths whose kernel never holds the probabilities. With ``span``, the queries are
+    one span of rows of a larger call, which has already shown its queries and keys; observers see the span's share
+    of the call's rows, at their place in the call."""
+    watched = observed_rows(module, query.shape[2]) if span is None else span.watched
     if watched is None:
         return
-    notify_queries_keys(module, query, key)
+    if span is None:
+        notify_queries_keys(module, query, key)
+    if not len(watched):
+        return
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[2]
@@ -83,7 +90,22 @@ def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=BLO
         cols = key_columns(module, slice(int(rows[0]), int(rows[-1]) + 1), first_query, k_len)
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)
         scores_ = block_scores(rows, cols, query[:, :, rows], key[:, :, cols], mask, scaling, **scores)
-        notify_probabilities(module, torch.softmax(scores_, dim=-1), rows, cols, (q_len, k_len))
+        at, shape = (rows, (q_len, k_len)) if span is None else (rows + span.offset, span.shape)
+        notify_probabilities(module, torch.softmax(scores_, dim=-1), at, cols, shape)
+
+
+class Span(typing.NamedTuple):
+    """One span of query rows of an attention call that runs in spans (per-position frequencies): where its rows
+    start in the call (``offset``), the call's ``(Lq, Lk)`` (``shape``), and the span's share of the rows the
+    observers watch, as indices within the span (``watched``)."""
+
+    offset: int
+    shape: tuple[int, int]
+    watched: torch.Tensor
+
+    @classmethod
+    def of(cls, sample: torch.Tensor, rows: slice, shape: tuple[int, int]) -> "Span":
+        return cls(rows.start, shape, sample[(sample >= rows.start) & (sample < rows.stop)] - rows.start)
 
 
 def notify_queries_keys(module, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -248,23 +270,28 @@ class DeferredRotation(torch.nn.Module):
         scale = kwargs.get("scaling") or head_dim**-0.5
         lengths = rope.block_lengths(q_pos, self.block, self.trained_length)  # (B, Lq)
         output, weights = query.new_zeros(batch, q_len, heads, value.shape[-1]), None  # value heads may be narrower
+        sample = observed_rows(module, q_len)  # one sample of rows for the whole call, shared out to its spans
+        if sample is not None:  # once per call: a rotation keeps each plane's norm, and spans share their keys
+            notify_queries_keys(module, query, key)
         for length in lengths.unique().tolist():
             chosen = lengths == length  # (B, Lq)
             rows = _span(chosen.any(dim=0))
             cols = key_columns(module, rows, first, key.shape[2])
             q_table, k_table = self._rotations(length, q_pos[:, rows], k_pos[:, cols], query.dtype)
             q_rows = rope.rotate(query[:, :, rows], *q_table)
+            span = None if sample is None else Span.of(sample, rows, (q_len, key.shape[2]))
             if fast:
                 k_cols = rope.rotate_into(self._key_buffer(key, cols.stop), key[:, :, cols], *k_table)
                 out, _ = fused.shifted_causal_attention(q_rows, k_cols, value[:, :, cols], scale, first + rows.start)
                 out, probs = out.transpose(1, 2), None
-                if observers_of(module):  # what the observed backend of the generic path shows them
+                if sample is not None:  # what the observed backend of the generic path shows them
                     mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
-                    notify_blocks(module, q_rows, k_cols.clone(), mask, scale)  # the next span rewrites k_cols
+                    notify_blocks(module, q_rows, k_cols.clone(), mask, scale, span=span)  # the next span rewrites k_cols
             else:
                 k_cols = rope.rotate(key[:, :, cols], *k_table)
                 mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
-                out, probs = inner(module, q_rows, k_cols, value[:, :, cols], mask, **kwargs)  # (B, C, H, D)
+                observed = {} if span is None else {"observed_span": span}  # observers present: inner is observed
+                out, probs = inner(module, q_rows, k_cols, value[:, :, cols], mask, **kwargs, **observed)  # (B, C, H, D)
             keep = chosen[:, rows]  # (B, C)
             output[:, rows] = torch.where(keep[:, :, None, None], out, output[:, rows])
             if probs is not None:

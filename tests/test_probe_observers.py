@@ -88,12 +88,13 @@ def test_statistics_match_float64_eager_weights(arch, scheme, params, query_rows
         assert np.array_equal(result["sink_heads"], sinks) and result["sink_rate"] == pytest.approx(sinks.mean())
 
 
-def test_keep_patterns_equal_eager_weights():
+@pytest.mark.parametrize("scheme,params", [("alibi", {}), ("dynamic", {"factor": 2.0, "block": 8})])  # 3 spans
+def test_keep_patterns_equal_eager_weights(scheme, params):
     model = tiny("llama")
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    pos_swap.patch(model, "alibi")
-    pos_swap.patch(eager, "alibi")
+    pos_swap.patch(model, scheme, **params)
+    pos_swap.patch(eager, scheme, **params)
     ids = torch.randint(2, 100, (1, 20), generator=torch.Generator().manual_seed(1))
     with attention_stats(model, keep_patterns=True) as stats, torch.no_grad():
         model(ids)

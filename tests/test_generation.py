@@ -41,7 +41,7 @@ def recompute(model, sequences):
 
 
 def one_layer(arch):
-    extra = {"layer_types": ["full_attention"]} if arch == "gemma3_text" else {}
+    extra = {"layer_types": ["full_attention"]} if arch in ("gemma2", "gemma3_text") else {}  # not a sliding layer
     return tiny(arch, num_hidden_layers=1, **extra)
 
 
@@ -73,10 +73,22 @@ def test_generate_with_cache_equals_recomputation_as_the_frequencies_change(arch
     pos_swap.patch(model, scheme, **follows_length_params(scheme, model, mode))
     sequences, cached = generate(model, prompt())
     torch.testing.assert_close(cached, recompute(model, sequences), rtol=0, atol=1e-4)
-    pos_swap.patch(constant, scheme, **{**scheme_params(scheme, constant), "block": 512})
-    with torch.no_grad():  # one forward gives every step: these rows depend on their prefix only
-        fixed = constant(sequences).logits[:, PROMPT - 1 : -1]
-    assert (cached - fixed).abs().max() > 1e-3  # the frequencies did change during generation
+    for fixed in constant_frequencies(constant, scheme, sequences):
+        assert (cached - fixed).abs().max() > 1e-3  # the frequencies did change during generation
+
+
+def constant_frequencies(model, scheme, sequences):
+    """Logits of each generation step from models whose frequencies stay fixed: for dynamic rules the one length
+    512 for every row past the trained context (generation switches at 32 and 40); for LongRoPE, whose only
+    switch is short to long factors at the trained context, its short factors throughout and its long ones."""
+    params = scheme_params(scheme, model)
+    if scheme == "longrope":
+        settings = [{**params, "long_factor": params["short_factor"]}, {**params, "short_factor": params["long_factor"]}]
+    else:
+        settings = [{**params, "block": 512}]
+    for setting in settings:
+        with pos_swap.patched(model, scheme, **setting), torch.no_grad():  # rows depend on their prefix only
+            yield model(sequences).logits[:, PROMPT - 1 : -1]
 
 
 def test_dynamic_drifts_about_three_times_less_than_transformers_dynamic():

@@ -251,10 +251,11 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(arch, name, params, mess
 
 
 def test_layer_lists_are_read_as_integers_from_the_command_line_and_eval_lists():
-    from pos_swap.cli import build_parser
+    from pos_swap.cli import _scheme, build_parser
     from pos_swap.evaluate.specs import parse_scheme
 
-    args = build_parser().parse_args(["patch", "M", "--scheme", "nope", "--layers", "3,7", "--out", "O"])
-    assert args.layers == [3, 7] and all(type(index) is int for index in args.layers)
+    args = build_parser().parse_args(["patch", "M", "--scheme", "nope", "--layers", "3,7", "--out", "O"])  # older form
+    name, params = _scheme(args)
+    assert (name, params) == ("nope", {"layers": [3, 7]}) and all(type(index) is int for index in params["layers"])
     assert parse_scheme("nope:layers=[1,3]").params == {"layers": [1, 3]}
     assert parse_scheme("longrope:long_factor=1;1.5").params == {"long_factor": [1.0, 1.5]}

@@ -253,6 +253,10 @@ def test_eval_end_to_end_on_the_real_smollm2(smollm2_dir, tmp_path, capsys):
     cells = json.loads((tmp_path / "results.json").read_text())["cells"]
     passkeys = [c for c in cells if c["task"] == "passkey"]
     assert all(c["correct"] and c["shared"] and -3 < c["answer_logprob"] < 0 for c in passkeys)
-    assert sum(c["prefilled"] for c in passkeys) < 0.7 * sum(c["prompt_tokens"] for c in passkeys)
+    # depth 1: the second trial continues from the first one's filler, and prefills only its needle and question
+    # (a depth-0 needle shares nothing): 3 of the 4 prompts are prefilled almost whole
+    deep = sorted((c for c in passkeys if c["depth"] == 1), key=lambda c: c["prefilled"])
+    assert deep[0]["prefilled"] < 0.1 * deep[0]["prompt_tokens"]
+    assert sum(c["prefilled"] for c in passkeys) < 0.8 * sum(c["prompt_tokens"] for c in passkeys)
     ppl_512 = next(c for c in cells if c["key"] == "native|ppl|512|w0")
     assert ppl_512["forward"] == 1024 and 5 < ppl_512["ppl"] < 30

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness runs a pos_swap-patched model unchanged: the README's RULER code, run with niah_single_1 on
+"""lm-evaluation-harness runs a pos_swap-patched model unchanged: the RULER code of docs/lm-eval.md, run with niah_single_1 on
 the real SmolLM2 and no network. lm-eval, nltk and datasets are imported inside the tests: they take seconds to
 import, which every collection of the suite would pay otherwise."""
 
@@ -12,7 +12,7 @@ import transformers as T
 import pos_swap
 
 pytestmark = pytest.mark.slow
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+PAGE = (Path(__file__).resolve().parent.parent / "docs" / "lm-eval.md").read_text()  # the lm-eval page of the docs
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 # SmolLM2 declared as a 512-token model: 1024-token RULER prompts are then twice its context, as 16k prompts are
 # for the real 8k model, at a cost a CPU test can pay
@@ -21,11 +21,11 @@ LENGTH = 1024
 
 
 def readme_ruler_code(length: int, limit: int) -> str:
-    """The README's lm-eval block, with its prompt length and number of samples set for a CPU test."""
-    section = README.split("## Long-context benchmarks with lm-eval (RULER)", 1)[1]
+    """The lm-eval block of docs/lm-eval.md, with its prompt length and number of samples set for a CPU test."""
+    section = PAGE.split("# Long-context benchmarks with lm-eval (RULER)", 1)[1]
     code = re.search(r"```py\n(.*?)```", section, re.S).group(1)
     for old, new in (("length = 16384", f"length = {length}"), ("limit=20", f"limit={limit}")):
-        assert old in code, f"the README's lm-eval block no longer contains {old!r}: update this test"
+        assert old in code, f"the lm-eval block of docs/lm-eval.md no longer contains {old!r}: update this test"
         code = code.replace(old, new)
     return code
 
@@ -81,7 +81,7 @@ def test_ruler_niah_runs_offline_on_a_patched_model(no_network, smollm2_dir):
     )
 
     namespace = {"model": model, "tokenizer": tokenizer, "path": smollm2_dir}
-    exec(compile(readme_ruler_code(LENGTH, limit=2), "README.md", "exec"), namespace)
+    exec(compile(readme_ruler_code(LENGTH, limit=2), "docs/lm-eval.md", "exec"), namespace)
     results, lm = namespace["results"], namespace["lm"]
 
     assert no_network == []

@@ -6,6 +6,7 @@ Each page runs in its own folder and namespace. Commands that take minutes (the 
 
 import re
 import shlex
+import textwrap
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def run_commands(commands_, cwd):
 
 
 def python_blocks(page):
-    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    """The page's ```python blocks, also those indented inside a list item."""
+    return [textwrap.dedent(block) for block in re.findall(r"^ *```python\n(.*?)^ *```", page.read_text(), re.S | re.M)]
 
 
 WITH_PYTHON = [page for page in PAGES if python_blocks(page)]

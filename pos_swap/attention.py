@@ -402,8 +402,8 @@ def query_blocks(module, query, key, attention_mask, budget_mib=BLOCK_MIB):
     k_len = key.shape[2]
     first_query = first_query_slot(attention_mask, q_len, k_len)
     step = rows_per_block(budget_mib * 2**20, batch, heads, k_len)
-    for start in range(0, q_len, step):
-        rows = slice(start, min(start + step, q_len))
+    for block in range(-(-q_len // step)):  # the count, not range(0, q_len, step): torch.compile guards on the step
+        rows = slice(block * step, min((block + 1) * step, q_len))
         cols = key_columns(module, rows, first_query, k_len)
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)  # (B|1, 1, C, W)
         yield rows, cols, query[:, :, rows], key[:, :, cols], mask

@@ -210,7 +210,8 @@ BAD_SCHEMES = [
     (["patch", "MODEL", "--scheme", "yarn:factor=nan", "--out", "OUT"], "'factor' of scheme 'yarn' must be finite"),
     (["patch", "MODEL", "--scheme", "self-extend:window=10:group=4", "--out", "OUT"],
      "window divisible by the group"),
-    (["patch", "MODEL", "--scheme", "sinks", "--window", "0", "--out", "OUT"], "'window' of scheme 'sinks' must be > 0"),
+    (["patch", "MODEL", "--scheme", "sinks", "--window", "0", "--out", "OUT"],  # the per-parameter flag form
+     "'window' of scheme 'sinks' must be > 0"),
     (["probe", "MODEL", "--scheme", "rerope:window=0", "--out", "OUT"], "'window' of scheme 'rerope' must be > 0"),
     (["probe", "MODEL", "--scheme", "alibi:slopes=0.5;0.25", "--out", "OUT"],
      "one slope per attention head: 4 for this model, got 2"),

@@ -95,9 +95,13 @@ def test_hooked_schemes_decode_without_recompiling(scheme, params, with_mask):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"step {step}: {m}")
 
 
-@pytest.mark.xfail(strict=True, raises=(torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.RecompileError),
-                   reason="per-position frequencies are computed in Python from each row's length "
-                   "value (RopeScaling.per_sequence reads seq_lens.tolist(), DeferredRotation._per_position iterates "
+RECOMPILED = (  # what dynamo raises at the recompile limit (from a frame or from inlined code) or on a recompile
+    torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported, torch._dynamo.exc.RecompileError
+)
+
+
+@pytest.mark.xfail(strict=True, raises=RECOMPILED, reason="per-position frequencies are computed in Python from "
+                   "each row's length value (RopeScaling.per_sequence reads seq_lens.tolist(), DeferredRotation._per_position iterates "
                    "over lengths.unique().tolist()), a graph break; needs the length-following rules as tensor "
                    "functions of the length. Strict: this test fails once fixed, to be turned into a plain test")
 @pytest.mark.parametrize("scheme, params", [("dynamic-yarn", dict(block=8)), ("dynamic", dict(factor=2.0, block=8))])

@@ -67,11 +67,15 @@ def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor
     that returns the log-sum-exp), sdpa routing (eager must return weights), no softcap, evaluation mode (dropout)
     and no gradient wanted through ``query`` or ``parameters`` (the kernel's log-sum-exp has none). A hook that
     takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`). False, with
-    one warning, where this torch lacks the kernel (:data:`CPU_KERNEL`)."""
+    one warning, where this torch lacks the kernel (:data:`CPU_KERNEL`).
+
+    False while torch.compile traces: the hooks choose their passes from tensor values (whether positions follow
+    the cache slots), a graph break in dynamo that makes every enclosing ``forward`` a frame of its own and ends at
+    its recompile limit; the chunked path reads no values and is exact for any positions."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *parameters))
     fits = (
         query.device.type == "cpu" and backend_of(module) == "sdpa" and softcap is None and not module.training
-        and not wants_grad
+        and not wants_grad and not torch.compiler.is_compiling()
     )  # fmt: skip
     if fits and CPU_KERNEL is None:
         _warn_without_kernel()

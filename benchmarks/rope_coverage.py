@@ -7,7 +7,11 @@ discovery, pos_swap/archs.py), and check:
                  transformers' own ``rope_parameters``;
   (b) cache   -- under ``rerope`` (window 4) and ``dynamic-yarn`` (trained context 8, block 4, so frequencies change
                  within the test), logits of cached greedy generation equal those of recomputation without a cache;
-  (c) unpatch -- removing each patch gives bit-identical logits.
+  (c) unpatch -- removing each patch gives bit-identical logits;
+  (d) native  -- ``rerope`` with a window and ``dynamic-yarn`` with a trained context as long as the input rotate
+                 queries and keys at attention time (pos_swap's rotation, in the pairs discovery found) with the
+                 native frequencies: their logits equal the unpatched model's. (b) alone would not see a wrong
+                 pairing, since cache and recomputation would share it.
 Each type is ``pass``, ``refused`` (pos_swap says why), ``failing`` (which check) or ``cannot-build`` (why).
 
     python benchmarks/rope_coverage.py --out rope_coverage.json          # every type (tens of minutes)
@@ -220,6 +224,20 @@ def cached_generation_logits(model, ids, new_tokens: int) -> tuple[torch.Tensor,
     return out.sequences, torch.cat(out.logits).float()
 
 
+def check_native_rotation(model, ids, native) -> list[str]:
+    """(d): attention-time rotation at the native positions and frequencies gives the native logits (rerope's
+    window and dynamic-yarn's trained context cover the input ``ids``)."""
+    problems, length = [], ids.shape[1]
+    for scheme, params in [("rerope", dict(window=length)),
+                           ("dynamic-yarn", dict(original_max_position_embeddings=length, block=4))]:  # fmt: skip
+        with pos_swap.patched(model, scheme, **params):
+            got = logits(model, ids)
+        error = float((got - native).abs().max())
+        if error > 1e-4 * max(1.0, float(native.abs().max())):
+            problems.append(f"{scheme} at native positions differs from the unpatched model by {error:.2e}")
+    return problems
+
+
 def check_cache(model, ids, native) -> list[str]:
     """(b) and (c) for ``rerope`` and ``dynamic-yarn``: problems found (empty: passed)."""
     problems = []
@@ -270,7 +288,8 @@ def check_type(model_type: str) -> dict:
             if covered == "refused":
                 return {**row, "status": "refused", "reason": why}
             skipped = []
-            problems = check_static(model, ids, native, skipped) + check_cache(model, ids, native)
+            problems = check_static(model, ids, native, skipped) + check_native_rotation(model, ids, native)
+            problems += check_cache(model, ids, native)
             if skipped:
                 row["note"] = f"transformers refuses rope_type {' and '.join(skipped)} here: (a) not checked for it"
         except (Exception, Timeout) as error:

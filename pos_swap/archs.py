@@ -32,6 +32,9 @@ class ArchSpec:
     # with ``attention`` given as paths: the rotary table (layer type) each module's rotation comes from
     attention_layer_types: tuple[str | None, ...] | None = None
     rotary: str | None = None  # the rotary module that computes (cos, sin) once per forward
+    # how the attention pairs rotary features (rope.PAIRINGS); pos_swap's attention function reorders queries and
+    # keys of another pairing into rotate-half pairs before a hook rotates them
+    pairing: str = rope.HALF
     scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
     table: str | None = None  # the learned absolute position table
     table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
@@ -106,8 +109,8 @@ def coverage(model: nn.Module) -> tuple[str, str]:
     layers = len(spec.attention)
     tables = sorted({t for t in spec.attention_layer_types if t}) or ["one table"]
     return "discovery", (
-        f"derived from the model: rotary '{spec.rotary}' ({', '.join(tables)}) reaches {layers} attention "
-        f"module{'s' * (layers != 1)} through transformers' AttentionInterface"
+        f"derived from the model: rotary '{spec.rotary}' ({', '.join(tables)}, {spec.pairing} pairs) reaches "
+        f"{layers} attention module{'s' * (layers != 1)} through transformers' AttentionInterface"
     )
 
 
@@ -177,6 +180,16 @@ def follows_length(model: nn.Module) -> bool:
     and ``longrope`` rope types), so a token's output also depends on how long the window is."""
     types = {slot.rope_parameters(model.config).get("rope_type", "default") for slot in rotary_slots(model, every_layer_type=True)}
     return bool(types & set(LENGTH_FOLLOWING_ROPE_TYPES))
+
+
+def reordered_attention(model: nn.Module) -> list[tuple[nn.Module, int, str]]:
+    """``(attention module, rotated features, pairing)`` of each attention module whose rotary pairs are not
+    rotate-half (interleaved: Cohere, GLM, ...), which pos_swap's attention function reorders; [] for the others."""
+    pairing = lookup(model).pairing
+    if pairing == rope.HALF:
+        return []
+    return [(module, slot.dim, pairing) for slot in rotary_slots(model, every_layer_type=True)
+            for module in attention_modules(model, slot.layer_type)]  # fmt: skip
 
 
 def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
@@ -269,6 +282,7 @@ def summarize(model: nn.Module) -> dict:
             {
                 "layer_type": slot.layer_type,
                 "rotary_dim": slot.dim,
+                "pairing": spec.pairing,
                 "rope_theta": slot.rope_parameters(config)["rope_theta"],
                 "rope_type": slot.rope_parameters(config).get("rope_type", "default"),
             }
@@ -311,8 +325,8 @@ def discover(model: nn.Module) -> ArchSpec:
     ``inv_freq`` under ``base_model`` (one table, or one per layer type as in Gemma 3), and the attention modules its
     output reaches, found by running the model on a few tokens through a recording attention function (twice: with
     the rotary's output and with the identity rotation). Each module's queries and keys must be the unrotated ones
-    turned by pos_swap's own rotation of that table (rotate-half pairs, leading features), so static and
-    attention-time schemes reproduce the model exactly. Raises :class:`UnsupportedArchitectureError` naming what is
+    turned by pos_swap's own rotation of that table (leading features, in pairs of one of ``rope.PAIRINGS``, the
+    same for every module), so static and attention-time schemes reproduce the model exactly. Raises :class:`UnsupportedArchitectureError` naming what is
     unusual where that pattern does not hold."""
     config = model.config
     _refuse_by_config(model)
@@ -342,7 +356,12 @@ def discover(model: nn.Module) -> ArchSpec:
     if any(bool((slot.inv_freq == 0).any()) for slot in slots):
         raise refuse(model, "some planes of its rotary have frequency 0 (rope_type 'proportional', p-RoPE), which "
                             "pos_swap's frequency rules do not keep.")  # fmt: skip
-    reached = _trace(model, rotary, slots)  # [(path, layer type)]
+    reached = _trace(model, rotary, slots)  # [(path, layer type, pairing)]
+    pairings = sorted({pairing for _, _, pairing in reached}, key=rope.PAIRINGS.index)
+    if len(pairings) > 1:
+        raise refuse(model, f"its attention modules pair rotary features in different ways ({', '.join(pairings)}); "
+                            "pos_swap reorders one pairing per model.")  # fmt: skip
+    reached = [(path, kind) for path, kind, _ in reached]
     names = {id(m): name for name, m in base.named_modules()}
     modules = [find_modules(model, path)[0] for path, _ in reached]
     scaled = None
@@ -353,7 +372,7 @@ def discover(model: nn.Module) -> ArchSpec:
         )
     targets, conv1d = _lora_targets(model, modules, names)
     return ArchSpec(
-        family=ROTARY, rotary=rotary_path, attention=tuple(path for path, _ in reached),
+        family=ROTARY, rotary=rotary_path, pairing=pairings[0], attention=tuple(path for path, _ in reached),
         attention_layer_types=tuple(kind for _, kind in reached), scaled_layer_types=scaled,
         lora_targets=targets, lora_fan_in_fan_out=conv1d,
     )  # fmt: skip
@@ -386,10 +405,10 @@ def _refuse_by_config(model: nn.Module) -> None:
         ))  # fmt: skip
 
 
-def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[tuple[str, str | None]]:
+def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[tuple[str, str | None, str]]:
     """Run ``model`` twice on a few tokens under :func:`_record_and_silence`, with the rotary's output and with the
-    identity rotation; return ``(path, layer type)`` of each attention module whose queries and keys the rotary's
-    output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
+    identity rotation; return ``(path, layer type, pairing)`` of each attention module whose queries and keys the
+    rotary's output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
     device = next(model.parameters()).device
     ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
     positions = torch.arange(TRACE_TOKENS, device=device)[None]
@@ -409,15 +428,15 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
         (query, key), (query0, key0) = calls[0], identity[module][0]
         if torch.equal(query, query0) and torch.equal(key, key0):
             continue  # a layer without positions (NoPE)
-        kind = next((slot.layer_type for slot in slots if _turned_by(slot, positions, (query0, key0), (query, key))),
-                    False)  # fmt: skip
-        if kind is False:
+        turned = [(slot.layer_type, pairing) for slot in slots for pairing in rope.PAIRINGS
+                  if _turned_by(slot, pairing, positions, (query0, key0), (query, key))]  # fmt: skip
+        if not turned:
             raise refuse(model, (
-                f"its attention '{names[id(module)]}' rotates queries and keys other than pos_swap does (rotate-half "
-                f"pairs on the leading features of each head, with the rotary's cos and sin): e.g. interleaved "
-                f"pairs, or the rotary part placed elsewhere in the head."
+                f"its attention '{names[id(module)]}' rotates queries and keys other than pos_swap can (the "
+                f"rotary's cos and sin on the leading features of each head, in pairs {' or '.join(rope.PAIRINGS)}): "
+                f"e.g. the rotary part placed elsewhere in the head."
             ))  # fmt: skip
-        reached.append((names[id(module)], kind))
+        reached.append((names[id(module)], *turned[0]))
     if not reached:
         raise refuse(model, "its rotary's output turns the queries and keys of none of its attention modules.")
     return reached
@@ -454,13 +473,15 @@ def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity
     return {**traced, "output": output}
 
 
-def _turned_by(slot: RotarySlot, positions, unrotated, rotated) -> bool:
+def _turned_by(slot: RotarySlot, pairing: str, positions, unrotated, rotated) -> bool:
     """Whether ``rotated`` queries and keys are ``unrotated`` ones turned by pos_swap's rotation with ``slot``'s
-    table at ``positions`` (to the tolerance of their dtype)."""
+    table at ``positions``, their features paired as ``pairing`` says (to the tolerance of their dtype)."""
     cos, sin = rope.cos_sin(positions, slot.inv_freq, slot.attention_scaling, unrotated[0].dtype)
+    rot_dim = cos.shape[-1]
     for before, after in zip(unrotated, rotated):
-        if cos.shape[-1] > before.shape[-1]:
+        if rot_dim > before.shape[-1]:
             return False
+        before, after = rope.to_half_pairs(before, rot_dim, pairing), rope.to_half_pairs(after, rot_dim, pairing)
         expected = rope.rotate(before, cos, sin)
         tolerance = 1e-4 if before.dtype == torch.float32 else 2e-2
         if not torch.allclose(expected.float(), after.float(), atol=tolerance * float(after.abs().max()), rtol=0):

@@ -55,6 +55,9 @@ SHRINK = {  # config field -> tiny value, for fields whose default is a number
     **dict.fromkeys(("n_shared_experts", "num_shared_experts", "n_group", "topk_group", "first_k_dense_replace"), 1),
     **dict.fromkeys(("sliding_window", "attention_chunk_size"), 8),
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "vocab_size": 128, "max_position_embeddings": 64,
+    # Mamba layers of hybrids (Falcon-H1): 16 heads of 8 (the expanded width, 2 x 64), a small state; their CPU
+    # reference path is slow at the defaults
+    "mamba_d_ssm": 128, "mamba_n_heads": 16, "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 16,
     "initializer_range": 0.1,  # tiny models barely react to positions at the default 0.02
 }  # fmt: skip
 

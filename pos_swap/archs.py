@@ -302,8 +302,10 @@ WINDOWED = ("sliding_window", "attention_chunk_size")  # attributes of attention
 
 def _record_and_silence(module, query, key, value, attention_mask, **kwargs):
     """Discovery's attention function: remember the queries and keys a module hands to attention (already rotated)
-    and return zeros, so no layer's input depends on the rotation and the queries of two runs compare exactly."""
-    module.__dict__.setdefault("_pos_swap_traced", []).append((query.detach().clone(), key.detach().clone()))
+    and whether it hands over ``position_ids``, and return zeros, so no layer's input depends on the rotation and
+    the queries of two runs compare exactly."""
+    traced = (query.detach().clone(), key.detach().clone(), "position_ids" in kwargs)
+    module.__dict__.setdefault("_pos_swap_traced", []).append(traced)
     batch, _, length, _ = query.shape
     return value.new_zeros(batch, length, query.shape[1], value.shape[-1]), None
 
@@ -425,7 +427,7 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
     for module, calls in native.items():
         if len(calls) != 1:
             raise refuse(model, f"its module '{names[id(module)]}' calls attention {len(calls)} times a forward.")
-        (query, key), (query0, key0) = calls[0], identity[module][0]
+        (query, key, with_positions), (query0, key0, _) = calls[0], identity[module][0]
         if torch.equal(query, query0) and torch.equal(key, key0):
             continue  # a layer without positions (NoPE)
         turned = [(slot.layer_type, pairing) for slot in slots for pairing in rope.PAIRINGS
@@ -435,6 +437,13 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
                 f"its attention '{names[id(module)]}' rotates queries and keys other than pos_swap can (the "
                 f"rotary's cos and sin on the leading features of each head, in pairs {' or '.join(rope.PAIRINGS)}): "
                 f"e.g. the rotary part placed elsewhere in the head."
+            ))  # fmt: skip
+        windowed = any(getattr(model.config, name, None) for name in WINDOWED)
+        if windowed and not with_positions:
+            raise refuse(model, (
+                f"its attention '{names[id(module)]}' is not handed position_ids and the model windows attention "
+                f"({' / '.join(WINDOWED)}), so its cache holds fewer keys than positions: pos_swap's attention-time "
+                f"schemes would take cache slots for positions."
             ))  # fmt: skip
         reached.append((names[id(module)], *turned[0]))
     if not reached:
@@ -447,8 +456,11 @@ def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity
     with the rotary's ``(cos, sin)`` replaced by ``(1, 0)`` when ``identity``. The model is left as it was."""
 
     def to_identity(module, args, output):
+        if torch.is_tensor(output) and output.is_complex():  # one table cos + i sin (Llama 4's freqs_cis)
+            return torch.ones_like(output)
         if not (isinstance(output, tuple) and len(output) == 2 and all(torch.is_tensor(t) for t in output)):
-            raise refuse(model, f"its rotary module returns {type(output).__name__}, not the pair (cos, sin).")
+            raise refuse(model, f"its rotary module returns {type(output).__name__}, neither the pair (cos, sin) nor "
+                                "one complex table.")  # fmt: skip
         return torch.ones_like(output[0]), torch.zeros_like(output[1])
 
     config, training = model.config, model.training

@@ -6,6 +6,7 @@ own per-layer flags (SmolLM3's ``no_rope_layers``), and transformers building th
 """
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import re
@@ -22,7 +23,7 @@ from conftest import ROPE_ARCHS, outputs, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSING = ROOT / "tests" / "data" / "rope_coverage_passing.txt"
-HANDFUL = ["olmo2", "mixtral", "starcoder2", "stablelm", "granite", "qwen3_moe"]
+HANDFUL = ["olmo2", "mixtral", "starcoder2", "stablelm", "granite", "qwen3_moe", "glm", "nanochat"]
 
 
 def _coverage_module():
@@ -78,8 +79,10 @@ def test_layers_without_positions_are_left_out(monkeypatch):
 
 @pytest.mark.parametrize("model_type", HANDFUL)
 def test_a_representative_handful_passes_the_coverage_checks(model_type):
-    """olmo2, mixtral, starcoder2, stablelm (partial rotary), granite, qwen3_moe: static schemes equal transformers'
-    rope_parameters, cached generation equals recomputation, unpatch is bit-identical."""
+    """olmo2, mixtral, starcoder2, stablelm (partial rotary), granite, qwen3_moe, glm (interleaved pairs, partial
+    rotary), nanochat (rotate-half turned by -theta): static schemes equal transformers' rope_parameters,
+    attention-time rotation at native positions equals the model, cached generation equals recomputation, unpatch
+    is bit-identical."""
     assert model_type in recorded_passing()
     row = coverage.check_type(model_type)
     assert (row["status"], row.get("covered_by")) == ("pass", "discovery"), row
@@ -110,9 +113,39 @@ def test_the_coverage_checks_catch_a_wrong_patch(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "model_type, pairing",
+    [("olmo2", "half"), ("cohere", "interleaved"), ("glm", "interleaved"), ("helium", "interleaved"),
+     ("nanochat", "half_swapped")],
+)  # fmt: skip
+def test_discovery_finds_how_rotary_features_are_paired(model_type, pairing):
+    """Cohere rotates pairs (x0, x1), (x2, x3), ... with repeat-interleaved tables, GLM and Helium repeat-interleave
+    the first half of the rotary's tables; NanoChat's rotate_half returns (x2, -x1) (see transformers' modeling
+    files). The pairing reaches ``pos-swap info``; only models not paired rotate-half get their modules reordered."""
+    model = coverage.build(model_type)
+    assert archs.lookup(model).pairing == pairing
+    assert {entry["pairing"] for entry in archs.summarize(model)["rotary"]} == {pairing}
+    reordered = archs.reordered_attention(model)
+    assert [module for module, _, _ in reordered] == ([] if pairing == "half" else archs.attention_modules(model))
+
+
+def test_the_coverage_checks_catch_half_pairs_on_an_interleaved_model(monkeypatch):
+    """The mutant the pairing exists for: a GLM model (interleaved pairs) rotated at attention time in rotate-half
+    pairs. Cache and recomputation agree with each other (b), static schemes go through the model's own rotary (a);
+    rotation at native positions (d) tells."""
+    model = coverage.build("glm")
+    ids = torch.arange(3, 13)[None]
+    native = coverage.logits(model, ids)
+    assert coverage.check_native_rotation(model, ids, native) == []
+    model.__dict__[archs.DISCOVERED] = dataclasses.replace(archs.lookup(model), pairing="half")
+    assert coverage.check_static(model, ids, native) == [] and coverage.check_cache(model, ids, native) == []
+    problems = coverage.check_native_rotation(model, ids, native)
+    assert len(problems) == 2 and all("at native positions differs" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
     "model_type, says",
     [
-        ("cohere", "interleaved pairs"),  # pairs (x0, x1), (x2, x3): not rotate-half
+        ("llama4_text", "is not handed position_ids and the model windows attention"),
         ("deepseek_v3", "multi-head latent attention"),
         ("gemma3", "pos_swap.patch(model.model.language_model, ...)"),
     ],
@@ -174,7 +207,7 @@ def test_discovery_needs_weights():
 
 
 def test_info_says_how_a_model_is_covered(tmp_path, capsys):
-    for model_type, covered in [("olmo2", "discovery"), ("cohere", "refused"), ("llama", "entry")]:
+    for model_type, covered in [("olmo2", "discovery"), ("diffllama", "refused"), ("llama", "entry")]:
         model = tiny("llama") if model_type == "llama" else coverage.build(model_type)
         model.save_pretrained(tmp_path / model_type)
         assert main(["info", str(tmp_path / model_type), "--json"]) == 0

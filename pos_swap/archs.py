@@ -328,8 +328,8 @@ def discover(model: nn.Module) -> ArchSpec:
     output reaches, found by running the model on a few tokens through a recording attention function (twice: with
     the rotary's output and with the identity rotation). Each module's queries and keys must be the unrotated ones
     turned by pos_swap's own rotation of that table (leading features, in pairs of one of ``rope.PAIRINGS``, the
-    same for every module), so static and attention-time schemes reproduce the model exactly. Raises :class:`UnsupportedArchitectureError` naming what is
-    unusual where that pattern does not hold."""
+    same for every module), so static and attention-time schemes reproduce the model exactly. Raises
+    :class:`UnsupportedArchitectureError` naming what is unusual where that pattern does not hold."""
     config = model.config
     _refuse_by_config(model)
     if any(p.is_meta for p in model.parameters()):

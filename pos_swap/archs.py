@@ -35,6 +35,9 @@ class ArchSpec:
     # how the attention pairs rotary features (rope.PAIRINGS); pos_swap's attention function reorders queries and
     # keys of another pairing into rotate-half pairs before a hook rotates them
     pairing: str = rope.HALF
+    # whether the attention adds learned sink logits to its softmax (``s_aux``: GPT-OSS, Flint), which the
+    # attention pos_swap's hooks compute themselves does not carry
+    attention_sinks: bool = False
     scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
     table: str | None = None  # the learned absolute position table
     table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
@@ -150,6 +153,19 @@ class RotarySlot:
     def rope_parameters(self, config) -> dict:
         params = config.rope_parameters
         return params[self.layer_type] if self.layer_type else params
+
+    def settings(self, inv_freq: torch.Tensor, attention_scaling: float) -> list[tuple[nn.Module, str, object]]:
+        """``(module, attribute, value)`` changes that make this table give ``(cos, sin) * attention_scaling`` of
+        ``inv_freq`` (already on the table's device and dtype): what a patch sets, and what discovery checks the
+        rotary follows. rope_type "default" keeps transformers' dynamic_rope_update from recomputing them."""
+        module, prefix = self.module, self.prefix
+        changes = [(module, prefix + "inv_freq", inv_freq)]
+        if prefix + "original_inv_freq" in module._buffers or prefix + "original_inv_freq" in vars(module):
+            changes.append((module, prefix + "original_inv_freq", inv_freq.clone()))
+        changes.append((module, prefix + "attention_scaling", float(attention_scaling)))
+        rope_type = module.rope_type
+        default = {**rope_type, self.layer_type: "default"} if isinstance(rope_type, dict) else "default"
+        return [*changes, (module, "rope_type", default)]
 
 
 def table_layer_types(module: nn.Module) -> tuple[str, ...]:
@@ -304,7 +320,7 @@ def _record_and_silence(module, query, key, value, attention_mask, **kwargs):
     """Discovery's attention function: remember the queries and keys a module hands to attention (already rotated)
     and whether it hands over ``position_ids``, and return zeros, so no layer's input depends on the rotation and
     the queries of two runs compare exactly."""
-    traced = (query.detach().clone(), key.detach().clone(), "position_ids" in kwargs)
+    traced = (query.detach().clone(), key.detach().clone(), "position_ids" in kwargs, kwargs.get("s_aux") is not None)
     module.__dict__.setdefault("_pos_swap_traced", []).append(traced)
     batch, _, length, _ = query.shape
     return value.new_zeros(batch, length, query.shape[1], value.shape[-1]), None
@@ -358,12 +374,13 @@ def discover(model: nn.Module) -> ArchSpec:
     if any(bool((slot.inv_freq == 0).any()) for slot in slots):
         raise refuse(model, "some planes of its rotary have frequency 0 (rope_type 'proportional', p-RoPE), which "
                             "pos_swap's frequency rules do not keep.")  # fmt: skip
-    reached = _trace(model, rotary, slots)  # [(path, layer type, pairing)]
-    pairings = sorted({pairing for _, _, pairing in reached}, key=rope.PAIRINGS.index)
+    reached = _trace(model, rotary, slots)  # [(path, layer type, pairing, attention sinks)]
+    pairings = sorted({pairing for _, _, pairing, _ in reached}, key=rope.PAIRINGS.index)
     if len(pairings) > 1:
         raise refuse(model, f"its attention modules pair rotary features in different ways ({', '.join(pairings)}); "
                             "pos_swap reorders one pairing per model.")  # fmt: skip
-    reached = [(path, kind) for path, kind, _ in reached]
+    sinks = any(with_sinks for *_, with_sinks in reached)
+    reached = [(path, kind) for path, kind, *_ in reached]
     names = {id(m): name for name, m in base.named_modules()}
     modules = [find_modules(model, path)[0] for path, _ in reached]
     scaled = None
@@ -374,7 +391,8 @@ def discover(model: nn.Module) -> ArchSpec:
         )
     targets, conv1d = _lora_targets(model, modules, names)
     return ArchSpec(
-        family=ROTARY, rotary=rotary_path, pairing=pairings[0], attention=tuple(path for path, _ in reached),
+        family=ROTARY, rotary=rotary_path, pairing=pairings[0], attention_sinks=sinks,
+        attention=tuple(path for path, _ in reached),
         attention_layer_types=tuple(kind for _, kind in reached), scaled_layer_types=scaled,
         lora_targets=targets, lora_fan_in_fan_out=conv1d,
     )  # fmt: skip
@@ -407,14 +425,16 @@ def _refuse_by_config(model: nn.Module) -> None:
         ))  # fmt: skip
 
 
-def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[tuple[str, str | None, str]]:
-    """Run ``model`` twice on a few tokens under :func:`_record_and_silence`, with the rotary's output and with the
-    identity rotation; return ``(path, layer type, pairing)`` of each attention module whose queries and keys the
-    rotary's output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
+def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[tuple[str, str | None, str, bool]]:
+    """Run ``model`` on a few tokens under :func:`_record_and_silence`: with the rotary's output, with the identity
+    rotation in its place, and once per table with that table's frequencies set to 0 as a patch sets them (the
+    modules it leaves unrotated are that table's, even where two tables are equal, as in OLMo 3). Return
+    ``(path, layer type, pairing, attention sinks)`` of each attention module whose queries and keys the rotary's
+    output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
     device = next(model.parameters()).device
     ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
     positions = torch.arange(TRACE_TOKENS, device=device)[None]
-    native, identity = _traced_run(model, rotary, ids, identity=False), _traced_run(model, rotary, ids, identity=True)
+    native, identity = _traced_run(model, rotary, ids), _traced_run(model, rotary, ids, identity=True)
     if not torch.equal(native.pop("output"), identity.pop("output")):
         raise refuse(model, (
             "its rotary's output reaches computation that does not go through transformers' AttentionInterface "
@@ -422,38 +442,53 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
         ))  # fmt: skip
     if not native:
         raise refuse(model, "none of its modules calls attention through transformers' AttentionInterface.")
+    zeroed = [_traced_run(model, rotary, ids, changes=slot.settings(torch.zeros_like(slot.inv_freq), 1.0))
+              for slot in slots]  # fmt: skip
     names = {id(m): name for name, m in model.base_model.named_modules()}
     reached = []
     for module, calls in native.items():
+        name = names[id(module)]
         if len(calls) != 1:
-            raise refuse(model, f"its module '{names[id(module)]}' calls attention {len(calls)} times a forward.")
-        (query, key, with_positions), (query0, key0, _) = calls[0], identity[module][0]
+            raise refuse(model, f"its module '{name}' calls attention {len(calls)} times a forward.")
+        (query, key, with_positions, sinks), (query0, key0, *_) = calls[0], identity[module][0]
         if torch.equal(query, query0) and torch.equal(key, key0):
             continue  # a layer without positions (NoPE)
-        turned = [(slot.layer_type, pairing) for slot in slots for pairing in rope.PAIRINGS
-                  if _turned_by(slot, pairing, positions, (query0, key0), (query, key))]  # fmt: skip
-        if not turned:
+        owners = [slot for slot, run in zip(slots, zeroed) if all(map(torch.equal, run[module][0][:2], (query0, key0)))]
+        if len(owners) != 1:
             raise refuse(model, (
-                f"its attention '{names[id(module)]}' rotates queries and keys other than pos_swap can (the "
-                f"rotary's cos and sin on the leading features of each head, in pairs {' or '.join(rope.PAIRINGS)}): "
-                f"e.g. the rotary part placed elsewhere in the head."
+                f"its attention '{name}' stays rotated when the frequencies of {'each' if owners else 'any'} "
+                f"rotary table are set to 0: its rotary does not compute (cos, sin) from its inv_freq buffer alone "
+                f"(PhiMoE's recomputes them from the config), and that buffer is what pos_swap changes."
+                if not owners else
+                f"its attention '{name}' loses its rotation when either of the tables "
+                f"{', '.join(slot.layer_type for slot in owners)} is set to 0."
             ))  # fmt: skip
-        windowed = any(getattr(model.config, name, None) for name in WINDOWED)
-        if windowed and not with_positions:
+        (slot,) = owners
+        pairing = next((p for p in rope.PAIRINGS if _turned_by(slot, p, positions, (query0, key0), (query, key))), None)
+        if pairing is None:
             raise refuse(model, (
-                f"its attention '{names[id(module)]}' is not handed position_ids and the model windows attention "
+                f"its attention '{name}' rotates queries and keys other than pos_swap can (the rotary's cos and "
+                f"sin on the leading features of each head, in pairs {' or '.join(rope.PAIRINGS)}): e.g. the rotary "
+                f"part placed elsewhere in the head."
+            ))  # fmt: skip
+        if any(getattr(model.config, window, None) for window in WINDOWED) and not with_positions:
+            raise refuse(model, (
+                f"its attention '{name}' is not handed position_ids and the model windows attention "
                 f"({' / '.join(WINDOWED)}), so its cache holds fewer keys than positions: pos_swap's attention-time "
                 f"schemes would take cache slots for positions."
             ))  # fmt: skip
-        reached.append((names[id(module)], *turned[0]))
+        reached.append((name, slot.layer_type, pairing, sinks))
     if not reached:
         raise refuse(model, "its rotary's output turns the queries and keys of none of its attention modules.")
     return reached
 
 
-def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity: bool) -> dict:
-    """One forward under the recording attention: ``{attention module: [(query, key)], "output": hidden states}``,
-    with the rotary's ``(cos, sin)`` replaced by ``(1, 0)`` when ``identity``. The model is left as it was."""
+def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity: bool = False,
+                changes: list[tuple[nn.Module, str, object]] = ()) -> dict:  # fmt: skip
+    """One forward under the recording attention: ``{attention module: [(query, key, position_ids given, s_aux
+    given)],
+    "output": hidden states}``, with the rotary's output replaced by the identity rotation when ``identity``, and
+    the attribute ``changes`` (:meth:`RotarySlot.settings`) made for the run. The model is left as it was."""
 
     def to_identity(module, args, output):
         if torch.is_tensor(output) and output.is_complex():  # one table cos + i sin (Llama 4's freqs_cis)
@@ -466,7 +501,10 @@ def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity
     config, training = model.config, model.training
     backend = config._attn_implementation
     handle = rotary.register_forward_hook(to_identity) if identity else None
+    restore = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
     try:
+        for obj, name, value in changes:
+            setattr(obj, name, value)
         config._attn_implementation = TRACE
         model.eval()
         with torch.no_grad():
@@ -481,6 +519,8 @@ def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity
         model.train(training)
         if handle is not None:
             handle.remove()
+        for obj, name, value in reversed(restore):
+            setattr(obj, name, value)
     traced = {m: m.__dict__.pop("_pos_swap_traced") for m in model.modules() if "_pos_swap_traced" in m.__dict__}
     return {**traced, "output": output}
 

@@ -95,15 +95,8 @@ class Patch:
 
     def _set_rotary(self, slot: archs.RotarySlot, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         current = slot.inv_freq
-        inv_freq = inv_freq.to(device=current.device, dtype=current.dtype)
-        module, prefix = slot.module, slot.prefix
-        self.set(module, prefix + "inv_freq", inv_freq)
-        if _owns(module, prefix + "original_inv_freq"):
-            self.set(module, prefix + "original_inv_freq", inv_freq.clone())
-        self.set(module, prefix + "attention_scaling", float(attention_scaling))
-        # "default" keeps transformers' dynamic_rope_update from recomputing the frequencies we set
-        rope_type = module.rope_type
-        self.set(module, "rope_type", {**rope_type, slot.layer_type: "default"} if isinstance(rope_type, dict) else "default")
+        for obj, name, value in slot.settings(inv_freq.to(device=current.device, dtype=current.dtype), attention_scaling):
+            self.set(obj, name, value)
 
     def set_rotary_identity(self, slot: archs.RotarySlot) -> None:
         """Make a rotary table the identity (cos 1, sin 0): queries and keys, cached ones included, leave the
@@ -128,6 +121,12 @@ class Patch:
     def hook_attention(self, modules, hook, backend: str | None = None) -> None:
         """Attach ``hook`` (one module, or a callable making one per attention module) as the submodule
         ``pos_swap`` of each attention module; pos_swap's attention function calls it for them."""
+        if archs.lookup(self.model).attention_sinks:
+            raise IncompatibleSchemeError(
+                f"Scheme '{self.scheme.name}' computes attention itself and would drop this "
+                f"'{self.model.config.model_type}' model's learned attention sinks (s_aux). Static schemes that only "
+                f"change the rotary frequencies (linear, ntk, yarn, llama3) work on it."
+            )
         self.route_attention(backend)
         for module in modules:
             self.set(module, HOOK, hook if isinstance(hook, torch.nn.Module) else hook(module))

@@ -35,9 +35,9 @@ class ArchSpec:
     # how the attention pairs rotary features (rope.PAIRINGS); pos_swap's attention function reorders queries and
     # keys of another pairing into rotate-half pairs before a hook rotates them
     pairing: str = rope.HALF
-    # whether the attention adds learned sink logits to its softmax (``s_aux``: GPT-OSS, Flint), which the
-    # attention pos_swap's hooks compute themselves does not carry
-    attention_sinks: bool = False
+    # (attention path, why) of the attention modules pos_swap's attention-time hooks cannot serve (learned sink
+    # logits, positions the cache cannot tell); static schemes still work on them
+    hook_refusals: tuple[tuple[str, str], ...] = ()
     scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
     table: str | None = None  # the learned absolute position table
     table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
@@ -208,6 +208,16 @@ def reordered_attention(model: nn.Module) -> list[tuple[nn.Module, int, str]]:
             for module in attention_modules(model, slot.layer_type)]  # fmt: skip
 
 
+def hook_refusal(model: nn.Module, modules) -> str | None:
+    """Why pos_swap's attention-time hooks cannot serve one of the attention ``modules`` (discovery found out), or
+    None when they serve all of them."""
+    refusals = dict(lookup(model).hook_refusals)
+    if not refusals:
+        return None
+    names = {id(m): name for name, m in model.base_model.named_modules()}
+    return next((refusals[names[id(m)]] for m in modules if names.get(id(m)) in refusals), None)
+
+
 def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
     """The attention modules, optionally only those of one layer type (Gemma 3's ``full_attention``)."""
     spec = lookup(model)
@@ -374,12 +384,12 @@ def discover(model: nn.Module) -> ArchSpec:
     if any(bool((slot.inv_freq == 0).any()) for slot in slots):
         raise refuse(model, "some planes of its rotary have frequency 0 (rope_type 'proportional', p-RoPE), which "
                             "pos_swap's frequency rules do not keep.")  # fmt: skip
-    reached = _trace(model, rotary, slots)  # [(path, layer type, pairing, attention sinks)]
+    reached = _trace(model, rotary, slots)  # [(path, layer type, pairing, why not hooked)]
     pairings = sorted({pairing for _, _, pairing, _ in reached}, key=rope.PAIRINGS.index)
     if len(pairings) > 1:
         raise refuse(model, f"its attention modules pair rotary features in different ways ({', '.join(pairings)}); "
                             "pos_swap reorders one pairing per model.")  # fmt: skip
-    sinks = any(with_sinks for *_, with_sinks in reached)
+    hook_refusals = tuple((path, why) for path, _, _, why in reached if why)
     reached = [(path, kind) for path, kind, *_ in reached]
     names = {id(m): name for name, m in base.named_modules()}
     modules = [find_modules(model, path)[0] for path, _ in reached]
@@ -391,7 +401,7 @@ def discover(model: nn.Module) -> ArchSpec:
         )
     targets, conv1d = _lora_targets(model, modules, names)
     return ArchSpec(
-        family=ROTARY, rotary=rotary_path, pairing=pairings[0], attention_sinks=sinks,
+        family=ROTARY, rotary=rotary_path, pairing=pairings[0], hook_refusals=hook_refusals,
         attention=tuple(path for path, _ in reached),
         attention_layer_types=tuple(kind for _, kind in reached), scaled_layer_types=scaled,
         lora_targets=targets, lora_fan_in_fan_out=conv1d,
@@ -425,12 +435,16 @@ def _refuse_by_config(model: nn.Module) -> None:
         ))  # fmt: skip
 
 
-def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[tuple[str, str | None, str, bool]]:
+Traced = tuple[str, str | None, str, str | None]  # (path, layer type, pairing, why hooks cannot serve it or None)
+
+
+def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[Traced]:
     """Run ``model`` on a few tokens under :func:`_record_and_silence`: with the rotary's output, with the identity
     rotation in its place, and once per table with that table's frequencies set to 0 as a patch sets them (the
     modules it leaves unrotated are that table's, even where two tables are equal, as in OLMo 3). Return
-    ``(path, layer type, pairing, attention sinks)`` of each attention module whose queries and keys the rotary's
-    output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
+    ``(path, layer type, pairing, why attention-time hooks cannot serve it or None)`` of each attention module whose
+    queries and keys the rotary's output turns, in model order. Modules that no table turns (NoPE layers,
+    SmolLM3's) are left out."""
     device = next(model.parameters()).device
     ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
     positions = torch.arange(TRACE_TOKENS, device=device)[None]
@@ -471,13 +485,15 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
                 f"sin on the leading features of each head, in pairs {' or '.join(rope.PAIRINGS)}): e.g. the rotary "
                 f"part placed elsewhere in the head."
             ))  # fmt: skip
-        if any(getattr(model.config, window, None) for window in WINDOWED) and not with_positions:
-            raise refuse(model, (
-                f"its attention '{name}' is not handed position_ids and the model windows attention "
-                f"({' / '.join(WINDOWED)}), so its cache holds fewer keys than positions: pos_swap's attention-time "
-                f"schemes would take cache slots for positions."
-            ))  # fmt: skip
-        reached.append((name, slot.layer_type, pairing, sinks))
+        why_not_hooked = None
+        if sinks:
+            why_not_hooked = (f"its attention '{name}' adds learned sink logits (s_aux) to its softmax, which the "
+                              f"attention pos_swap computes there does not carry.")  # fmt: skip
+        elif any(getattr(model.config, window, None) for window in WINDOWED) and not with_positions:
+            why_not_hooked = (f"its attention '{name}' is not handed position_ids and the model windows attention "
+                              f"({' / '.join(WINDOWED)}), so its cache holds fewer keys than positions and pos_swap "
+                              f"would take cache slots for positions.")  # fmt: skip
+        reached.append((name, slot.layer_type, pairing, why_not_hooked))
     if not reached:
         raise refuse(model, "its rotary's output turns the queries and keys of none of its attention modules.")
     return reached

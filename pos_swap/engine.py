@@ -95,7 +95,8 @@ class Patch:
 
     def _set_rotary(self, slot: archs.RotarySlot, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         current = slot.inv_freq
-        for obj, name, value in slot.settings(inv_freq.to(device=current.device, dtype=current.dtype), attention_scaling):
+        inv_freq = inv_freq.to(device=current.device, dtype=current.dtype)
+        for obj, name, value in slot.settings(inv_freq, attention_scaling):
             self.set(obj, name, value)
 
     def set_rotary_identity(self, slot: archs.RotarySlot) -> None:
@@ -121,11 +122,12 @@ class Patch:
     def hook_attention(self, modules, hook, backend: str | None = None) -> None:
         """Attach ``hook`` (one module, or a callable making one per attention module) as the submodule
         ``pos_swap`` of each attention module; pos_swap's attention function calls it for them."""
-        if archs.lookup(self.model).attention_sinks:
+        why = archs.hook_refusal(self.model, modules)
+        if why is not None:
             raise IncompatibleSchemeError(
-                f"Scheme '{self.scheme.name}' computes attention itself and would drop this "
-                f"'{self.model.config.model_type}' model's learned attention sinks (s_aux). Static schemes that only "
-                f"change the rotary frequencies (linear, ntk, yarn, llama3) work on it."
+                f"Scheme '{self.scheme.name}' acts at attention time, which this '{self.model.config.model_type}' "
+                f"model does not allow: {why} Static schemes that only change the rotary frequencies (linear, ntk, "
+                f"yarn, llama3) work on it."
             )
         self.route_attention(backend)
         for module in modules:

@@ -18,7 +18,7 @@ import torch
 import pos_swap
 from pos_swap import archs
 from pos_swap.cli import main
-from pos_swap.errors import PosSwapError, UnsupportedArchitectureError
+from pos_swap.errors import IncompatibleSchemeError, PosSwapError, UnsupportedArchitectureError
 from conftest import ROPE_ARCHS, outputs, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_the_coverage_checks_catch_half_pairs_on_an_interleaved_model(monkeypatc
 @pytest.mark.parametrize(
     "model_type, says",
     [
-        ("llama4_text", "is not handed position_ids and the model windows attention"),
+        ("phimoe", "stays rotated when the frequencies of any rotary table are set to 0"),  # recomputes from config
         ("deepseek_v3", "multi-head latent attention"),
         ("gemma3", "pos_swap.patch(model.model.language_model, ...)"),
     ],
@@ -155,6 +155,40 @@ def test_unusual_models_are_refused_by_name(model_type, says):
     with pytest.raises(UnsupportedArchitectureError, match=f"'{model_type}' model.*{re.escape(says)}"):
         pos_swap.patch(model, "yarn", factor=4.0)
     assert archs.coverage(model)[0] == "refused"
+
+
+def test_equal_tables_are_told_apart_by_the_layers_they_turn():
+    """OLMo 3 keeps a sliding_attention and a full_attention table, equal in its default config: each attention
+    module gets the table of its own layer type (transformers' config.layer_types), so a scheme that rescales one
+    table and hooks its layers leaves the others alone."""
+    model = coverage.build("olmo3")
+    tables = model.model.rotary_emb
+    assert torch.equal(tables.sliding_attention_inv_freq, tables.full_attention_inv_freq)
+    for layer_type in ("sliding_attention", "full_attention"):
+        layers = zip(model.model.layers, model.config.layer_types)
+        expected = [layer.self_attn for layer, kind in layers if kind == layer_type]
+        assert archs.attention_modules(model, layer_type) == expected
+
+
+@pytest.mark.parametrize(
+    "model_type, says",
+    [
+        ("gpt_oss", "adds learned sink logits \\(s_aux\\)"),  # pos_swap's own attention passes would drop them
+        ("llama4_text", "is not handed position_ids and the model windows attention"),  # slots are not positions
+    ],
+)
+def test_attention_time_schemes_are_refused_where_they_cannot_act(model_type, says):
+    """Discovery covers the model; the schemes that act at attention time are refused by name (the model unchanged),
+    and a static scheme still equals transformers' rope_parameters."""
+    model = coverage.build(model_type)
+    assert archs.coverage(model)[0] == "discovery"
+    ids = torch.arange(3, 13)[None]
+    native = coverage.logits(model, ids)
+    for scheme, params in [("rerope", dict(window=4)), ("dynamic-yarn", dict(block=4)), ("self-extend", dict(group=4))]:
+        with pytest.raises(IncompatibleSchemeError, match=f"'{scheme}' acts at attention time.*{says}"):
+            pos_swap.patch(model, scheme, **params)
+        assert pos_swap.describe(model) is None and torch.equal(coverage.logits(model, ids), native)
+    assert coverage.check_static(model, ids, native) == []
 
 
 def test_the_multimodal_advice_works():

@@ -7,7 +7,13 @@ discovery, pos_swap/archs.py), and check:
                  transformers' own ``rope_parameters``;
   (b) cache   -- under ``rerope`` (window 4) and ``dynamic-yarn`` (trained context 8, block 4, so frequencies change
                  within the test), logits of cached greedy generation equal those of recomputation without a cache;
-  (c) unpatch -- removing each patch gives bit-identical logits.
+  (c) unpatch -- removing each patch gives bit-identical logits;
+  (d) native  -- ``rerope`` with a window and ``dynamic-yarn`` (where the model's rope_type is default) with a
+                 trained context as long as the input rotate queries and keys at attention time (pos_swap's
+                 rotation, in the pairs discovery found) with the native frequencies: their logits equal the
+                 unpatched model's. (b) alone would not see a wrong pairing: cache and recomputation would share it.
+A type on which pos_swap refuses the attention-time schemes (learned attention sinks) is ``refused``, with (a) and
+(c) checked.
 Each type is ``pass``, ``refused`` (pos_swap says why), ``failing`` (which check) or ``cannot-build`` (why).
 
     python benchmarks/rope_coverage.py --out rope_coverage.json          # every type (tens of minutes)
@@ -34,7 +40,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import pos_swap
 from pos_swap import archs
-from pos_swap.errors import PosSwapError, UnsupportedArchitectureError
+from pos_swap.errors import IncompatibleSchemeError, PosSwapError, UnsupportedArchitectureError
 
 LAYERS = 4
 MAX_PARAMETERS = 5_000_000  # a shrink that leaves more than this is reported as cannot-build
@@ -51,6 +57,9 @@ SHRINK = {  # config field -> tiny value, for fields whose default is a number
     **dict.fromkeys(("n_shared_experts", "num_shared_experts", "n_group", "topk_group", "first_k_dense_replace"), 1),
     **dict.fromkeys(("sliding_window", "attention_chunk_size"), 8),
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "vocab_size": 128, "max_position_embeddings": 64,
+    # Mamba layers of hybrids (Falcon-H1): 16 heads of 8 (the expanded width, 2 x 64), a small state; their CPU
+    # reference path is slow at the defaults
+    "mamba_d_ssm": 128, "mamba_n_heads": 16, "mamba_d_head": 8, "mamba_d_state": 16, "mamba_chunk_size": 16,
     "initializer_range": 0.1,  # tiny models barely react to positions at the default 0.02
 }  # fmt: skip
 
@@ -220,6 +229,24 @@ def cached_generation_logits(model, ids, new_tokens: int) -> tuple[torch.Tensor,
     return out.sequences, torch.cat(out.logits).float()
 
 
+def check_native_rotation(model, ids, native) -> list[str]:
+    """(d): attention-time rotation at the native positions and frequencies gives the native logits (rerope's
+    window and dynamic-yarn's trained context cover the input ``ids``; dynamic-yarn only for a model whose own
+    rope_type is default, as its frequencies within the trained context are the default ones)."""
+    problems, length = [], ids.shape[1]
+    schemes = [("rerope", dict(window=length))]
+    if all(slot.rope_parameters(model.config).get("rope_type", "default") == "default"
+           for slot in archs.rotary_slots(model, every_layer_type=True)):  # else its own frequencies are not yarn's
+        schemes.append(("dynamic-yarn", dict(original_max_position_embeddings=length, block=4)))  # fmt: skip
+    for scheme, params in schemes:
+        with pos_swap.patched(model, scheme, **params):
+            got = logits(model, ids)
+        error = float((got - native).abs().max())
+        if error > 1e-4 * max(1.0, float(native.abs().max())):
+            problems.append(f"{scheme} at native positions differs from the unpatched model by {error:.2e}")
+    return problems
+
+
 def check_cache(model, ids, native) -> list[str]:
     """(b) and (c) for ``rerope`` and ``dynamic-yarn``: problems found (empty: passed)."""
     problems = []
@@ -269,10 +296,15 @@ def check_type(model_type: str) -> dict:
             row["covered_by"] = covered
             if covered == "refused":
                 return {**row, "status": "refused", "reason": why}
-            skipped = []
-            problems = check_static(model, ids, native, skipped) + check_cache(model, ids, native)
+            skipped, problems = [], []
+            problems += check_static(model, ids, native, skipped)
             if skipped:
                 row["note"] = f"transformers refuses rope_type {' and '.join(skipped)} here: (a) not checked for it"
+            problems += check_native_rotation(model, ids, native) + check_cache(model, ids, native)
+        except IncompatibleSchemeError as error:  # pos_swap refuses the attention-time schemes on this model
+            if problems:
+                return {**row, "status": "failing", "reason": "; ".join(problems)}
+            return {**row, "status": "refused", "reason": f"{error} (static schemes pass (a) and (c))"}
         except (Exception, Timeout) as error:
             problems = [first_line(error)]
         return {**row, "status": "failing" if problems else "pass", "reason": "; ".join(problems)}

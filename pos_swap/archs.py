@@ -32,6 +32,12 @@ class ArchSpec:
     # with ``attention`` given as paths: the rotary table (layer type) each module's rotation comes from
     attention_layer_types: tuple[str | None, ...] | None = None
     rotary: str | None = None  # the rotary module that computes (cos, sin) once per forward
+    # how the attention pairs rotary features (rope.PAIRINGS); pos_swap's attention function reorders queries and
+    # keys of another pairing into rotate-half pairs before a hook rotates them
+    pairing: str = rope.HALF
+    # (attention path, why) of the attention modules pos_swap's attention-time hooks cannot serve (learned sink
+    # logits, positions the cache cannot tell); static schemes still work on them
+    hook_refusals: tuple[tuple[str, str], ...] = ()
     scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
     table: str | None = None  # the learned absolute position table
     table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
@@ -106,8 +112,8 @@ def coverage(model: nn.Module) -> tuple[str, str]:
     layers = len(spec.attention)
     tables = sorted({t for t in spec.attention_layer_types if t}) or ["one table"]
     return "discovery", (
-        f"derived from the model: rotary '{spec.rotary}' ({', '.join(tables)}) reaches {layers} attention "
-        f"module{'s' * (layers != 1)} through transformers' AttentionInterface"
+        f"derived from the model: rotary '{spec.rotary}' ({', '.join(tables)}, {spec.pairing} pairs) reaches "
+        f"{layers} attention module{'s' * (layers != 1)} through transformers' AttentionInterface"
     )
 
 
@@ -148,6 +154,19 @@ class RotarySlot:
         params = config.rope_parameters
         return params[self.layer_type] if self.layer_type else params
 
+    def settings(self, inv_freq: torch.Tensor, attention_scaling: float) -> list[tuple[nn.Module, str, object]]:
+        """``(module, attribute, value)`` changes that make this table give ``(cos, sin) * attention_scaling`` of
+        ``inv_freq`` (already on the table's device and dtype): what a patch sets, and what discovery checks the
+        rotary follows. rope_type "default" keeps transformers' dynamic_rope_update from recomputing them."""
+        module, prefix = self.module, self.prefix
+        changes = [(module, prefix + "inv_freq", inv_freq)]
+        if prefix + "original_inv_freq" in module._buffers or prefix + "original_inv_freq" in vars(module):
+            changes.append((module, prefix + "original_inv_freq", inv_freq.clone()))
+        changes.append((module, prefix + "attention_scaling", float(attention_scaling)))
+        rope_type = module.rope_type
+        default = {**rope_type, self.layer_type: "default"} if isinstance(rope_type, dict) else "default"
+        return [*changes, (module, "rope_type", default)]
+
 
 def table_layer_types(module: nn.Module) -> tuple[str, ...]:
     """The layer types a rotary module keeps tables for (Gemma 3: ``full_attention_inv_freq``, ...); () when it
@@ -177,6 +196,26 @@ def follows_length(model: nn.Module) -> bool:
     and ``longrope`` rope types), so a token's output also depends on how long the window is."""
     types = {slot.rope_parameters(model.config).get("rope_type", "default") for slot in rotary_slots(model, every_layer_type=True)}
     return bool(types & set(LENGTH_FOLLOWING_ROPE_TYPES))
+
+
+def reordered_attention(model: nn.Module) -> list[tuple[nn.Module, int, str]]:
+    """``(attention module, rotated features, pairing)`` of each attention module whose rotary pairs are not
+    rotate-half (interleaved: Cohere, GLM, ...), which pos_swap's attention function reorders; [] for the others."""
+    pairing = lookup(model).pairing
+    if pairing == rope.HALF:
+        return []
+    return [(module, slot.dim, pairing) for slot in rotary_slots(model, every_layer_type=True)
+            for module in attention_modules(model, slot.layer_type)]  # fmt: skip
+
+
+def hook_refusal(model: nn.Module, modules) -> str | None:
+    """Why pos_swap's attention-time hooks cannot serve one of the attention ``modules`` (discovery found out), or
+    None when they serve all of them."""
+    refusals = dict(lookup(model).hook_refusals)
+    if not refusals:
+        return None
+    names = {id(m): name for name, m in model.base_model.named_modules()}
+    return next((refusals[names[id(m)]] for m in modules if names.get(id(m)) in refusals), None)
 
 
 def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
@@ -269,6 +308,7 @@ def summarize(model: nn.Module) -> dict:
             {
                 "layer_type": slot.layer_type,
                 "rotary_dim": slot.dim,
+                "pairing": spec.pairing,
                 "rope_theta": slot.rope_parameters(config)["rope_theta"],
                 "rope_type": slot.rope_parameters(config).get("rope_type", "default"),
             }
@@ -288,8 +328,10 @@ WINDOWED = ("sliding_window", "attention_chunk_size")  # attributes of attention
 
 def _record_and_silence(module, query, key, value, attention_mask, **kwargs):
     """Discovery's attention function: remember the queries and keys a module hands to attention (already rotated)
-    and return zeros, so no layer's input depends on the rotation and the queries of two runs compare exactly."""
-    module.__dict__.setdefault("_pos_swap_traced", []).append((query.detach().clone(), key.detach().clone()))
+    and whether it hands over ``position_ids``, and return zeros, so no layer's input depends on the rotation and
+    the queries of two runs compare exactly."""
+    traced = (query.detach().clone(), key.detach().clone(), "position_ids" in kwargs, kwargs.get("s_aux") is not None)
+    module.__dict__.setdefault("_pos_swap_traced", []).append(traced)
     batch, _, length, _ = query.shape
     return value.new_zeros(batch, length, query.shape[1], value.shape[-1]), None
 
@@ -311,9 +353,9 @@ def discover(model: nn.Module) -> ArchSpec:
     ``inv_freq`` under ``base_model`` (one table, or one per layer type as in Gemma 3), and the attention modules its
     output reaches, found by running the model on a few tokens through a recording attention function (twice: with
     the rotary's output and with the identity rotation). Each module's queries and keys must be the unrotated ones
-    turned by pos_swap's own rotation of that table (rotate-half pairs, leading features), so static and
-    attention-time schemes reproduce the model exactly. Raises :class:`UnsupportedArchitectureError` naming what is
-    unusual where that pattern does not hold."""
+    turned by pos_swap's own rotation of that table (leading features, in pairs of one of ``rope.PAIRINGS``, the
+    same for every module), so static and attention-time schemes reproduce the model exactly. Raises
+    :class:`UnsupportedArchitectureError` naming what is unusual where that pattern does not hold."""
     config = model.config
     _refuse_by_config(model)
     if any(p.is_meta for p in model.parameters()):
@@ -342,7 +384,13 @@ def discover(model: nn.Module) -> ArchSpec:
     if any(bool((slot.inv_freq == 0).any()) for slot in slots):
         raise refuse(model, "some planes of its rotary have frequency 0 (rope_type 'proportional', p-RoPE), which "
                             "pos_swap's frequency rules do not keep.")  # fmt: skip
-    reached = _trace(model, rotary, slots)  # [(path, layer type)]
+    reached = _trace(model, rotary, slots)  # [(path, layer type, pairing, why not hooked)]
+    pairings = sorted({pairing for _, _, pairing, _ in reached}, key=rope.PAIRINGS.index)
+    if len(pairings) > 1:
+        raise refuse(model, f"its attention modules pair rotary features in different ways ({', '.join(pairings)}); "
+                            "pos_swap reorders one pairing per model.")  # fmt: skip
+    hook_refusals = tuple((path, why) for path, _, _, why in reached if why)
+    reached = [(path, kind) for path, kind, *_ in reached]
     names = {id(m): name for name, m in base.named_modules()}
     modules = [find_modules(model, path)[0] for path, _ in reached]
     scaled = None
@@ -353,7 +401,8 @@ def discover(model: nn.Module) -> ArchSpec:
         )
     targets, conv1d = _lora_targets(model, modules, names)
     return ArchSpec(
-        family=ROTARY, rotary=rotary_path, attention=tuple(path for path, _ in reached),
+        family=ROTARY, rotary=rotary_path, pairing=pairings[0], hook_refusals=hook_refusals,
+        attention=tuple(path for path, _ in reached),
         attention_layer_types=tuple(kind for _, kind in reached), scaled_layer_types=scaled,
         lora_targets=targets, lora_fan_in_fan_out=conv1d,
     )  # fmt: skip
@@ -386,14 +435,20 @@ def _refuse_by_config(model: nn.Module) -> None:
         ))  # fmt: skip
 
 
-def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[tuple[str, str | None]]:
-    """Run ``model`` twice on a few tokens under :func:`_record_and_silence`, with the rotary's output and with the
-    identity rotation; return ``(path, layer type)`` of each attention module whose queries and keys the rotary's
-    output turns, in model order. Modules that no table turns (NoPE layers, SmolLM3's) are left out."""
+Traced = tuple[str, str | None, str, str | None]  # (path, layer type, pairing, why hooks cannot serve it or None)
+
+
+def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[Traced]:
+    """Run ``model`` on a few tokens under :func:`_record_and_silence`: with the rotary's output, with the identity
+    rotation in its place, and once per table with that table's frequencies set to 0 as a patch sets them (the
+    modules it leaves unrotated are that table's, even where two tables are equal, as in OLMo 3). Return
+    ``(path, layer type, pairing, why attention-time hooks cannot serve it or None)`` of each attention module whose
+    queries and keys the rotary's output turns, in model order. Modules that no table turns (NoPE layers,
+    SmolLM3's) are left out."""
     device = next(model.parameters()).device
     ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
     positions = torch.arange(TRACE_TOKENS, device=device)[None]
-    native, identity = _traced_run(model, rotary, ids, identity=False), _traced_run(model, rotary, ids, identity=True)
+    native, identity = _traced_run(model, rotary, ids), _traced_run(model, rotary, ids, identity=True)
     if not torch.equal(native.pop("output"), identity.pop("output")):
         raise refuse(model, (
             "its rotary's output reaches computation that does not go through transformers' AttentionInterface "
@@ -401,41 +456,71 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
         ))  # fmt: skip
     if not native:
         raise refuse(model, "none of its modules calls attention through transformers' AttentionInterface.")
+    zeroed = [_traced_run(model, rotary, ids, changes=slot.settings(torch.zeros_like(slot.inv_freq), 1.0))
+              for slot in slots]  # fmt: skip
     names = {id(m): name for name, m in model.base_model.named_modules()}
     reached = []
     for module, calls in native.items():
+        name = names[id(module)]
         if len(calls) != 1:
-            raise refuse(model, f"its module '{names[id(module)]}' calls attention {len(calls)} times a forward.")
-        (query, key), (query0, key0) = calls[0], identity[module][0]
+            raise refuse(model, f"its module '{name}' calls attention {len(calls)} times a forward.")
+        (query, key, with_positions, sinks), (query0, key0, *_) = calls[0], identity[module][0]
         if torch.equal(query, query0) and torch.equal(key, key0):
             continue  # a layer without positions (NoPE)
-        kind = next((slot.layer_type for slot in slots if _turned_by(slot, positions, (query0, key0), (query, key))),
-                    False)  # fmt: skip
-        if kind is False:
+        owners = [slot for slot, run in zip(slots, zeroed) if all(map(torch.equal, run[module][0][:2], (query0, key0)))]
+        if len(owners) != 1:
             raise refuse(model, (
-                f"its attention '{names[id(module)]}' rotates queries and keys other than pos_swap does (rotate-half "
-                f"pairs on the leading features of each head, with the rotary's cos and sin): e.g. interleaved "
-                f"pairs, or the rotary part placed elsewhere in the head."
+                f"its attention '{name}' stays rotated when the frequencies of {'each' if owners else 'any'} "
+                f"rotary table are set to 0: its rotary does not compute (cos, sin) from its inv_freq buffer alone "
+                f"(PhiMoE's recomputes them from the config), and that buffer is what pos_swap changes."
+                if not owners else
+                f"its attention '{name}' loses its rotation when either of the tables "
+                f"{', '.join(slot.layer_type for slot in owners)} is set to 0."
             ))  # fmt: skip
-        reached.append((names[id(module)], kind))
+        (slot,) = owners
+        pairing = next((p for p in rope.PAIRINGS if _turned_by(slot, p, positions, (query0, key0), (query, key))), None)
+        if pairing is None:
+            raise refuse(model, (
+                f"its attention '{name}' rotates queries and keys other than pos_swap can (the rotary's cos and "
+                f"sin on the leading features of each head, in pairs {' or '.join(rope.PAIRINGS)}): e.g. the rotary "
+                f"part placed elsewhere in the head."
+            ))  # fmt: skip
+        why_not_hooked = None
+        if sinks:
+            why_not_hooked = (f"its attention '{name}' adds learned sink logits (s_aux) to its softmax, which the "
+                              f"attention pos_swap computes there does not carry.")  # fmt: skip
+        elif any(getattr(model.config, window, None) for window in WINDOWED) and not with_positions:
+            why_not_hooked = (f"its attention '{name}' is not handed position_ids and the model windows attention "
+                              f"({' / '.join(WINDOWED)}), so its cache holds fewer keys than positions and pos_swap "
+                              f"would take cache slots for positions.")  # fmt: skip
+        reached.append((name, slot.layer_type, pairing, why_not_hooked))
     if not reached:
         raise refuse(model, "its rotary's output turns the queries and keys of none of its attention modules.")
     return reached
 
 
-def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity: bool) -> dict:
-    """One forward under the recording attention: ``{attention module: [(query, key)], "output": hidden states}``,
-    with the rotary's ``(cos, sin)`` replaced by ``(1, 0)`` when ``identity``. The model is left as it was."""
+def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity: bool = False,
+                changes: list[tuple[nn.Module, str, object]] = ()) -> dict:  # fmt: skip
+    """One forward under the recording attention: ``{attention module: [(query, key, position_ids given, s_aux
+    given)],
+    "output": hidden states}``, with the rotary's output replaced by the identity rotation when ``identity``, and
+    the attribute ``changes`` (:meth:`RotarySlot.settings`) made for the run. The model is left as it was."""
 
     def to_identity(module, args, output):
+        if torch.is_tensor(output) and output.is_complex():  # one table cos + i sin (Llama 4's freqs_cis)
+            return torch.ones_like(output)
         if not (isinstance(output, tuple) and len(output) == 2 and all(torch.is_tensor(t) for t in output)):
-            raise refuse(model, f"its rotary module returns {type(output).__name__}, not the pair (cos, sin).")
+            raise refuse(model, f"its rotary module returns {type(output).__name__}, neither the pair (cos, sin) nor "
+                                "one complex table.")  # fmt: skip
         return torch.ones_like(output[0]), torch.zeros_like(output[1])
 
     config, training = model.config, model.training
     backend = config._attn_implementation
     handle = rotary.register_forward_hook(to_identity) if identity else None
+    restore = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
     try:
+        for obj, name, value in changes:
+            setattr(obj, name, value)
         config._attn_implementation = TRACE
         model.eval()
         with torch.no_grad():
@@ -450,17 +535,21 @@ def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity
         model.train(training)
         if handle is not None:
             handle.remove()
+        for obj, name, value in reversed(restore):
+            setattr(obj, name, value)
     traced = {m: m.__dict__.pop("_pos_swap_traced") for m in model.modules() if "_pos_swap_traced" in m.__dict__}
     return {**traced, "output": output}
 
 
-def _turned_by(slot: RotarySlot, positions, unrotated, rotated) -> bool:
+def _turned_by(slot: RotarySlot, pairing: str, positions, unrotated, rotated) -> bool:
     """Whether ``rotated`` queries and keys are ``unrotated`` ones turned by pos_swap's rotation with ``slot``'s
-    table at ``positions`` (to the tolerance of their dtype)."""
+    table at ``positions``, their features paired as ``pairing`` says (to the tolerance of their dtype)."""
     cos, sin = rope.cos_sin(positions, slot.inv_freq, slot.attention_scaling, unrotated[0].dtype)
+    rot_dim = cos.shape[-1]
     for before, after in zip(unrotated, rotated):
-        if cos.shape[-1] > before.shape[-1]:
+        if rot_dim > before.shape[-1]:
             return False
+        before, after = rope.to_half_pairs(before, rot_dim, pairing), rope.to_half_pairs(after, rot_dim, pairing)
         expected = rope.rotate(before, cos, sin)
         tolerance = 1e-4 if before.dtype == torch.float32 else 2e-2
         if not torch.allclose(expected.float(), after.float(), atol=tolerance * float(after.abs().max()), rtol=0):

@@ -25,6 +25,7 @@ from .functional import rope
 HOOK = "pos_swap"  # the submodule name a hook gets on each attention module
 OBSERVERS = "_pos_swap_observers"  # the attribute holding an attention module's observers (pos_swap.observe)
 TEMPERATURE = "_pos_swap_temperature"  # the attribute holding a per-row query scale (the temperature modifier)
+PAIRING = "_pos_swap_pairing"  # (rotated features, pairing) of a module whose rotary pairs are not rotate-half
 BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
@@ -127,6 +128,9 @@ def notify_probabilities(module, probs: torch.Tensor, rows, cols: slice, shape: 
 def _routed(backend: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         inner = backend_function(module, backend)
+        pairing = module.__dict__.get(PAIRING)
+        if pairing is not None:  # rotate-half pairs from here on, as every hook rotates and observers read planes
+            query, key = rope.to_half_pairs(query, *pairing), rope.to_half_pairs(key, *pairing)
         if observers_of(module):
             inner = _observed(inner)
         temperature = module.__dict__.get(TEMPERATURE)

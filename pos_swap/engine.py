@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from . import archs, modifiers  # noqa: F401 - registers the modifiers
-from .attention import HOOK, OBSERVERS, PREFIX, observers_of, routed_name
+from .attention import HOOK, OBSERVERS, PAIRING, PREFIX, observers_of, routed_name
 from .errors import AlreadyPatchedError, IncompatibleSchemeError, NotPatchedError, PosSwapError
 from .registry import Modifier, Scheme, get_scheme, split_modifiers
 
@@ -96,14 +96,8 @@ class Patch:
     def _set_rotary(self, slot: archs.RotarySlot, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         current = slot.inv_freq
         inv_freq = inv_freq.to(device=current.device, dtype=current.dtype)
-        module, prefix = slot.module, slot.prefix
-        self.set(module, prefix + "inv_freq", inv_freq)
-        if _owns(module, prefix + "original_inv_freq"):
-            self.set(module, prefix + "original_inv_freq", inv_freq.clone())
-        self.set(module, prefix + "attention_scaling", float(attention_scaling))
-        # "default" keeps transformers' dynamic_rope_update from recomputing the frequencies we set
-        rope_type = module.rope_type
-        self.set(module, "rope_type", {**rope_type, slot.layer_type: "default"} if isinstance(rope_type, dict) else "default")
+        for obj, name, value in slot.settings(inv_freq, attention_scaling):
+            self.set(obj, name, value)
 
     def set_rotary_identity(self, slot: archs.RotarySlot) -> None:
         """Make a rotary table the identity (cos 1, sin 0): queries and keys, cached ones included, leave the
@@ -112,9 +106,13 @@ class Patch:
 
     def route_attention(self, backend: str | None = None) -> None:
         """Send the model's attention through pos_swap's function, wrapping ``backend`` (default: the current
-        one). The backend also decides which mask transformers builds for the model."""
+        one). The backend also decides which mask transformers builds for the model. Attention modules whose
+        rotary pairs are not rotate-half (Cohere's interleaved pairs) get their pairing, by which the function
+        reorders their queries and keys into rotate-half pairs: the pairs pos_swap's rotation turns."""
         config = self.model.config
         self.set(config, "_attn_implementation", routed_name(config, backend))
+        for module, rot_dim, pairing in archs.reordered_attention(self.model):
+            self.set(module, PAIRING, (rot_dim, pairing))
         who = f"pos_swap scheme '{self.scheme.name}'" if self.scheme else "pos_swap.observe"
         pinned = PinnedBackend(who, config._attn_implementation)
         for module in self.model.modules():  # the model and its inner PreTrainedModels share the config
@@ -124,6 +122,13 @@ class Patch:
     def hook_attention(self, modules, hook, backend: str | None = None) -> None:
         """Attach ``hook`` (one module, or a callable making one per attention module) as the submodule
         ``pos_swap`` of each attention module; pos_swap's attention function calls it for them."""
+        why = archs.hook_refusal(self.model, modules)
+        if why is not None:
+            raise IncompatibleSchemeError(
+                f"Scheme '{self.scheme.name}' acts at attention time, which this '{self.model.config.model_type}' "
+                f"model does not allow: {why} Static schemes that only change the rotary frequencies (linear, ntk, "
+                f"yarn, llama3) work on it."
+            )
         self.route_attention(backend)
         for module in modules:
             self.set(module, HOOK, hook if isinstance(hook, torch.nn.Module) else hook(module))

@@ -6,6 +6,7 @@ own per-layer flags (SmolLM3's ``no_rope_layers``), and transformers building th
 """
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import re
@@ -17,12 +18,12 @@ import torch
 import pos_swap
 from pos_swap import archs
 from pos_swap.cli import main
-from pos_swap.errors import PosSwapError, UnsupportedArchitectureError
+from pos_swap.errors import IncompatibleSchemeError, PosSwapError, UnsupportedArchitectureError
 from conftest import ROPE_ARCHS, outputs, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSING = ROOT / "tests" / "data" / "rope_coverage_passing.txt"
-HANDFUL = ["olmo2", "mixtral", "starcoder2", "stablelm", "granite", "qwen3_moe"]
+HANDFUL = ["olmo2", "mixtral", "starcoder2", "stablelm", "granite", "qwen3_moe", "glm", "nanochat"]
 
 
 def _coverage_module():
@@ -78,8 +79,10 @@ def test_layers_without_positions_are_left_out(monkeypatch):
 
 @pytest.mark.parametrize("model_type", HANDFUL)
 def test_a_representative_handful_passes_the_coverage_checks(model_type):
-    """olmo2, mixtral, starcoder2, stablelm (partial rotary), granite, qwen3_moe: static schemes equal transformers'
-    rope_parameters, cached generation equals recomputation, unpatch is bit-identical."""
+    """olmo2, mixtral, starcoder2, stablelm (partial rotary), granite, qwen3_moe, glm (interleaved pairs, partial
+    rotary), nanochat (rotate-half turned by -theta): static schemes equal transformers' rope_parameters,
+    attention-time rotation at native positions equals the model, cached generation equals recomputation, unpatch
+    is bit-identical."""
     assert model_type in recorded_passing()
     row = coverage.check_type(model_type)
     assert (row["status"], row.get("covered_by")) == ("pass", "discovery"), row
@@ -110,9 +113,39 @@ def test_the_coverage_checks_catch_a_wrong_patch(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "model_type, pairing",
+    [("olmo2", "half"), ("cohere", "interleaved"), ("glm", "interleaved"), ("helium", "interleaved"),
+     ("nanochat", "half_swapped")],
+)  # fmt: skip
+def test_discovery_finds_how_rotary_features_are_paired(model_type, pairing):
+    """Cohere rotates pairs (x0, x1), (x2, x3), ... with repeat-interleaved tables, GLM and Helium repeat-interleave
+    the first half of the rotary's tables; NanoChat's rotate_half returns (x2, -x1) (see transformers' modeling
+    files). The pairing reaches ``pos-swap info``; only models not paired rotate-half get their modules reordered."""
+    model = coverage.build(model_type)
+    assert archs.lookup(model).pairing == pairing
+    assert {entry["pairing"] for entry in archs.summarize(model)["rotary"]} == {pairing}
+    reordered = archs.reordered_attention(model)
+    assert [module for module, _, _ in reordered] == ([] if pairing == "half" else archs.attention_modules(model))
+
+
+def test_the_coverage_checks_catch_half_pairs_on_an_interleaved_model(monkeypatch):
+    """The mutant the pairing exists for: a GLM model (interleaved pairs) rotated at attention time in rotate-half
+    pairs. Cache and recomputation agree with each other (b), static schemes go through the model's own rotary (a);
+    rotation at native positions (d) tells."""
+    model = coverage.build("glm")
+    ids = torch.arange(3, 13)[None]
+    native = coverage.logits(model, ids)
+    assert coverage.check_native_rotation(model, ids, native) == []
+    model.__dict__[archs.DISCOVERED] = dataclasses.replace(archs.lookup(model), pairing="half")
+    assert coverage.check_static(model, ids, native) == [] and coverage.check_cache(model, ids, native) == []
+    problems = coverage.check_native_rotation(model, ids, native)
+    assert len(problems) == 2 and all("at native positions differs" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
     "model_type, says",
     [
-        ("cohere", "interleaved pairs"),  # pairs (x0, x1), (x2, x3): not rotate-half
+        ("phimoe", "stays rotated when the frequencies of any rotary table are set to 0"),  # recomputes from config
         ("deepseek_v3", "multi-head latent attention"),
         ("gemma3", "pos_swap.patch(model.model.language_model, ...)"),
     ],
@@ -122,6 +155,40 @@ def test_unusual_models_are_refused_by_name(model_type, says):
     with pytest.raises(UnsupportedArchitectureError, match=f"'{model_type}' model.*{re.escape(says)}"):
         pos_swap.patch(model, "yarn", factor=4.0)
     assert archs.coverage(model)[0] == "refused"
+
+
+def test_equal_tables_are_told_apart_by_the_layers_they_turn():
+    """OLMo 3 keeps a sliding_attention and a full_attention table, equal in its default config: each attention
+    module gets the table of its own layer type (transformers' config.layer_types), so a scheme that rescales one
+    table and hooks its layers leaves the others alone."""
+    model = coverage.build("olmo3")
+    tables = model.model.rotary_emb
+    assert torch.equal(tables.sliding_attention_inv_freq, tables.full_attention_inv_freq)
+    for layer_type in ("sliding_attention", "full_attention"):
+        layers = zip(model.model.layers, model.config.layer_types)
+        expected = [layer.self_attn for layer, kind in layers if kind == layer_type]
+        assert archs.attention_modules(model, layer_type) == expected
+
+
+@pytest.mark.parametrize(
+    "model_type, says",
+    [
+        ("gpt_oss", "adds learned sink logits \\(s_aux\\)"),  # pos_swap's own attention passes would drop them
+        ("llama4_text", "is not handed position_ids and the model windows attention"),  # slots are not positions
+    ],
+)
+def test_attention_time_schemes_are_refused_where_they_cannot_act(model_type, says):
+    """Discovery covers the model; the schemes that act at attention time are refused by name (the model unchanged),
+    and a static scheme still equals transformers' rope_parameters."""
+    model = coverage.build(model_type)
+    assert archs.coverage(model)[0] == "discovery"
+    ids = torch.arange(3, 13)[None]
+    native = coverage.logits(model, ids)
+    for scheme, params in [("rerope", dict(window=4)), ("dynamic-yarn", dict(block=4)), ("self-extend", dict(group=4))]:
+        with pytest.raises(IncompatibleSchemeError, match=f"'{scheme}' acts at attention time.*{says}"):
+            pos_swap.patch(model, scheme, **params)
+        assert pos_swap.describe(model) is None and torch.equal(coverage.logits(model, ids), native)
+    assert coverage.check_static(model, ids, native) == []
 
 
 def test_the_multimodal_advice_works():
@@ -174,7 +241,7 @@ def test_discovery_needs_weights():
 
 
 def test_info_says_how_a_model_is_covered(tmp_path, capsys):
-    for model_type, covered in [("olmo2", "discovery"), ("cohere", "refused"), ("llama", "entry")]:
+    for model_type, covered in [("olmo2", "discovery"), ("diffllama", "refused"), ("llama", "entry")]:
         model = tiny("llama") if model_type == "llama" else coverage.build(model_type)
         model.save_pretrained(tmp_path / model_type)
         assert main(["info", str(tmp_path / model_type), "--json"]) == 0

@@ -142,3 +142,63 @@ def test_per_sequence_frequencies_rotate_each_row_with_its_own():
     for row, (inv, scale) in enumerate([(inv_a, 1.0), (inv_b, 1.2)]):
         cos_row, sin_row = rope.cos_sin(positions[:1], inv, scale, torch.float32)
         assert torch.equal(cos[row], cos_row[0]) and torch.equal(sin[row], sin_row[0])
+
+
+def rotated_pairs_float64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, pairs) -> torch.Tensor:
+    """The definition in float64: feature pair ``pairs[i] = (a, b)`` turned by angle position * theta_i,
+    (x_a, x_b) -> (x_a cos - x_b sin, x_b cos + x_a sin); features in no pair pass through."""
+    out = x.double().clone()
+    angles = positions.double()[:, None, :, None] * inv_freq.double()  # (B, 1, L, F)
+    for i, (a, b) in enumerate(pairs):
+        cos, sin = angles[..., i].cos(), angles[..., i].sin()
+        out[..., a] = x[..., a].double() * cos - x[..., b].double() * sin
+        out[..., b] = x[..., b].double() * cos + x[..., a].double() * sin
+    return out
+
+
+@pytest.mark.parametrize("rotary_dim", [DIM, 16], ids=["full", "partial"])
+@pytest.mark.parametrize(
+    "pairing, pairs",
+    [
+        (rope.HALF, lambda r: [(i, i + r // 2) for i in range(r // 2)]),
+        (rope.INTERLEAVED, lambda r: [(2 * i, 2 * i + 1) for i in range(r // 2)]),  # GPT-J, Cohere, GLM
+        (rope.HALF_SWAPPED, lambda r: [(i + r // 2, i) for i in range(r // 2)]),  # NanoChat: rotate-half by -theta
+    ],
+)
+def test_each_pairing_rotates_as_its_definition(pairing, pairs, rotary_dim):
+    """Reordered into rotate-half pairs, pos_swap's rotation turns each of the model's pairs by position * theta_i
+    (float64 reference from the definition); dot products of queries and keys reordered alike are unchanged."""
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 4, 7, DIM, dtype=torch.float64), torch.randn(2, 4, 7, DIM, dtype=torch.float64)
+    positions = torch.arange(7)[None].expand(2, -1) + torch.tensor([[0], [5]])
+    inv_freq = rope.default_inv_freq(rotary_dim, BASE).double()
+    angles = positions.double()[..., None] * inv_freq  # (B, L, F); rope.cos_sin computes in float32, as transformers
+    cos, sin = torch.cat((angles, angles), dim=-1).cos(), torch.cat((angles, angles), dim=-1).sin()
+    for x in (q, k):
+        expected = rotated_pairs_float64(x, positions, inv_freq, pairs(rotary_dim))
+        got = rope.rotate(rope.to_half_pairs(x, rotary_dim, pairing), cos, sin)
+        torch.testing.assert_close(got, rope.to_half_pairs(expected, rotary_dim, pairing), rtol=1e-12, atol=1e-12)
+        assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])  # features past the rotary part stay put
+    reordered = [rope.to_half_pairs(x, rotary_dim, pairing) for x in (q, k)]
+    torch.testing.assert_close(reordered[0] @ reordered[1].transpose(-1, -2), q @ k.transpose(-1, -2))
+
+
+def test_interleaved_pairs_match_transformers_cohere():
+    """transformers' own interleaved rotation (Cohere's apply_rotary_pos_emb and its repeat-interleaved tables)."""
+    from transformers.models.cohere.modeling_cohere import apply_rotary_pos_emb as cohere_rotary
+
+    torch.manual_seed(3)
+    q, k = torch.randn(1, 2, 6, DIM), torch.randn(1, 2, 6, DIM)
+    positions = torch.arange(6)[None]
+    inv_freq = rope.default_inv_freq(DIM, BASE)
+    freqs = positions[..., None].float() * inv_freq
+    q_ref, k_ref = cohere_rotary(q, k, freqs.repeat_interleave(2, -1).cos(), freqs.repeat_interleave(2, -1).sin())
+    cos, sin = rope.cos_sin(positions, inv_freq, 1.0, torch.float32)
+    for x, ref in ((q, q_ref), (k, k_ref)):
+        got = rope.rotate(rope.to_half_pairs(x, DIM, rope.INTERLEAVED), cos, sin)
+        torch.testing.assert_close(got, rope.to_half_pairs(ref, DIM, rope.INTERLEAVED))
+
+
+def test_an_unknown_pairing_is_an_error():
+    with pytest.raises(ValueError, match="unknown rotary pairing 'diagonal'"):
+        rope.to_half_pairs(torch.zeros(1, 4), 4, "diagonal")

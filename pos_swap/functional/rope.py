@@ -158,6 +158,29 @@ def cos_sin(
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
+# How a model pairs its rotary features: pair i (frequency theta_i) of R rotated features is
+HALF = "half"  # (i, i + R/2), turned by +theta: rotate-half (LLaMA, GPT-NeoX, Gemma), pos_swap's own rotation
+INTERLEAVED = "interleaved"  # (2i, 2i + 1), turned by +theta (GPT-J, Cohere, GLM, Ernie 4.5, Helium)
+HALF_SWAPPED = "half_swapped"  # (i + R/2, i), turned by +theta: rotate-half turned by -theta (NanoChat)
+PAIRINGS = (HALF, INTERLEAVED, HALF_SWAPPED)
+
+
+def to_half_pairs(x: torch.Tensor, rot_dim: int, pairing: str) -> torch.Tensor:
+    """``x (..., D)`` with its first ``rot_dim`` features reordered from ``pairing`` into rotate-half pairs, so
+    that :func:`rotate` turns each pair as the model does; the other features pass through. Queries and keys
+    reordered alike keep every dot product, so attention needs no reordering back."""
+    if pairing == HALF:
+        return x
+    half = rot_dim // 2
+    if pairing == INTERLEAVED:
+        paired = (x[..., 0:rot_dim:2], x[..., 1:rot_dim:2])  # features 0, 2, 4, ... then 1, 3, 5, ...
+    elif pairing == HALF_SWAPPED:
+        paired = (x[..., half:rot_dim], x[..., :half])
+    else:
+        raise ValueError(f"unknown rotary pairing {pairing!r}; one of {', '.join(PAIRINGS)}")
+    return torch.cat((*paired, x[..., rot_dim:]), dim=-1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) on the last dimension: the pairing LLaMA, GPT-NeoX and Gemma use."""
     x1, x2 = x.chunk(2, dim=-1)

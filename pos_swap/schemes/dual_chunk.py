@@ -78,11 +78,12 @@ class DualChunkAttention(nn.Module):
             return scaled_scores(dual_chunk.pick(apart, *scores), scaling)
 
         chunk_keys = self._rotate(key, dual_chunk.chunk_key_positions(k_pos, *sizes))  # (B, Hkv, Lk, D)
-        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _chunks_on_slots(q_pos):
+        kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=dropout)
+        if attention_mask is None and kernel is not None and _chunks_on_slots(q_pos):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             length = self.chunk_size - self.local_window
             output = fused.dual_chunk_attention(
-                intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length
+                kernel, intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length
             )
             notify_blocks(module, intra, chunk_keys, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None

@@ -13,7 +13,8 @@ bfloat16 must be at most 1.5x as far from the float32 chunked result as the bflo
 
 (b) Cost: forward time (median of ``--repeats``, after one warm-up that also compiles) and peak memory of the full
 30-layer SmolLM2-135M shape in bfloat16 at 8k, 16k and 32k tokens (no LM head), native SDPA against each scheme;
-with ``--quick`` a tiny model at 64 and 128 tokens. Cells past ``--budget`` seconds are skipped and say so.
+with ``--quick`` a tiny model at 64 and 128 tokens. Cost cells that would start more than ``--budget`` seconds
+after the start of the run are skipped and say so.
 
 (c) ``results.json`` and ``gpu_check.png`` in ``--out``. Without CUDA (and without ``--device cpu``) it says so
 and exits 0. Exit code 1 when a check fails.
@@ -221,12 +222,20 @@ def plot(path: Path, rows: list[dict]) -> None:
     with report.figure(path, 1, 2, size=(11, 4)) as (_, axes):
         for ax, key, label in ((axes[0, 0], "time_ratio", "forward time / native SDPA"),
                                (axes[0, 1], "memory_ratio", "peak memory / native SDPA")):  # fmt: skip
+            drawn = False
             for scheme in dict.fromkeys(r["scheme"] for r in measured):
                 points = [(r["length"], r[key]) for r in measured if r["scheme"] == scheme and r.get(key) is not None]
                 if points:
                     ax.plot(*zip(*points), marker="o", ms=3, label=scheme)
+                    drawn = True
+            if not drawn:
+                ax.text(0.5, 0.5, "nothing measured (or native peak under 1 MiB)", ha="center", transform=ax.transAxes)
             ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="native")
             ax.set_xscale("log", base=2)
+            lengths = sorted({r["length"] for r in rows})
+            ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+            ax.set_xticks([], minor=True)
+            ax.set_xlim(lengths[0] / 1.2, lengths[-1] * 1.2)
             ax.set(xlabel="tokens", ylabel=label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

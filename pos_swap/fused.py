@@ -185,6 +185,7 @@ def sdpa_output(query, key, value, scale: float, shift: int, mask=None) -> torch
 
 
 CPU_FLASH = CpuFlash()
+FLEX_EAGER, FLEX_COMPILED = Flex(compiled=False), Flex(compiled=True)  # nothing compiles before a first call
 
 
 def setting() -> str:
@@ -226,18 +227,13 @@ def _flex_kernel(device: torch.device) -> Kernel | None:
         _warn_missing("flex", f"this torch ({torch.__version__}) has no flex_attention returning its log-sum-exp")
         return None
     if device.type == "cpu":  # compiled CPU flex refuses the log-sum-exp: eager, the dense reference
-        return Flex(compiled=False)
+        return FLEX_EAGER
     from torch.utils._triton import has_triton
 
     if not has_triton():
         _warn_missing("flex", "torch.compile needs triton for it, and triton is not installed")
         return None
-    return _compiled_flex()
-
-
-@functools.cache
-def _compiled_flex() -> Flex:
-    return Flex(compiled=True)
+    return FLEX_COMPILED
 
 
 def lse_kernel(device: torch.device) -> Kernel | None:

@@ -48,7 +48,7 @@ def random_qkv(q_len=11, k_len=19, dim=8, seed=0):
     return [torch.randn(2, 3, n, dim, generator=generator) for n in (q_len, k_len, k_len)]
 
 
-KERNELS = [fused.CPU_FLASH, fused.Flex(compiled=False)]  # torch's CPU flash kernel; flex as CUDA runs it, eager
+KERNELS = [fused.CPU_FLASH, fused.FLEX_EAGER]  # torch's CPU flash kernel; flex as CUDA runs it, eager
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=str)
@@ -395,7 +395,7 @@ def test_dispatch_picks_the_cpu_kernel_on_cpu_and_compiled_flex_on_cuda(monkeypa
     monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
     assert fused.lse_kernel(torch.device("cpu")) is fused.CPU_FLASH
     on_cuda = fused.lse_kernel(torch.device("cuda"))  # only the choice: nothing runs on the device
-    assert isinstance(on_cuda, fused.Flex) and on_cuda.compiled and on_cuda.differentiable
+    assert on_cuda is fused.FLEX_COMPILED and on_cuda.compiled and on_cuda.differentiable
     assert fused.lse_kernel(torch.device("mps")) is None  # no kernel wired in: chunked
     monkeypatch.setenv(fused.SETTING, "flex")
     assert fused.lse_kernel(torch.device("cpu")).compiled is False  # compiled CPU flex refuses the log-sum-exp

@@ -8,8 +8,9 @@
 in float32 and bfloat16 at a few lengths past the trained 8k, plus decode steps after a cached prefill (float32).
 The device path is what ``auto`` picks on CUDA: compiled flex_attention for the passes, plain SDPA for ALiBi's folded
 features, chunked for CoPE. On the CPU (``--device cpu``) it is forced to the same code: eager flex and SDPA. Each
-row says which kernel ran and how often, so a silent fallback to chunked shows. float32 must agree within 1e-3;
-bfloat16 must be at most 1.5x as far from the float32 chunked result as the bfloat16 chunked path is (+1e-3).
+row says which kernel ran and how often (``no kernel``: chunked, or CoPE's CPU blocks), so a silent fallback
+shows. float32 must agree within 1e-3; bfloat16 must be at most 1.5x as far from the float32 chunked result as
+the bfloat16 chunked path is (+1e-3).
 
 (b) Cost: forward time (median of ``--repeats``, after one warm-up that also compiles) and peak memory of the full
 30-layer SmolLM2-135M shape in bfloat16 at 8k, 16k and 32k tokens (no LM head), native SDPA against each scheme;
@@ -141,7 +142,7 @@ def run_scheme(model, scheme, params, ids, setting, decode_steps=0):
             states = hidden_states(model, ids, decode_steps)
         finally:
             patch.remove()
-    ran = ", ".join(f"{kind} x{n}" for kind, n in counts.items() if n) or "chunked"
+    ran = ", ".join(f"{kind} x{n}" for kind, n in counts.items() if n) or "no kernel"
     return states, ran
 
 
@@ -205,7 +206,7 @@ def cost(config, plan, device, dtype, schemes, repeats, deadline, progress) -> l
             if runs is None:
                 rows.append(dict(row, skipped="out of memory"))
                 continue
-            kernels = ", ".join(f"{kind} x{n}" for kind, n in counts.items() if n) or "chunked"
+            kernels = ", ".join(f"{kind} x{n}" for kind, n in counts.items() if n) or "no kernel"
             rows.append(dict(row, ms=1000 * statistics.median(t for t, _ in runs), peak_mib=max(m for _, m in runs),
                              warm_up_s=warm_up, kernels=kernels if params is not None else "sdpa"))  # fmt: skip
     for row in rows:
@@ -271,7 +272,8 @@ def main(argv=None) -> int:
                    costs=costs)  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     plot(args.out / "gpu_check.png", costs)
-    print(report.format_table(checks, ["scheme", "dtype", "length", "decode_steps", "kernels", "max_difference", "passed"], "{:.2e}"))
+    check_columns = ["scheme", "dtype", "length", "decode_steps", "kernels", "max_difference", "passed"]
+    print(report.format_table(checks, check_columns, "{:.2e}"))
     print(report.format_table(costs, ["scheme", "length", "ms", "time_ratio", "peak_mib", "memory_ratio", "warm_up_s",
                                       "kernels", "skipped"]))  # fmt: skip
     failed = [f"{r['scheme']} {r['dtype']} {r['length']}" for r in checks if not r["passed"]]

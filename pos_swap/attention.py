@@ -159,12 +159,14 @@ def routed_name(config, backend: str | None = None) -> str:
     return PREFIX + current
 
 
-def first_query_slot(attention_mask, query_length: int, key_length: int) -> int:
+def first_query_slot(attention_mask, query_length: int, key_length: int) -> int | torch.Tensor:
     """Where the queries sit among the keys the cache hands over. A dynamic or sliding-window cache returns keys
     that end with the queries; a static cache returns its whole pre-allocated buffer, the queries at their cache
     positions and empty slots after them. transformers' mask tells which: each query sees itself as its last
     allowed key. Without a mask, transformers relies on SDPA's top-left causal alignment (queries first) or lets
-    a single query see every key (the query last)."""
+    a single query see every key (the query last). Read from a tensor mask while torch.compile traces, the slot
+    stays a 0-dim tensor: reading its value would break the graph (:func:`key_columns` and :func:`positions`
+    take either)."""
     if query_length == key_length:
         return 0
     if attention_mask is None:
@@ -175,7 +177,10 @@ def first_query_slot(attention_mask, query_length: int, key_length: int) -> int:
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     columns = torch.arange(mask.shape[-1], device=mask.device)
     last_seen = torch.where(allowed, columns, -1).amax(-1)  # (B, 1|H, Lq); rows of padding see nothing: -1
-    slot = int((last_seen - torch.arange(query_length, device=mask.device)).amax())
+    slot = (last_seen - torch.arange(query_length, device=mask.device)).amax()
+    if torch.compiler.is_compiling():
+        return torch.where(slot >= 0, slot, key_length - query_length)
+    slot = int(slot)
     return slot if slot >= 0 else key_length - query_length
 
 
@@ -199,7 +204,7 @@ def positions(kwargs: dict, query: torch.Tensor, key: torch.Tensor, attention_ma
     first = first_query_slot(attention_mask, query_length, key_length)
     query_positions = kwargs.get("position_ids")
     if query_positions is None:
-        query_positions = torch.arange(first, first + query_length, device=query.device)[None]
+        query_positions = (first + torch.arange(query_length, device=query.device))[None]  # first: an int or a tensor
     query_positions = query_positions.to(query.device).expand(batch, -1)
     if kwargs.get("position_ids") is not None and query_length == key_length:  # no cached keys: the keys are the
         return query_positions, query_positions  # queries' own tokens, whose ids may skip (PoSE, packed sequences)
@@ -366,10 +371,11 @@ def causal_only(attention_mask, first_query: int) -> bool:
     return bool((attention_mask == (torch.arange(k_len, device=attention_mask.device) <= slots)).all())
 
 
-def key_columns(module, rows: slice, first_query: int, key_length: int) -> slice:
+def key_columns(module, rows: slice, first_query: int | torch.Tensor, key_length: int) -> slice:
     """The keys query ``rows`` may see: up to the last of them (queries start at key slot ``first_query``) for a
-    causal module, all otherwise."""
-    return slice(0, min(key_length, first_query + rows.stop) if getattr(module, "is_causal", True) else key_length)
+    causal module, all otherwise (and where ``first_query`` is a traced tensor: the mask hides the later keys)."""
+    causal = getattr(module, "is_causal", True) and not isinstance(first_query, torch.Tensor)
+    return slice(0, min(key_length, first_query + rows.stop) if causal else key_length)
 
 
 def require_tensor_mask(attention_mask):
@@ -406,8 +412,8 @@ def query_blocks(module, query, key, attention_mask, budget_mib=BLOCK_MIB):
     k_len = key.shape[2]
     first_query = first_query_slot(attention_mask, q_len, k_len)
     step = rows_per_block(budget_mib * 2**20, batch, heads, k_len)
-    for start in range(0, q_len, step):
-        rows = slice(start, min(start + step, q_len))
+    for block in range(-(-q_len // step)):  # the count, not range(0, q_len, step): torch.compile guards on the step
+        rows = slice(block * step, min((block + 1) * step, q_len))
         cols = key_columns(module, rows, first_query, k_len)
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)  # (B|1, 1, C, W)
         yield rows, cols, query[:, :, rows], key[:, :, cols], mask

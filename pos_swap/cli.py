@@ -176,7 +176,7 @@ def cmd_info(args) -> None:
 
 def cmd_patch(args) -> None:
     name, params = _scheme(args)
-    model, tokenizer = loading.load(args.model, require_tokenizer=False)
+    model, tokenizer = loading.load(args.model, require_tokenizer=False, check=engine.scheme_check(name, params))
     saved = engine.describe(model)
     if saved is not None and not args.replace:
         raise PosSwapError(
@@ -252,7 +252,7 @@ def cmd_probe(args) -> None:
     check_settings(**settings)
     report.check_output(args.out, overwrite=args.overwrite, results=RESULTS, resumable=False)
     text = loading.read_text(args.text) if args.text else None
-    model, tokenizer = loading.load(args.model)
+    model, tokenizer = loading.load(args.model, check=engine.scheme_check(name, params))
     run_probe(model, tokenizer, args.out, name=args.model, scheme=name, params=params, compare=args.compare,
               text=text, overwrite=args.overwrite, **settings)  # fmt: skip
     print(f"wrote {args.out}/probe.json, PNG plots and {args.out}/report.html")

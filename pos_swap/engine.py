@@ -342,9 +342,7 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
     """
     model = resolve(model)
     refuse_while_observed(model, "patch")
-    scheme_class = get_scheme(scheme)
-    scheme_class.check_family(model, archs.lookup(model).family)
-    params, modifier_params = split_modifiers(params)
+    get_scheme(scheme).check_family(model, archs.lookup(model).family)
     previous = current_patch(model)
     if previous is not None and not replace:
         raise AlreadyPatchedError(
@@ -354,9 +352,7 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
     undone = previous._undo_all() if previous is not None else []
     handle = None
     try:
-        configured = scheme_class.configure(model, params)
-        modifiers = (m.configure(model, own) for m, own in modifier_params.items())
-        handle = Patch(model, configured, tuple(m for m in modifiers if m is not None))
+        handle = Patch(model, *configure(model, scheme, params))
         handle._apply()
     except BaseException:
         if handle is not None:
@@ -365,6 +361,27 @@ def patch(model: torch.nn.Module, scheme: str, *, replace: bool = False, **param
             previous._redo(undone)  # the previous patch's very objects, trained parameters included
         raise
     return handle
+
+
+def configure(model: torch.nn.Module, scheme: str, params: dict) -> tuple[Scheme, tuple[Modifier, ...]]:
+    """The scheme and modifiers :func:`patch` would put on ``model`` with ``params``, checked (family, parameter
+    names, types, ranges, the checks against the model's config) without changing the model: what a command
+    checks on the model's skeleton before its weights load."""
+    scheme_class = get_scheme(scheme)
+    scheme_class.check_family(model, archs.lookup(model).family)
+    params, modifier_params = split_modifiers(params)
+    configured = scheme_class.configure(model, params)
+    modifiers = (m.configure(model, own) for m, own in modifier_params.items())
+    return configured, tuple(m for m in modifiers if m is not None)
+
+
+def scheme_check(scheme: str | None, params: dict):
+    """A check for :func:`pos_swap.loading.load` (``check=``): :func:`configure` on the model's skeleton, so that a
+    scheme that does not fit, or a parameter value it refuses, stops a command before the weights load (None: no
+    scheme, nothing to check)."""
+    if scheme is None:
+        return None
+    return lambda tokenizer, skeleton: configure(skeleton, scheme, params)
 
 
 def unpatch(model: torch.nn.Module) -> None:

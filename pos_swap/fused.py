@@ -250,9 +250,15 @@ def lse_kernel(device: torch.device) -> Kernel | None:
 
 
 def _inference_or_no_dropout(module, softcap, dropout) -> bool:
-    """What every fused path needs of the call: sdpa routing (eager must return weights), no softcap and no
-    attention dropout to apply."""
-    return backend_of(module) == "sdpa" and softcap is None and not (module.training and dropout)
+    """What every fused path needs of the call: sdpa routing (eager must return weights), no softcap, no attention
+    dropout to apply, and no torch.compile tracing the call: the hooks choose their passes from tensor values
+    (whether positions follow the cache slots), a graph break in dynamo that makes every enclosing ``forward`` a
+    frame of its own and ends at its recompile limit; the chunked path reads no values and is exact for any
+    positions."""
+    return (
+        backend_of(module) == "sdpa" and softcap is None and not (module.training and dropout)
+        and not torch.compiler.is_compiling()
+    )  # fmt: skip
 
 
 def wants_grad(*tensors: torch.Tensor) -> bool:

@@ -205,15 +205,16 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         if logx:
             ax.set_xscale("log", base=2)
-        if logy:  # plain numbers (310, 350) rather than 3.1 x 10^2 when the range spans less than a decade
-            from matplotlib.ticker import FuncFormatter
+        if logy:  # plain numbers at 1, 2 and 5 per decade (10, 20, 50) rather than 4 x 10^1
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
             ax.set_yscale("log")
             plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(plain)
             low, high = ax.get_ylim()
-            if high < 10 * low:  # no decade inside: the minor ticks carry the labels
-                ax.yaxis.set_minor_formatter(plain)
+            # less than a factor 2.5 between the ends holds at most one major tick: the minor ticks carry labels
+            ax.yaxis.set_minor_formatter(plain if high < 2.5 * low else NullFormatter())
         if xticks:
             ax.set_xticks(list(xticks), list(xticks.values()))
             ax.set_xticks([], minor=True)

@@ -206,6 +206,40 @@ def test_bad_settings_texts_and_folders_are_refused_before_loading(model_dir, fi
     assert not (tmp_path / "out").exists() and not files["READ_ONLY"].exists()
 
 
+BAD_SCHEMES = [
+    (["patch", "MODEL", "--scheme", "yarn:factor=nan", "--out", "OUT"], "'factor' of scheme 'yarn' must be finite"),
+    (["patch", "MODEL", "--scheme", "self-extend:window=10:group=4", "--out", "OUT"],
+     "window divisible by the group"),
+    (["patch", "MODEL", "--scheme", "sinks", "--window", "0", "--out", "OUT"],  # the per-parameter flag form
+     "'window' of scheme 'sinks' must be > 0"),
+    (["probe", "MODEL", "--scheme", "rerope:window=0", "--out", "OUT"], "'window' of scheme 'rerope' must be > 0"),
+    (["probe", "MODEL", "--scheme", "alibi:slopes=0.5;0.25", "--out", "OUT"],
+     "one slope per attention head: 4 for this model, got 2"),
+    (["finetune", "MODEL", "--scheme", "dynamic-yarn:max_factor=0.5", "--out", "OUT"],
+     "'max_factor' of scheme 'dynamic-yarn' must be > 1"),
+    (["finetune", "MODEL", "--scheme", "rerope:window=8:temperature=logn:temperature_length=1", "--out", "OUT"],
+     "'temperature_length' of modifier 'temperature'"),
+    (["eval", "MODEL", "--schemes", "native,rerope:window=8:temperature=logn:temperature_length=1", "--lengths", "16",
+      "--out", "OUT"], "'temperature_length' of modifier 'temperature'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, message", BAD_SCHEMES, ids=[f"{a[0]} {a[3]}" for a, _ in BAD_SCHEMES])
+def test_scheme_values_are_refused_before_the_weights_load(model_dir, tmp_path, capsys, no_weights_load, argv, message):
+    """patch, probe, finetune and eval check a scheme's values (and its modifiers') on the model's skeleton: with
+    weight loading refused (``no_weights_load``), a check made after loading would fail the test instead."""
+    names = {"MODEL": model_dir, "OUT": tmp_path / "out"}
+    assert message in one_line_error([names.get(a, a) for a in argv], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_check_before_loading_takes_modifier_keywords(model_dir):
+    """The skeleton check accepts what ``pos_swap.patch`` accepts: a scheme with a modifier's keywords."""
+    scheme, modifiers = engine.configure(loading.skeleton(T.AutoConfig.from_pretrained(model_dir)), "rerope",
+                                         {"window": 8, "temperature": "logn"})  # fmt: skip
+    assert (scheme.name, scheme.config.window, [m.name for m in modifiers]) == ("rerope", 8, ["temperature"])
+
+
 def test_utf8_text_reads_exactly_and_nothing_else_is_decoded(tmp_path):
     text = "na\u00efve caf\u00e9 \u2014 \u65e5\u672c\n"
     (tmp_path / "utf8.txt").write_text(text, encoding="utf-8")

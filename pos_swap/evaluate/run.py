@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 from .. import archs, engine, report
 from ..errors import PosSwapError
 from ..loading import text_tokens
-from ..registry import get_scheme
 from .ppl import bucket_losses, bucket_size, forwards, summarize, token_losses, window_perplexity
 from .retrieval import DEPTHS, needle_for, retrieval_cells, sweep, trial_row, wilson_interval
 from .specs import MIN_LENGTH, SAVED, SchemeSpec, format_length, parse_depths
@@ -110,9 +109,7 @@ def check_plan(plan: Plan, tokenizer, tokens: torch.Tensor, model) -> None:
                 raise PosSwapError(f"'{SAVED}' measures the patch a model folder was saved with, but this model "
                                    f"carries none; drop '{SAVED}' from the schemes.")  # fmt: skip
         elif spec.name is not None:
-            scheme = get_scheme(spec.name)
-            scheme.check_family(model, archs.lookup(model).family)
-            scheme.configure(model, spec.params)
+            engine.configure(model, spec.name, spec.params)
 
 
 def plan_check(plan: Plan, text=None):

@@ -107,7 +107,7 @@ class SinkAttention(nn.Module):
         from_sink_cache = self.pending is not None  # its keys end with the queries; transformers' mask knows only those
         first = k_len - q_len if from_sink_cache else first_query_slot(attention_mask, q_len, k_len)
         k_rank = self.key_ranks(key, attention_mask, first, q_len, module)  # (B, Lk)
-        q_rank = k_rank[:, first : first + q_len]  # (B, Lq)
+        q_rank = k_rank[:, first + torch.arange(q_len, device=key.device)]  # (B, Lq); first may be a traced tensor
         near_query, far_query = self._rotate(query, q_rank), self._rotate(query, sinks.cache_query_positions(q_rank, *sizes))
         keys = self._rotate(key, k_rank)
 

@@ -220,7 +220,9 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
         report.check_output(out, resume=resume, overwrite=overwrite)
     content, label = read_source(text)
     device = str(process_state().device)
-    model, tokenizer = load(model_name, device=device, dtype="float32", longest=max(settings.lengths) if device == "cpu" else None)
+    longest = max(settings.lengths) if device == "cpu" else None
+    model, tokenizer = load(model_name, device=device, dtype="float32", longest=longest,
+                            check=engine.scheme_check(settings.scheme, settings.params))  # fmt: skip
     tokens = tokenize(tokenizer, content, label)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip

@@ -267,15 +267,15 @@ class DeferredRotation(torch.nn.Module):
         together) against the keys they may see, both rotated with that length's frequencies; each row's output
         is taken from the pass of its own length. Memory is that of one span of rows, never L x L.
 
-        Without a padding mask (:func:`causal_only`), in inference on the CPU with sdpa, a span runs in
-        :func:`pos_swap.fused.shifted_causal_attention` (causal fast path, no mask built; observers are shown what
-        the generic path shows them); otherwise ``inner`` gets the span's block of the mask (:func:`mask_block`)."""
+        Without a padding mask (:func:`causal_only`), with sdpa and a kernel for the device
+        (:func:`pos_swap.fused.kernel_for`), a span runs in :func:`pos_swap.fused.shifted_causal_attention` (causal
+        fast path, no mask built; observers are shown what the generic path shows them); otherwise ``inner`` gets
+        the span's block of the mask (:func:`mask_block`)."""
         batch, heads, q_len, head_dim = query.shape
         first = first_query_slot(attention_mask, q_len, key.shape[2])
-        fast = (
-            getattr(module, "is_causal", True) and fused.applies(module, query, kwargs.get("softcap"))
-            and causal_only(attention_mask, first)
-        )  # fmt: skip
+        kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=kwargs.get("dropout", 0.0))
+        fast = kernel is not None and getattr(module, "is_causal", True) and causal_only(attention_mask, first)
+        reuse_keys = not fused.wants_grad(query, key)  # the shared key buffer is rewritten: not for autograd
         scale = kwargs.get("scaling") or head_dim**-0.5
         lengths = rope.block_lengths(q_pos, self.block, self.trained_length)  # (B, Lq)
         output, weights = query.new_zeros(batch, q_len, heads, value.shape[-1]), None  # value heads may be narrower
@@ -290,8 +290,12 @@ class DeferredRotation(torch.nn.Module):
             q_rows = rope.rotate(query[:, :, rows], *q_table)
             span = None if sample is None else Span.of(sample, rows, (q_len, key.shape[2]))
             if fast:
-                k_cols = rope.rotate_into(self._key_buffer(key, cols.stop), key[:, :, cols], *k_table)
-                out, _ = fused.shifted_causal_attention(q_rows, k_cols, value[:, :, cols], scale, first + rows.start)
+                if reuse_keys:
+                    k_cols = rope.rotate_into(self._key_buffer(key, cols.stop), key[:, :, cols], *k_table)
+                else:
+                    k_cols = rope.rotate(key[:, :, cols], *k_table)
+                v_cols = value[:, :, cols]
+                out, _ = fused.shifted_causal_attention(kernel, q_rows, k_cols, v_cols, scale, first + rows.start)
                 out, probs = out.transpose(1, 2), None
                 if sample is not None:  # what the observed backend of the generic path shows them
                     mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)

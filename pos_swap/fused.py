@@ -6,27 +6,30 @@ its attention splits into passes the kernel computes: each pass returns its outp
 scores per query row, and :func:`merge_by_lse` combines them exactly, as flash implementations of SelfExtend do.
 Self-Extend and ReRoPE split into a band of neighbours and the keys beyond it (:func:`windowed_attention`), Dual
 Chunk Attention into a query's own chunk, the chunk before and older chunks (:func:`dual_chunk_attention`).
-ALiBi needs no second pass: -m·(i - j) is m·j plus a row constant the softmax ignores, a per-key bias that folds
+ALiBi needs no second pass: -m·(i - j) is m·j plus a row constant the softmax drops, a per-key bias that folds
 into a few extra query/key features (:func:`alibi_attention`). CoPE's scores depend on a running sum over the
 keys, which no fused kernel computes; :func:`cope_attention` runs it in blocks small enough to stay in the CPU's
 cache and stops counting where every position has reached the table's end.
 
-These paths are for inference: the log-sum-exp of the kernel carries no gradient, so a scheme falls back to
-:func:`pos_swap.attention.chunked_attention` when gradients, dropout, a softcap or eager attention weights
-are needed, and on devices other than the CPU (:func:`applies`). On CUDA, torch's
-``_scaled_dot_product_efficient_attention(..., compute_log_sumexp=True)`` is the kernel to wire in next.
-
-The CPU kernel is a private torch op: :data:`CPU_KERNEL` is looked up once at import, and where this torch lacks it
-(or its signature changed) every hook takes the chunked path, with one warning.
+The passes are written once against one small interface, a :class:`Kernel`: attention of q, k, v with a causal or
+an additive mask, returning ``(output, log-sum-exp)``. :func:`kernel_for` picks it per call: torch's CPU flash
+kernel on the CPU (:class:`CpuFlash`), compiled flex_attention on CUDA (:class:`Flex`), or None, and the hook takes
+the chunked path (:func:`pos_swap.attention.chunked_attention`). ALiBi's folded features need no log-sum-exp, so
+off the CPU it runs in plain ``scaled_dot_product_attention`` (:func:`sdpa_output`, :func:`folded_attend_for`).
+The environment variable :data:`SETTING` forces one kernel (``flex`` also runs uncompiled on the CPU, which is how
+the CUDA path is tested without a GPU). A kernel that is missing (a torch without the private CPU op, without
+flex_attention or without triton for compiling it) is reported once in a warning, and the hooks run chunked.
 """
 
 import functools
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .attention_base import additive_mask, backend_of, rows_per_block, score_dtype
+from .errors import InvalidParameterError
 
 # Query rows per pass. The CPU kernel splits queries finely below 768 rows (slower), and ALiBi's folded bias near
 # the diagonal stays below slope x ALIBI_BLOCK / 2 (float32 error about 3e-5 in the logits at slope 1/2).
@@ -36,11 +39,13 @@ COPE_BLOCK_BYTES = 2**22  # float32 scores of one block of CoPE query rows: smal
 COPE_COLUMNS = 512  # keys counted at a time, before CoPE checks whether every position has reached the table's end
 KERNEL_NAME = "_scaled_dot_product_flash_attention_for_cpu"
 KERNEL_ARGUMENTS = ("query", "key", "value", "dropout_p", "is_causal", "attn_mask", "scale")  # as called below
+SETTING = "POS_SWAP_KERNEL"  # environment variable: which kernel the fused passes use
+CHOICES = ("auto", "cpu-flash", "flex", "sdpa", "chunked")  # sdpa: ALiBi's folded path only, the passes chunked
 
 
 def find_cpu_kernel(ops=torch.ops.aten):
     """torch's private CPU flash attention that also returns the log-sum-exp, ``ops.`` :data:`KERNEL_NAME`, or
-    None when ``ops`` has no such op or its arguments or outputs are not those :func:`attention_with_lse` uses."""
+    None when ``ops`` has no such op or its arguments or outputs are not those :class:`CpuFlash` uses."""
     op = getattr(ops, KERNEL_NAME, None)
     schema = getattr(getattr(op, "default", None), "_schema", None)
     if schema is None:
@@ -49,46 +54,250 @@ def find_cpu_kernel(ops=torch.ops.aten):
     return op if fits else None
 
 
+def find_flex():
+    """``(flex_attention, AuxRequest, create_block_mask)`` from torch, or None where this torch has no
+    flex_attention that returns the log-sum-exp through ``return_aux`` (torch < 2.9)."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return flex_attention, AuxRequest, create_block_mask
+
+
 CPU_KERNEL = find_cpu_kernel()
+FLEX = find_flex()
+
+
+class Kernel:
+    """Attention ``(B, H, Lq, D)`` and the log-sum-exp of the scaled scores ``(B, H, Lq)`` (float32, float64 for
+    float64 inputs) in one fused pass. Keys and values may have fewer heads than the queries (grouped-query
+    attention, each shared by consecutive query heads); ``causal`` is top-left aligned (row r sees keys <= r),
+    ``mask`` is additive ``(B|1, H|1, Lq, Lk)`` in the query's dtype. ``differentiable``: whether gradients flow
+    through both outputs (what training through merged passes needs)."""
+
+    name = "kernel"
+    differentiable = False
+
+    def __call__(self, query, key, value, scale: float, *, causal: bool = False, mask=None):
+        raise NotImplementedError
+
+    def folded(self, query, key, value, scale: float, shift: int, mask=None) -> torch.Tensor:
+        """The output alone, rows seeing key slots up to their own plus ``shift`` (or as ``mask`` says): ALiBi's
+        folded path (:func:`alibi_attention`) on this kernel."""
+        if mask is None:
+            return shifted_causal_attention(self, query, key, value, scale, shift)[0]
+        return self(query, key, value, scale, mask=mask)[0]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class CpuFlash(Kernel):
+    """torch's flash attention for the CPU (the private op :data:`CPU_KERNEL`); its log-sum-exp has no gradient."""
+
+    name = "cpu-flash"
+
+    def __call__(self, query, key, value, scale: float, *, causal: bool = False, mask=None):
+        return CPU_KERNEL(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+class Flex(Kernel):
+    """flex_attention with the log-sum-exp (differentiable), compiled (CUDA) or eager. Eager flex computes the
+    whole score matrix of a pass and torch refuses its backward on the CPU: it is the reference that tests the
+    CUDA path here, at small sizes."""
+
+    differentiable = True
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.name = "flex (compiled)" if compiled else "flex (eager)"
+
+    def __call__(self, query, key, value, scale: float, *, causal: bool = False, mask=None):
+        gqa = key.shape[1] != query.shape[1]
+        if mask is not None:
+            mask = mask.to(score_dtype(query.dtype)).expand(*query.shape[:2], *mask.shape[2:])
+            return _flex_pass(self.compiled, "additive")(query, key, value, scale, gqa, mask)
+        if causal:
+            block_mask = _causal_block_mask(query.shape[2], key.shape[2], str(query.device))
+            return _flex_pass(self.compiled, "causal")(query, key, value, scale, gqa, block_mask)
+        return _flex_pass(self.compiled, "unmasked")(query, key, value, scale, gqa)
+
+
+def _flex(query, key, value, scale, gqa, **masks):
+    flex_attention, aux_request, _ = FLEX
+    out, aux = flex_attention(query, key, value, scale=scale, enable_gqa=gqa, return_aux=aux_request(lse=True), **masks)
+    return out, aux.lse
+
+
+def _flex_unmasked(query, key, value, scale, gqa):
+    return _flex(query, key, value, scale, gqa)
+
+
+def _flex_additive(query, key, value, scale, gqa, mask):
+    return _flex(query, key, value, scale, gqa, score_mod=lambda score, b, h, q, k: score + mask[b, h, q, k])
+
+
+def _flex_causal(query, key, value, scale, gqa, block_mask):
+    return _flex(query, key, value, scale, gqa, block_mask=block_mask)
 
 
 @functools.cache
-def _warn_without_kernel() -> None:
+def _flex_pass(compiled: bool, variant: str):
+    """One flex variant, compiled once: three functions, so each keeps its own compile cache (shapes and dtypes
+    recompile per function, not across all three)."""
+    function = {"unmasked": _flex_unmasked, "additive": _flex_additive, "causal": _flex_causal}[variant]
+    if compiled:
+        return torch.compile(function)
+    return _quiet(function)
+
+
+def _quiet(function):
+    """``function`` without torch's warning that eager flex materializes the scores: eager is chosen on purpose."""
+
+    @functools.wraps(function)
+    def call(*args):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return function(*args)
+
+    return call
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_block_mask(q_len: int, k_len: int, device: str):
+    """flex's top-left causal BlockMask for ``q_len`` queries and ``k_len`` keys (cached: every layer asks)."""
+    return FLEX[2](lambda b, h, q, k: k <= q, None, None, q_len, k_len, device=device)
+
+
+def sdpa_output(query, key, value, scale: float, shift: int, mask=None) -> torch.Tensor:
+    """ALiBi's folded attention in plain ``scaled_dot_product_attention`` (flash or efficient kernel on CUDA,
+    gradients included): rows see key slots up to their own plus ``shift = Lk - Lq`` (bottom-right causal), or
+    as the additive ``mask`` says. Head dims are padded with zeros to a multiple of 8, as the CUDA kernels want."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    dim = value.shape[-1]
+    query, key, value = (F.pad(x, (0, -x.shape[-1] % 8)) for x in (query, key, value))
+    if mask is None:
+        assert shift == key.shape[2] - query.shape[2], "the folded blocks end at their last query's key slot"
+        mask = causal_lower_right(query.shape[2], key.shape[2])
+    gqa = key.shape[1] != query.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)[..., :dim]
+
+
+CPU_FLASH = CpuFlash()
+FLEX_EAGER, FLEX_COMPILED = Flex(compiled=False), Flex(compiled=True)  # nothing compiles before a first call
+
+
+def setting() -> str:
+    """The kernel :data:`SETTING` asks for (default ``auto``); a clear error for a value that is none of
+    :data:`CHOICES`."""
+    value = os.environ.get(SETTING, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise InvalidParameterError(
+            f"{SETTING}={value!r} is not a pos_swap attention kernel; use one of {', '.join(CHOICES)} (or unset it)."
+        )
+    return value
+
+
+@functools.cache
+def _warn_missing(kernel: str, reason: str) -> None:
     warnings.warn(
-        f"This torch ({torch.__version__}) has no torch.ops.aten.{KERNEL_NAME} with the arguments "
-        f"{', '.join(KERNEL_ARGUMENTS)}: pos_swap's fused attention passes are off, and schemes that change the "
-        f"scores run the chunked path (same results, slower on long inputs).",
-        stacklevel=3,
+        f"pos_swap's fused attention passes cannot use the {kernel} kernel: {reason}. Schemes that change the scores "
+        f"run the chunked path (same results, slower on long inputs).",
+        stacklevel=4,
     )
 
 
-def applies(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
-    """Whether a scheme's hook may use the fused passes instead of the chunked path: a CPU tensor (the kernel
-    that returns the log-sum-exp), sdpa routing (eager must return weights), no softcap, evaluation mode (dropout)
-    and no gradient wanted through ``query`` or ``parameters`` (the kernel's log-sum-exp has none). A hook that
-    takes them shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`). False, with
-    one warning, where this torch lacks the kernel (:data:`CPU_KERNEL`).
+def _cpu_flash(device: torch.device) -> Kernel | None:
+    if device.type != "cpu":
+        _warn_missing("cpu-flash", f"it runs on CPU tensors, not {device.type}")
+        return None
+    if CPU_KERNEL is None:
+        _warn_missing(
+            "cpu-flash",
+            f"this torch ({torch.__version__}) has no torch.ops.aten.{KERNEL_NAME} with the arguments "
+            f"{', '.join(KERNEL_ARGUMENTS)}",
+        )
+        return None
+    return CPU_FLASH
 
-    False while torch.compile traces: the hooks choose their passes from tensor values (whether positions follow
-    the cache slots), a graph break in dynamo that makes every enclosing ``forward`` a frame of its own and ends at
-    its recompile limit; the chunked path reads no values and is exact for any positions."""
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *parameters))
-    fits = (
-        query.device.type == "cpu" and backend_of(module) == "sdpa" and softcap is None and not module.training
-        and not wants_grad and not torch.compiler.is_compiling()
+
+def _flex_kernel(device: torch.device) -> Kernel | None:
+    if FLEX is None:
+        _warn_missing("flex", f"this torch ({torch.__version__}) has no flex_attention returning its log-sum-exp")
+        return None
+    if device.type == "cpu":  # compiled CPU flex refuses the log-sum-exp: eager, the dense reference
+        return FLEX_EAGER
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        _warn_missing("flex", "torch.compile needs triton for it, and triton is not installed")
+        return None
+    return FLEX_COMPILED
+
+
+def lse_kernel(device: torch.device) -> Kernel | None:
+    """The kernel the passes run on for tensors on ``device``: :data:`SETTING`'s, or by default torch's CPU flash
+    kernel on the CPU and compiled flex on CUDA; None (chunked) elsewhere or when the kernel is missing."""
+    choice = setting()
+    if choice == "auto":
+        choice = {"cpu": "cpu-flash", "cuda": "flex"}.get(device.type, "chunked")
+    if choice == "cpu-flash":
+        return _cpu_flash(device)
+    if choice == "flex":
+        return _flex_kernel(device)
+    return None
+
+
+def _inference_or_no_dropout(module, softcap, dropout) -> bool:
+    """What every fused path needs of the call: sdpa routing (eager must return weights), no softcap, no attention
+    dropout to apply, and no torch.compile tracing the call: the hooks choose their passes from tensor values
+    (whether positions follow the cache slots), a graph break in dynamo that makes every enclosing ``forward`` a
+    frame of its own and ends at its recompile limit; the chunked path reads no values and is exact for any
+    positions."""
+    return (
+        backend_of(module) == "sdpa" and softcap is None and not (module.training and dropout)
+        and not torch.compiler.is_compiling()
     )  # fmt: skip
-    if fits and CPU_KERNEL is None:
-        _warn_without_kernel()
-        return False
-    return fits
 
 
-def attention_with_lse(query, key, value, scale: float, *, causal: bool = False, mask=None):
-    """Attention ``(B, H, Lq, D)`` and the log-sum-exp of the scaled scores ``(B, H, Lq)`` in float32 (float64 for
-    float64 inputs), from one fused CPU kernel (torch's flash attention for CPU); keys and values may have fewer
-    heads than the queries (grouped-query attention, each shared by consecutive query heads), all one head dim;
-    ``causal`` is top-left aligned (row r sees keys <= r), ``mask`` is additive in the query's dtype."""
-    return CPU_KERNEL(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
+def wants_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a computation on any of ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def kernel_for(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor, dropout=0.0) -> Kernel | None:
+    """The kernel a scheme's hook runs its fused passes on (:func:`lse_kernel` for the query's device), or None for
+    the chunked path: also None with eager routing, a softcap, attention dropout in training, or gradients wanted
+    through ``query`` or ``parameters`` from a kernel whose log-sum-exp has none (the CPU's). A hook that takes the
+    passes shows observers the probabilities itself (:func:`pos_swap.attention.notify_blocks`)."""
+    if not _inference_or_no_dropout(module, softcap, dropout):
+        return None
+    kernel = lse_kernel(query.device)
+    if kernel is not None and not kernel.differentiable and wants_grad(query, *parameters):
+        return None
+    return kernel
+
+
+def blocks_apply(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor) -> bool:
+    """Whether CoPE's cache-sized blocks (:func:`cope_attention`, no kernel) may replace the chunked path: CPU
+    inference (they work in place, without gradients) with sdpa routing, no softcap, and :data:`SETTING` not
+    ``chunked``. On a GPU, blocks sized for a CPU's cache would be thousands of tiny launches: chunked it is."""
+    return (
+        query.device.type == "cpu" and setting() != "chunked" and _inference_or_no_dropout(module, softcap, 0.0)
+        and not module.training and not wants_grad(query, *parameters)
+    )  # fmt: skip
+
+
+def folded_attend_for(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor, dropout=0.0):
+    """What ALiBi's folded features attend with (:func:`alibi_attention`'s ``attend``), or None for the chunked
+    path: :func:`sdpa_output` off the CPU (and for :data:`SETTING` ``sdpa``), which needs no log-sum-exp and
+    carries gradients; else the passes' kernel (:func:`kernel_for`)."""
+    choice = setting()
+    if choice == "sdpa" or (choice == "auto" and query.device.type != "cpu"):
+        return sdpa_output if _inference_or_no_dropout(module, softcap, dropout) else None
+    kernel = kernel_for(module, query, softcap, *parameters, dropout=dropout)
+    return None if kernel is None else kernel.folded
 
 
 def merge_by_lse(parts):
@@ -103,20 +312,20 @@ def merge_by_lse(parts):
     return output.to(parts[0][0].dtype), total
 
 
-def shifted_causal_attention(query, key, value, scale: float, shift: int):
-    """Attention in which query row r sees key slots c <= r + shift, in at most two fused passes: the keys every
+def shifted_causal_attention(kernel: Kernel, query, key, value, scale: float, shift: int):
+    """``(output, lse)`` of query row r seeing key slots c <= r + shift, in at most two passes of ``kernel``: the keys every
     row sees (c < shift, no mask) and the square block after them (top-left causal). Rows that see no key get a
     zero output and lse -inf. Needs ``shift + Lq <= Lk``."""
     batch, heads, rows, _ = query.shape
     if rows == 1 and shift >= 0:  # a decode step: one pass, no mask
-        return attention_with_lse(query, key[:, :, : shift + 1], value[:, :, : shift + 1], scale)
+        return kernel(query, key[:, :, : shift + 1], value[:, :, : shift + 1], scale)
     parts = []
     if shift > 0:
-        parts.append(attention_with_lse(query, key[:, :, :shift], value[:, :, :shift], scale))
+        parts.append(kernel(query, key[:, :, :shift], value[:, :, :shift], scale))
     blind = max(0, -shift)  # rows before the first key: only when shift < 0
     if blind < rows:
         keys = slice(shift + blind, shift + rows)
-        out, lse = attention_with_lse(query[:, :, blind:], key[:, :, keys], value[:, :, keys], scale, causal=True)
+        out, lse = kernel(query[:, :, blind:], key[:, :, keys], value[:, :, keys], scale, causal=True)
         if blind:
             out = F.pad(out, (0, 0, blind, 0))
             lse = F.pad(lse, (blind, 0), value=float("-inf"))
@@ -139,8 +348,10 @@ def _fold(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, features.expand(*x.shape[:-1], features.shape[-1])], dim=-1)
 
 
-def alibi_attention(query, key, value, slopes, query_positions, key_positions, scale, *, first_query, mask):
-    """ALiBi, -slope·(i - j), causal, in the plain fused kernel: ``(B, Lq, H, D)`` like the attention functions.
+def alibi_attention(attend, query, key, value, slopes, query_positions, key_positions, scale, *, first_query, mask):
+    """ALiBi, -slope·(i - j), causal, in one plain attention per block: ``(B, Lq, H, D)`` like the attention
+    functions. ``attend(query, key, value, scale, shift, mask)`` is :func:`sdpa_output` or a kernel's
+    :meth:`Kernel.folded`.
 
     Per block of query rows around position c, the bias is slope·(j - c) plus a row constant the softmax drops:
     q gets slope/scale and k gets j - c as extra features (each split in two terms, :func:`two_terms`), so the
@@ -161,19 +372,17 @@ def alibi_attention(query, key, value, slopes, query_positions, key_positions, s
         d_hi, d_lo = two_terms(distance, query.dtype)
         block_key = _fold(key[:, :, cols], torch.stack([d_hi, d_lo, d_hi, d_lo], -1)[:, None])
         block_query, block_value = query[:, :, rows], value[:, :, cols]
-        if mask is None:
-            out, _ = shifted_causal_attention(block_query, block_key, block_value, scale, first_query + rows.start)
-        else:
+        block_mask = None
+        if mask is not None:
             block_mask = additive_mask(mask, None, rows, cols, first_query, query.device)
             block_mask = block_mask.to(query.dtype).clamp(min=torch.finfo(query.dtype).min)
-            out, _ = attention_with_lse(block_query, block_key, block_value, scale, mask=block_mask)
-        outputs.append(out)
+        outputs.append(attend(block_query, block_key, block_value, scale, first_query + rows.start, block_mask))
     return torch.cat(outputs, dim=2)[..., :dim].transpose(1, 2).contiguous()
 
 
-def band_attention(query, key, value, scale: float, first_query: int, window: int):
+def band_attention(kernel: Kernel, query, key, value, scale: float, first_query: int, window: int):
     """``(output, lse)`` of query row r (key slot first_query + r) attending to the ``window`` key slots up to its
-    own, in blocks of :data:`BAND_BLOCK` rows, each one fused pass with a small band mask."""
+    own, in blocks of :data:`BAND_BLOCK` rows, each one pass of ``kernel`` with a small band mask."""
     q_len = query.shape[2]
     outputs, lses = [], []
     for start in range(0, q_len, BAND_BLOCK):
@@ -185,28 +394,29 @@ def band_attention(query, key, value, scale: float, first_query: int, window: in
         band = torch.zeros(inside.shape, dtype=query.dtype, device=query.device)
         band = band.masked_fill(~inside, torch.finfo(query.dtype).min)[None, None]
         cols = slice(first_key, first_query + stop)
-        out, lse = attention_with_lse(query[:, :, start:stop], key[:, :, cols], value[:, :, cols], scale, mask=band)
+        out, lse = kernel(query[:, :, start:stop], key[:, :, cols], value[:, :, cols], scale, mask=band)
         outputs.append(out)
         lses.append(lse)
     return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
 
 
-def windowed_attention(near, far, value, scale: float, first_query: int, window: int):
+def windowed_attention(kernel: Kernel, near, far, value, scale: float, first_query: int, window: int):
     """Causal attention ``(B, Lq, H, D)`` in which keys closer than ``window`` slots score with ``near = (query,
     key)`` and farther keys with ``far = (query, key)`` (each rotated at its own positions), in fused passes
     merged by log-sum-exp; no padding mask. Self-Extend's far pair uses grouped positions; ReRoPE's would be the
     query at position ``window`` and the unrotated key (leaky ReRoPE: positions i/k + W - W/k and j/k)."""
-    neighbours = band_attention(*near, value, scale, first_query, window)
-    distant = shifted_causal_attention(*far, value, scale, first_query - window)
+    neighbours = band_attention(kernel, *near, value, scale, first_query, window)
+    distant = shifted_causal_attention(kernel, *far, value, scale, first_query - window)
     output, _ = merge_by_lse([neighbours, distant])
     return output.transpose(1, 2).contiguous()
 
 
-def sink_attention(near_query, far_query, key, value, scale: float, first_query: int, sink_tokens: int, window: int):
+def sink_attention(kernel: Kernel, near_query, far_query, key, value, scale: float, first_query: int, sink_tokens: int,
+                   window: int):  # fmt: skip
     """Attention sinks ``(B, Lq, H, D)``, causal, no padding: query row r (key slot s = first_query + r) sees the
     ``window + 1`` slots up to its own with ``near_query`` and the first ``sink_tokens`` slots before those with
     ``far_query`` (rotated at its place in the cache), in two fused passes merged by log-sum-exp."""
-    neighbours = band_attention(near_query, key, value, scale, first_query, window + 1)
+    neighbours = band_attention(kernel, near_query, key, value, scale, first_query, window + 1)
     sink_tokens = min(sink_tokens, key.shape[2])
     if sink_tokens == 0:
         return neighbours[0].transpose(1, 2).contiguous()
@@ -214,13 +424,13 @@ def sink_attention(near_query, far_query, key, value, scale: float, first_query:
     seen = torch.arange(sink_tokens, device=key.device)[None] < slots - window  # (Lq, S): sinks beyond the band
     mask = torch.zeros(seen.shape, dtype=far_query.dtype, device=key.device)
     mask = mask.masked_fill(~seen, torch.finfo(far_query.dtype).min)[None, None]
-    out, lse = attention_with_lse(far_query, key[:, :, :sink_tokens], value[:, :, :sink_tokens], scale, mask=mask)
+    out, lse = kernel(far_query, key[:, :, :sink_tokens], value[:, :, :sink_tokens], scale, mask=mask)
     output, _ = merge_by_lse([neighbours, (out, lse.masked_fill(~seen.any(-1), float("-inf")))])
     return output.transpose(1, 2).contiguous()
 
 
-def dual_chunk_attention(intra, successive, inter, key, value, scale: float, first_query: int, first_position: int,
-                         length: int):  # fmt: skip
+def dual_chunk_attention(kernel: Kernel, intra, successive, inter, key, value, scale: float, first_query: int,
+                         first_position: int, length: int):  # fmt: skip
     """Dual Chunk Attention ``(B, Lq, H, D)``, causal, no padding mask. Query row r (key slot first_query + r, at
     position first_position + r; every slot c at c + first_position - first_query) sees the keys of its own chunk of
     ``length`` positions with the ``intra`` query (causal), the chunk before with ``successive`` and older chunks
@@ -235,10 +445,10 @@ def dual_chunk_attention(intra, successive, inter, key, value, scale: float, fir
         own, previous = (max(0, position - offset) for position in (start, start - length))  # their first key slots
         keys = slice(own, first_query + rows.stop)
         shift = first_query + rows.start - own
-        parts = [shifted_causal_attention(intra[:, :, rows], key[:, :, keys], value[:, :, keys], scale, shift)]
+        parts = [shifted_causal_attention(kernel, intra[:, :, rows], key[:, :, keys], value[:, :, keys], scale, shift)]
         for query, cols in ((successive, slice(previous, own)), (inter, slice(0, previous))):
             if cols.start < cols.stop:
-                parts.append(attention_with_lse(query[:, :, rows], key[:, :, cols], value[:, :, cols], scale))
+                parts.append(kernel(query[:, :, rows], key[:, :, cols], value[:, :, cols], scale))
         outputs.append(merge_by_lse(parts)[0])
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 

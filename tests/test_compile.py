@@ -9,7 +9,7 @@ break inside the attention makes dynamo compile every enclosing ``forward`` as a
 share the code object of transformers' ``deprecate_kwarg`` wrapper, whose guards (``len(args)``, ``type(args[0])``)
 differ per caller, so that one code object reaches the recompile limit (8) and runs uncompiled from then on.
 
-Fix: while dynamo traces, :func:`pos_swap.fused.applies` is False (the chunked path reads no values and is exact
+Fix: while dynamo traces, :func:`pos_swap.fused.kernel_for` gives no kernel (the chunked path reads no values and is exact
 for any positions), ``first_query_slot`` keeps a slot read from a tensor mask as a 0-dim tensor, and the chunked
 path counts its query blocks (``ceil(Lq / step)``, one block in a decode step for every cache length). Eager
 results are unchanged. Per-position length-following rules still break the graph (see the xfail below).

@@ -48,10 +48,14 @@ def random_qkv(q_len=11, k_len=19, dim=8, seed=0):
     return [torch.randn(2, 3, n, dim, generator=generator) for n in (q_len, k_len, k_len)]
 
 
-def test_attention_with_lse_equals_float64_math():
+KERNELS = [fused.CPU_FLASH, fused.FLEX_EAGER]  # torch's CPU flash kernel; flex as CUDA runs it, eager
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_kernel_equals_float64_math(kernel):
     query, key, value = random_qkv(q_len=19)
     for causal in (False, True):
-        out, lse = fused.attention_with_lse(query, key, value, 0.3, causal=causal)
+        out, lse = kernel(query, key, value, 0.3, causal=causal)
         allowed = torch.ones(19, 19, dtype=torch.bool)
         allowed = allowed.tril() if causal else allowed
         ref_out, ref_lse = reference_attention(query, key, value, 0.3, allowed)
@@ -59,29 +63,42 @@ def test_attention_with_lse_equals_float64_math():
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_with_lse_shares_grouped_key_heads_like_transformers():
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_kernel_shares_grouped_key_heads_like_transformers(kernel):
     query, key, value = random_qkv(q_len=19)
     grouped = [x[:, :1] for x in (key, value)]  # one key/value head for the three query heads
-    out, lse = fused.attention_with_lse(query, *grouped, 0.3, causal=True)
+    out, lse = kernel(query, *grouped, 0.3, causal=True)
     repeated = [x.repeat_interleave(3, dim=1) for x in grouped]
     ref_out, ref_lse = reference_attention(query, *repeated, 0.3, torch.ones(19, 19, dtype=torch.bool).tril())
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_merging_passes_over_split_keys_equals_one_pass():
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_kernel_adds_a_mask_per_batch_row_and_head(kernel):
     query, key, value = random_qkv()
-    parts = [fused.attention_with_lse(query, key[:, :, cols], value[:, :, cols], 0.3) for cols in (slice(0, 7), slice(7, 19))]
+    mask = torch.randn(2, 1, 11, 19, generator=torch.Generator().manual_seed(1)) * 3  # one per sequence, all heads
+    out, lse = kernel(query, key, value, 0.3, mask=mask)
+    ref_out, ref_lse = reference_attention(query, key, value, 0.3, torch.ones(11, 19, dtype=torch.bool), bias=mask.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_merging_passes_over_split_keys_equals_one_pass(kernel):
+    query, key, value = random_qkv()
+    parts = [kernel(query, key[:, :, cols], value[:, :, cols], 0.3) for cols in (slice(0, 7), slice(7, 19))]
     out, lse = fused.merge_by_lse(parts)
     ref_out, ref_lse = reference_attention(query, key, value, 0.3, torch.ones(11, 19, dtype=torch.bool))
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
 @pytest.mark.parametrize("shift", [-12, -4, 0, 3, 8])
-def test_shifted_causal_attention_sees_keys_up_to_row_plus_shift(shift):
+def test_shifted_causal_attention_sees_keys_up_to_row_plus_shift(kernel, shift):
     query, key, value = random_qkv()
-    out, lse = fused.shifted_causal_attention(query, key, value, 0.3, shift)
+    out, lse = fused.shifted_causal_attention(kernel, query, key, value, 0.3, shift)
     allowed = torch.arange(19)[None, :] <= torch.arange(11)[:, None] + shift
     ref_out, ref_lse = reference_attention(query, key, value, 0.3, allowed)
     seen = allowed.any(-1)  # rows that see some key; the others are zero with lse -inf
@@ -94,11 +111,12 @@ def test_shifted_causal_attention_sees_keys_up_to_row_plus_shift(shift):
     "q_len, first_query, first_position",
     [(19, 0, 0), (19, 0, 4), (11, 8, 8), (11, 8, 13), (11, 3, 3), (1, 18, 18), (1, 12, 21)],
 )  # a prefill, one continuing a cache (mid-chunk too), a decode step; positions offset from slots; empty slots after
-def test_dual_chunk_attention_equals_float64_math(q_len, first_query, first_position):
+@pytest.mark.parametrize("kernel", KERNELS, ids=str)
+def test_dual_chunk_attention_equals_float64_math(kernel, q_len, first_query, first_position):
     generator = torch.Generator().manual_seed(0)
     intra, successive, inter = (torch.randn(2, 3, q_len, 8, generator=generator) for _ in range(3))
     key, value = (torch.randn(2, 1, 19, 8, generator=generator) for _ in range(2))  # one key head: grouped queries
-    out = fused.dual_chunk_attention(intra, successive, inter, key, value, 0.3, first_query, first_position, 5)
+    out = fused.dual_chunk_attention(kernel, intra, successive, inter, key, value, 0.3, first_query, first_position, 5)
     slots = torch.arange(first_query, first_query + q_len)[:, None]  # (Lq, 1)
     chunk = (slots + first_position - first_query) // 5, (torch.arange(19)[None] + first_position - first_query) // 5
     apart = chunk[0] - chunk[1]  # (Lq, Lk)
@@ -161,7 +179,24 @@ def test_two_terms_carry_distances_and_slopes_beyond_the_dtype(dtype):
 
 def chunked(monkeypatch):
     """Route the hooks through the chunked path they had before the fused passes."""
-    monkeypatch.setattr(fused, "applies", lambda *args, **kwargs: False)
+    monkeypatch.setenv(fused.SETTING, "chunked")
+
+
+# every pass on each kernel a device dispatches to: the CPU's, flex (eager here, compiled on CUDA), and ALiBi's sdpa
+KERNEL_PATHS = [("cpu-flash", *s) for s in SCHEMES if s[0] != "cope"] + [
+    ("flex", *s) for s in SCHEMES + [("rerope", dict(window=8)), ("rerope", dict(window=8, leaky_factor=4))]
+    if s[0] != "cope"
+] + [("sdpa", "alibi", {})]
+
+
+def count_kernel_calls(monkeypatch, setting):
+    """Force ``setting`` and count the calls of the kernel it names (a list that grows by one per call)."""
+    monkeypatch.setenv(fused.SETTING, setting)
+    calls = []
+    name = {"cpu-flash": "CPU_KERNEL", "flex": "_flex", "sdpa": "sdpa_output"}[setting]
+    original = getattr(fused, name)
+    monkeypatch.setattr(fused, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
 
 
 def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
@@ -172,14 +207,22 @@ def patched_logits(scheme, params, ids=IDS, dtype=torch.float32, **kwargs):
         return model(ids, **kwargs).logits.double()
 
 
-@pytest.mark.parametrize("scheme, params", SCHEMES)
-def test_fused_path_equals_the_chunked_path_and_float64(monkeypatch, scheme, params):
+def test_cope_blocks_equal_the_chunked_path_and_float64(monkeypatch):
     called = []
-    for name in ("alibi_attention", "windowed_attention", "sink_attention", "dual_chunk_attention", "cope_attention"):
-        original = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *a, _f=original, **k: called.append(1) or _f(*a, **k))
+    monkeypatch.setattr(fused, "cope_attention", lambda *a, _f=fused.cope_attention: called.append(1) or _f(*a))
+    fast = patched_logits("cope", dict(npos=6, init="normal"))
+    assert called, "the blocks did not run"
+    chunked(monkeypatch)
+    torch.testing.assert_close(fast, patched_logits("cope", dict(npos=6, init="normal")), atol=2e-5, rtol=1e-5)
+    exact = patched_logits("cope", dict(npos=6, init="normal"), dtype=torch.float64)
+    torch.testing.assert_close(fast, exact, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting, scheme, params", KERNEL_PATHS)
+def test_each_kernel_path_equals_the_chunked_path_and_float64(monkeypatch, setting, scheme, params):
+    calls = count_kernel_calls(monkeypatch, setting)
     fast = patched_logits(scheme, params)
-    assert called, "the fused path did not run"
+    assert calls, f"the {setting} kernel did not run"
     chunked(monkeypatch)
     torch.testing.assert_close(fast, patched_logits(scheme, params), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(fast, patched_logits(scheme, params, dtype=torch.float64), atol=2e-5, rtol=1e-5)
@@ -207,9 +250,14 @@ def test_half_precision_is_as_close_to_float64_as_the_chunked_path(monkeypatch, 
     assert fast_error <= 1.25 * slow_error, (fast_error, slow_error)
 
 
+@pytest.mark.parametrize("setting", ["auto", "flex"])
 @pytest.mark.parametrize("scheme, params", SCHEMES)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_cached_generation_equals_the_chunked_path(monkeypatch, scheme, params, cache):
+def test_cached_generation_equals_the_chunked_path(monkeypatch, scheme, params, cache, setting):
+    if setting == "flex" and scheme == "cope":
+        pytest.skip("CoPE's blocks use no kernel")
+    monkeypatch.setenv(fused.SETTING, setting)
+
     def generate():
         model = tiny("llama")
         pos_swap.patch(model, scheme, **params)
@@ -323,20 +371,106 @@ def test_the_private_cpu_kernel_is_found_only_with_the_signature_it_is_called_wi
 
 
 @pytest.mark.parametrize("scheme, params", [("alibi", {}), ("self-extend", dict(window=8, group=4)), ("dynamic-yarn", {})])
-def test_without_the_cpu_kernel_the_hooks_take_the_chunked_path_with_one_warning(monkeypatch, scheme, params):
+@pytest.mark.parametrize("setting, missing", [("auto", "CPU_KERNEL"), ("flex", "FLEX")])
+def test_without_its_kernel_a_hook_takes_the_chunked_path_with_one_warning(monkeypatch, scheme, params, setting,
+                                                                           missing):  # fmt: skip
     def logits():
         model = tiny("llama")
         pos_swap.patch(model, scheme, **params, **({"block": 8} if scheme == "dynamic-yarn" else {}))
         with torch.no_grad():
             return model(IDS).logits
 
-    monkeypatch.setattr(fused, "CPU_KERNEL", None)  # a torch without the private op
-    fused._warn_without_kernel.cache_clear()
-    with pytest.warns(UserWarning, match="_scaled_dot_product_flash_attention_for_cpu") as caught:
+    monkeypatch.setenv(fused.SETTING, setting)
+    monkeypatch.setattr(fused, missing, None)  # a torch without the private CPU op, or without flex_attention
+    fused._warn_missing.cache_clear()
+    with pytest.warns(UserWarning, match="fused attention passes cannot use") as caught:
         without = logits()
-    assert len([w for w in caught if "fused attention passes are off" in str(w.message)]) == 1  # once, not per layer
+    assert len([w for w in caught if "cannot use" in str(w.message)]) == 1  # once, not per layer
     chunked(monkeypatch)
     assert torch.equal(without, logits())
+
+
+def test_dispatch_picks_the_cpu_kernel_on_cpu_and_compiled_flex_on_cuda(monkeypatch):
+    monkeypatch.delenv(fused.SETTING, raising=False)
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    assert fused.lse_kernel(torch.device("cpu")) is fused.CPU_FLASH
+    on_cuda = fused.lse_kernel(torch.device("cuda"))  # only the choice: nothing runs on the device
+    assert on_cuda is fused.FLEX_COMPILED and on_cuda.compiled and on_cuda.differentiable
+    assert fused.lse_kernel(torch.device("mps")) is None  # no kernel wired in: chunked
+    monkeypatch.setenv(fused.SETTING, "flex")
+    assert fused.lse_kernel(torch.device("cpu")).compiled is False  # compiled CPU flex refuses the log-sum-exp
+    monkeypatch.setenv(fused.SETTING, "chunked")
+    assert fused.lse_kernel(torch.device("cpu")) is None and fused.lse_kernel(torch.device("cuda")) is None
+
+
+def test_without_triton_cuda_falls_back_to_chunked_with_a_warning_naming_triton(monkeypatch):
+    monkeypatch.delenv(fused.SETTING, raising=False)
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
+    fused._warn_missing.cache_clear()
+    with pytest.warns(UserWarning, match="needs triton"):
+        assert fused.lse_kernel(torch.device("cuda")) is None
+
+
+def test_alibi_folds_into_plain_sdpa_off_the_cpu_and_a_bad_setting_is_one_clear_error(monkeypatch):
+    module = tiny("llama").model.layers[0].self_attn
+    monkeypatch.delenv(fused.SETTING, raising=False)
+    on_device = torch.empty(1, 2, 3, 4, device="meta")  # any device but the CPU: only the choice is asked
+    assert fused.folded_attend_for(module, on_device) is fused.sdpa_output
+    assert fused.folded_attend_for(module, torch.empty(1, 2, 3, 4)) == fused.CPU_FLASH.folded
+    monkeypatch.setenv(fused.SETTING, "sdpa")
+    assert fused.kernel_for(module, torch.empty(1, 2, 3, 4)) is None  # sdpa has no log-sum-exp: passes chunked
+    monkeypatch.setenv(fused.SETTING, "cuda")
+    with pytest.raises(pos_swap.errors.InvalidParameterError, match="POS_SWAP_KERNEL='cuda' is not .* auto, cpu-flash"):
+        fused.lse_kernel(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_output_equals_bottom_right_causal_float64_math(dtype):
+    query, key, value = (x.to(dtype) for x in random_qkv(q_len=11, k_len=19, dim=13))  # 13: padded to 16 inside
+    out = fused.sdpa_output(query, key[:, :1], value[:, :1], 0.3, 8)  # grouped: one key head
+    allowed = torch.arange(19)[None, :] <= torch.arange(11)[:, None] + 8
+    expected, _ = reference_attention(query, key[:, :1].expand_as(key), value[:, :1].expand_as(value), 0.3, allowed)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
+def lift_flex_cpu_backward_guard(monkeypatch):
+    """torch refuses flex's backward on the CPU (compiled CPU flex has none); its eager backward, the math the
+    CUDA kernel implements, log-sum-exp gradients included, runs once that guard is lifted: a test-only switch."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+
+
+TRAINED = [("self-extend", dict(window=8, group=4)), ("rerope", dict(window=8)), ("sinks", dict(sink_tokens=2, window=8)),
+           ("dual-chunk", dict(chunk_size=12, local_window=4)), ("string", dict(shift=12, local_window=3)),
+           ("alibi", dict(trainable=True)), ("dynamic-yarn", dict(block=8))]  # fmt: skip
+
+
+def gradients(scheme, params):
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)
+    model.train()  # attention_dropout 0: the passes apply in training too
+    model(IDS).logits.square().mean().backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("setting", ["flex", "sdpa", "cpu-flash"])
+@pytest.mark.parametrize("scheme, params", TRAINED)
+def test_training_through_a_differentiable_kernel_gives_the_chunked_paths_gradients(monkeypatch, setting, scheme,
+                                                                                    params):  # fmt: skip
+    """flex and sdpa carry gradients through the passes; the CPU kernel's log-sum-exp has none, so training there
+    keeps the chunked path."""
+    if setting == "sdpa" and scheme != "alibi":
+        pytest.skip("sdpa serves ALiBi's folded path only")
+    lift_flex_cpu_backward_guard(monkeypatch)
+    calls = count_kernel_calls(monkeypatch, setting)
+    fast = gradients(scheme, params)
+    assert bool(calls) == (setting != "cpu-flash"), f"{setting}: {len(calls)} kernel calls in training"
+    chunked(monkeypatch)
+    slow = gradients(scheme, params)
+    assert fast.keys() == slow.keys() and any(name.endswith("slopes") for name in fast) == (scheme == "alibi")
+    for name in slow:
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_fused_imports_only_the_base_below_attention():

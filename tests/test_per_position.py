@@ -66,7 +66,7 @@ def fused_calls(monkeypatch):
 @pytest.mark.parametrize("offset, q_len", [(0, 21), (13, 21), (40, 1)], ids=["prefill", "after-a-cache", "decode"])
 def test_attention_equals_a_float64_reference(offset, q_len, path, fused_calls, monkeypatch):
     if path == "generic":
-        monkeypatch.setattr(fused, "applies", lambda *args: False)
+        monkeypatch.setenv(fused.SETTING, "chunked")
     model = patched("dynamic-yarn", layers=1).double()
     module = model.model.layers[0].self_attn
     hook = module._modules[HOOK]
@@ -112,7 +112,7 @@ def test_the_fused_path_equals_the_generic_path(scheme, fused_calls, monkeypatch
     fast = chunked_logits(model, ids, chunks)
     taken = len(fused_calls)
     assert taken >= 3 * len(chunks)  # every call of every layer took the fused path
-    monkeypatch.setattr(fused, "applies", lambda *args: False)
+    monkeypatch.setenv(fused.SETTING, "chunked")
     torch.testing.assert_close(fast, chunked_logits(model, ids, chunks), rtol=0, atol=1e-5)
     assert len(fused_calls) == taken  # the reference ran the generic path
 
@@ -145,7 +145,7 @@ def test_observers_see_on_the_fused_path_what_the_generic_path_shows(fused_calls
 
     fast = observed()
     assert fused_calls
-    monkeypatch.setattr(fused, "applies", lambda *args: False)
+    monkeypatch.setenv(fused.SETTING, "chunked")
     generic = observed()
     for name in ("distance_profile", "sink_mass", "mean_distance", "entropy"):
         np.testing.assert_allclose(fast[name], generic[name], rtol=0, atol=1e-5)

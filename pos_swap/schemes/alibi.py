@@ -65,10 +65,11 @@ class AlibiBias(nn.Module):
         def bias(rows, cols):
             return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric, score_dtype(query.dtype))
 
-        if fused.applies(module, query, kwargs.get("softcap"), self.slopes) and getattr(module, "is_causal", True):
+        attend = fused.folded_attend_for(module, query, kwargs.get("softcap"), self.slopes, dropout=dropout)
+        if attend is not None and getattr(module, "is_causal", True):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             output = fused.alibi_attention(
-                query, key, value, self.slopes, q_pos, k_pos, scaling, first_query=first, mask=attention_mask
+                attend, query, key, value, self.slopes, q_pos, k_pos, scaling, first_query=first, mask=attention_mask
             )
             notify_blocks(module, query, key, attention_mask, scaling, bias=bias)  # observers, if any
             return output, None

@@ -55,7 +55,7 @@ class CoPE(nn.Module):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
         if (
-            fused.applies(module, query, kwargs.get("softcap"), self.table) and causal_only(attention_mask, first)
+            fused.blocks_apply(module, query, kwargs.get("softcap"), self.table) and causal_only(attention_mask, first)
             and not observers_of(module)  # they are shown the chunked path's probabilities
         ):  # fmt: skip
             return fused.cope_attention(query, key, value, self.table, scaling, first), None

@@ -4,10 +4,11 @@ models.
 Queries attend to keys of their own chunk, of the chunk just before and of older chunks with three position
 assignments (:mod:`pos_swap.functional.dual_chunk`) that keep every relative distance below ``chunk_size``. The
 model's rotary becomes the identity, keys enter the KV cache unrotated, and each call rotates the keys once (at
-their place in their chunk) and the queries three times. In inference on the CPU without a padding mask, each chunk
-of queries attends in at most three fused passes (:func:`pos_swap.fused.dual_chunk_attention`: own chunk causal,
-previous chunk, older chunks) merged by log-sum-exp; otherwise (padding, training, eager weights, a softcap, other
-devices) the chunked path merges the three score matrices pair by pair.
+their place in their chunk) and the queries three times. Without a padding mask, where a kernel applies
+(:func:`pos_swap.fused.kernel_for`: the CPU's in inference, flex on CUDA), each chunk of queries attends in at most
+three fused passes (:func:`pos_swap.fused.dual_chunk_attention`: own chunk causal, previous chunk, older chunks)
+merged by log-sum-exp; otherwise (padding, CPU training, eager weights, a softcap, other devices) the chunked path
+merges the three score matrices pair by pair.
 """
 
 import dataclasses
@@ -78,11 +79,12 @@ class DualChunkAttention(nn.Module):
             return scaled_scores(dual_chunk.pick(apart, *scores), scaling)
 
         chunk_keys = self._rotate(key, dual_chunk.chunk_key_positions(k_pos, *sizes))  # (B, Hkv, Lk, D)
-        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _chunks_on_slots(q_pos):
+        kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=dropout)
+        if attention_mask is None and kernel is not None and _chunks_on_slots(q_pos):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             length = self.chunk_size - self.local_window
             output = fused.dual_chunk_attention(
-                intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length
+                kernel, intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length
             )
             notify_blocks(module, intra, chunk_keys, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None

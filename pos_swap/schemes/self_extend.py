@@ -100,10 +100,11 @@ class GroupedAttention(nn.Module):
             neighbours = self_extend.in_window(q_pos[:, rows], k_pos[:, cols], self.window)[:, None]  # (B, 1, C, W)
             return scaled_scores(torch.where(neighbours, near, far), scaling)
 
-        if attention_mask is None and fused.applies(module, query, kwargs.get("softcap")) and _slots(q_pos):
+        kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=dropout)
+        if attention_mask is None and kernel is not None and _slots(q_pos):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             near, far = (near_query, near_key), (far_query, far_key)
-            output = fused.windowed_attention(near, far, value, scaling, first, self.window)
+            output = fused.windowed_attention(kernel, near, far, value, scaling, first, self.window)
             notify_blocks(module, near_query, near_key, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None
         return chunked_attention(

@@ -120,8 +120,9 @@ class SinkAttention(nn.Module):
             scores = scaled_scores(torch.where(neighbours, near, far), scaling)
             return scores.masked_fill(~sinks.visible(q_ranks, k_ranks, *sizes)[:, None], HIDDEN)
 
-        if fused.applies(module, query, kwargs.get("softcap")) and _bands_apply(k_rank, first, *sizes):
-            output = fused.sink_attention(near_query, far_query, keys, value, scaling, first, *sizes)
+        kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=dropout)
+        if kernel is not None and _bands_apply(k_rank, first, *sizes):
+            output = fused.sink_attention(kernel, near_query, far_query, keys, value, scaling, first, *sizes)
             notify_blocks(module, near_query, keys, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None
         if from_sink_cache:  # a mask for the few keys the cache holds: (B, 1, Lq, S + W + Lq) at most

@@ -3,7 +3,7 @@
 Pairs closer than ``shift`` keep their positions; farther pairs see their distance minus ``shift`` plus
 ``local_window`` (:mod:`pos_swap.functional.string`), so the rarely trained large distances are replaced by well
 trained ones. It runs on Self-Extend's windowed hook (near pass over a band of ``shift`` keys, far pass with the
-query re-rotated at its position - S + W), fused and merged by log-sum-exp on the CPU, two passes over the cache
+query re-rotated at its position - S + W), fused and merged by log-sum-exp (CPU, CUDA), two passes over the cache
 when decoding. The reference multiplies cos and sin by 0.1 ln 2 + 1 (``attention_factor``).
 """
 

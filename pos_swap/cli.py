@@ -424,7 +424,7 @@ def _add_calibrate_command(sub) -> None:
     p.add_argument("--tune", type=int, default=2, help="plane groups searched, most used first (default: 2)")
     p.add_argument("--depths", default=",".join(map(str, evaluate.calibration.DEPTHS)),
                    help="passkey depths in 0..1 (default: 0.25,0.5,0.75)")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="search one group with two sizes (4 settings in all)")
+    p.add_argument("--quick", action="store_true", help="search one group with two sizes (3 settings in all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the needles (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=loading.DTYPES, help="(default: float32)")

@@ -197,7 +197,7 @@ def write(result: dict, out: Path) -> None:
         values = [c["objective"] for c in cells]
         labels = [",".join(map(str, c["groups"])) for c in cells]
         chosen = ["C3" if c["groups"] == result["best"]["groups"] else "C0" for c in cells]
-        right.barh(range(len(cells)), values, color=chosen)
+        right.scatter(values, range(len(cells)), color=chosen, zorder=3)  # dots: the axis spans the values only
         right.set_yticks(range(len(cells)), labels, fontsize=7)
         right.invert_yaxis()
         right.set(xlabel="mean answer log-probability per token (higher is better)",

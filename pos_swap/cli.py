@@ -240,7 +240,7 @@ def cmd_recommend(args) -> None:
 def cmd_calibrate(args) -> None:
     target = evaluate.specs.parse_length(args.length)
     depths = evaluate.specs.parse_depths(args.depths)
-    settings = dict(groups=args.groups, window=args.window, tune=1 if args.quick else args.tune)
+    settings = dict(groups=args.groups, window=args.window, tune=args.tune)
     report.check_output(args.out, overwrite=args.overwrite, results=evaluate.calibration.RESULTS, resumable=False)
     model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target,
                                     check=evaluate.calibration.check(target, **settings))  # fmt: skip

@@ -96,8 +96,7 @@ def test_calibrate_searches_the_most_used_groups_and_keeps_the_best(tokenizer, t
 
 
 def test_quick_tries_two_sizes_of_one_group(tokenizer):
-    result = pos_swap.evaluate.calibrate(tiny_lm(), tokenizer, TARGET, depths=(0.5,), tune=1, quick=True,
-                                         progress=False)  # fmt: skip
+    result = pos_swap.evaluate.calibrate(tiny_lm(), tokenizer, TARGET, depths=(0.5,), quick=True, progress=False)
     assert result["sizes_tried"] == [4, 16] and len(result["cells"]) == 3 and result["groups"] == 8
 
 

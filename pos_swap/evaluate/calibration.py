@@ -13,7 +13,7 @@ one group at a time. ``calibrate`` does the same search, made cheaper by two mea
 
 The search starts where Self-Extend would (every group at G, the smallest power of two >= 2 with
 (trained - W) G + W >= target, W a power of two near trained / 8) and tries, for each searched group, G / 4, G / 2
-and 2 G (``quick``: G / 2 and 2 G) with the other groups at their best so far, keeping a change only when it
+and 2 G (``quick``: one group, G / 2 and 2 G) with the other groups at their best so far, keeping a change only when it
 raises the objective: the mean answer log-probability per token over the depths. What it optimises is that score
 and nothing else: perplexity is not measured.
 """
@@ -141,7 +141,7 @@ def calibrate(model, tokenizer, target: int, *, groups: int | None = None, windo
     and calibrate.png there."""
     started = time.perf_counter()
     check(target, groups=groups, window=window, tune=tune)(tokenizer, model)
-    fixed = plan(model, target, groups=groups, window=window, tune=tune)
+    fixed = plan(model, target, groups=groups, window=window, tune=min(tune, 1) if quick else tune)
     retrieval.retrieval_cells("passkey", [target], depths, 1)  # checks the depths
     trained = archs.trained_context(model.config)
     use = frequency_use(model, tokenizer, min(trained, PROBE_TOKENS))

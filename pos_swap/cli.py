@@ -19,6 +19,7 @@ EPILOG = """examples:
   pos-swap demo                                         SmolLM2 beyond its 8k context, offline, a few minutes
   pos-swap eval offline:smollm2 --schemes native,dynamic-yarn,yarn:factor=4 --lengths 2k,8k,16k --tasks ppl,passkey
   pos-swap recommend offline:smollm2 --length 16k       rank training-free settings measured at 16k
+  pos-swap calibrate offline:smollm2 --scheme dpe --length 16k --quick   dpe's group sizes for 16k
   pos-swap schemes -v                                   every scheme with its parameters
   pos-swap info offline:smollm2                         the packaged SmolLM2 checkpoint (no Hub needed)
   pos-swap patch offline:smollm2 --scheme yarn:factor=4 --out smol-yarn
@@ -236,6 +237,19 @@ def cmd_recommend(args) -> None:
         print(f"\nwrote {result['run'].file}, the PNG plots and {result['run'].path / 'report.html'}")
 
 
+def cmd_calibrate(args) -> None:
+    target = evaluate.specs.parse_length(args.length)
+    depths = evaluate.specs.parse_depths(args.depths)
+    settings = dict(groups=args.groups, window=args.window, tune=args.tune)
+    report.check_output(args.out, overwrite=args.overwrite, results=evaluate.calibration.RESULTS, resumable=False)
+    model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target,
+                                    check=evaluate.calibration.check(target, **settings))  # fmt: skip
+    result = evaluate.calibrate(model, tokenizer, target, depths=depths, quick=args.quick, seed=args.seed,
+                                 out=args.out, **settings)  # fmt: skip
+    print(evaluate.calibration.summary(result))
+    print(f"\nwrote {args.out}/{evaluate.calibration.RESULTS} and {args.out}/calibrate.png")
+
+
 def cmd_demo(args) -> None:
     run = evaluate.demo.demo(args.out, full=args.full, resume=args.resume, overwrite=args.overwrite)
     print(f"\nwrote {run.file}, the PNG plots and {run.path / 'report.html'}")
@@ -397,6 +411,29 @@ def _add_recommend_command(sub) -> None:
     p.set_defaults(run=cmd_recommend, command_parser=p)
 
 
+def _add_calibrate_command(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="choose dpe's per-group sizes from the model's frequency use and passkey scores",
+        description=evaluate.calibration.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub name, folder or offline:smollm2")
+    p.add_argument("--scheme", required=True, choices=evaluate.calibration.CALIBRATED, help="the scheme to calibrate")
+    p.add_argument("--length", required=True, help="target context length, e.g. 16k")
+    p.add_argument("--groups", type=int, help="plane groups (default: 8, or the most <= 8 that divide the planes)")
+    p.add_argument("--window", type=int, help="neighbour window (default: a power of two near trained / 8)")
+    p.add_argument("--tune", type=int, default=2, help="plane groups searched, most used first (default: 2)")
+    p.add_argument("--depths", default=",".join(map(str, evaluate.calibration.DEPTHS)),
+                   help="passkey depths in 0..1 (default: 0.25,0.5,0.75)")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="search one group with two sizes (3 settings in all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the needles (default: 0)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=loading.DTYPES, help="(default: float32)")
+    p.add_argument("--out", metavar="DIR", default="runs/calibrate", help="where calibrate.json and calibrate.png go "
+                   "(default: runs/calibrate)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
+    p.set_defaults(run=cmd_calibrate, command_parser=p)
+
+
 def _add_finetune_command(sub) -> None:
     p = sub.add_parser(
         "finetune", help="recover a swapped model with LoRA (Trainer; accelerate launch for more processes)",
@@ -433,7 +470,7 @@ def _add_finetune_command(sub) -> None:
 
 
 COMMANDS = (_add_schemes_command, _add_info_command, _add_patch_command, _add_probe_command, _add_demo_command,
-            _add_eval_command, _add_recommend_command, _add_finetune_command)  # fmt: skip
+            _add_eval_command, _add_recommend_command, _add_calibrate_command, _add_finetune_command)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

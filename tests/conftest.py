@@ -162,7 +162,7 @@ def eager_weights_and_float64_reference(model, layer_index: int, ids, distance, 
     and their reference computed in float64 from that layer's own q and k: RoPE makes each score
     Re(sum_f q_f conj(k_f) e^{i r theta_f}) with r = ``distance (L, L)``, the relative position the scheme defines,
     over the keys ``allowed (L, L)`` (default: causal), times ``logit_scale`` (a number, or ``(L, 1)`` per query
-    row), plus ``bias (H, L, L)`` if given."""
+    row), plus ``bias (H, L, L)`` if given. ``distance`` may give each rotary plane its own: ``(L, L, D/2)`` (DPE)."""
     attention = model.model.layers[layer_index].self_attn
     captured = {}
     attention.register_forward_pre_hook(lambda m, args, kwargs: captured.update(kwargs), with_kwargs=True)
@@ -179,7 +179,8 @@ def eager_weights_and_float64_reference(model, layer_index: int, ids, distance, 
     half = dim // 2
     theta = config.rope_parameters["rope_theta"] ** (-2 * torch.arange(half, dtype=torch.float64) / dim)  # (D/2,)
     zq, zk = torch.complex(q[..., :half], q[..., half:]), torch.complex(k[..., :half], k[..., half:])
-    phase = torch.exp(1j * distance[..., None].double() * theta)  # (L, L, D/2)
+    per_plane = distance if distance.dim() == 3 else distance[..., None]  # (L, L, D/2) or (L, L, 1)
+    phase = torch.exp(1j * per_plane.double() * theta)  # (L, L, D/2)
     scores = torch.einsum("bhif,bhjf,ijf->bhij", zq, zk.conj(), phase).real * dim**-0.5 * logit_scale  # (B, H, L, L)
     scores = scores if bias is None else scores + bias
     allowed = torch.ones(length, length, dtype=torch.bool).tril() if allowed is None else allowed

@@ -37,6 +37,8 @@ CASES = [  # (arch, scheme, params, model overrides)
     ("llama", "sinks", dict(sink_tokens=2, window=6), {}),
     ("llama", "string", dict(shift=10, local_window=3), {}),
     ("mistral", "string", dict(shift=6, local_window=2), SLIDING),
+    ("llama", "dpe", dict(window=8, groups=[1, 2, 4, 8]), {}),
+    ("mistral", "dpe", dict(window=4, groups=[2, 4]), SLIDING),
 ]
 HELD_OUT = [
     ("gemma2", "alibi", {}, {}),  # eager, soft-capping, sliding layers alternating with full ones

@@ -33,6 +33,7 @@ CONSISTENCY_CASES = [
     ("llama", "self-extend", {"window": 8, "group": 2}), ("llama", "rerope", {"window": 8, "leaky_factor": 2.0}),
     ("llama", "dual-chunk", {"chunk_size": 12, "local_window": 3}), ("llama", "sinks", {"sink_tokens": 2, "window": 6}),
     ("llama", "string", {"shift": 8, "local_window": 3}), ("llama", "p-rope", {"p": 0.5}), ("llama", "nope", {"every": 2}),
+    ("llama", "dpe", {"window": 8, "groups": [1, 2, 4, 8]}),
 ]  # fmt: skip
 LENGTHS = [24, 40, 64, 96]  # one inside the trained 32 (longrope switches factors there)
 

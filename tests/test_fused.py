@@ -24,6 +24,7 @@ SCHEMES = [
     ("dual-chunk", dict(chunk_size=8, local_window=3)),  # chunks of 5: the 40-token prompt of the cache test spans 8
     ("cope", dict(npos=6, init="normal")),
     ("string", dict(shift=12, local_window=3)),
+    ("dpe", dict(window=8, groups=[1, 2, 4, 8])),
 ]
 
 

@@ -194,6 +194,17 @@ def test_self_extend_follows_the_longlm_rule(trained, target):
         assert group == 2 or (trained - window) * (group - 1) + window < target  # the smallest such group
 
 
+@pytest.mark.parametrize("trained, target", [(8192, 16384), (8192, 32768), (4096, 100000), (256, 8192), (32, 64)])
+def test_dpe_offers_longlm_powers_of_two_with_a_finer_high_frequency_quarter(trained, target):
+    (setting,) = registry.get_scheme("dpe").candidates(trained, target)
+    window, groups = setting["window"], setting["groups"]
+    group = groups[-1]
+    assert groups == [group // 2, group, group, group] and all(window % g == 0 for g in groups)
+    assert window & (window - 1) == 0 and window < trained and (trained - window) * group + window >= target
+    assert group == 2 or (trained - window) * (group // 2) + window < target  # the smallest such power of two
+    assert registry.get_scheme("dpe").candidates(32, 8192) == []  # no power-of-two window of 32 tokens reaches 8k
+
+
 def test_a_scheme_registered_later_joins_the_grid_through_its_candidates(monkeypatch):
     class Later(registry.Scheme):
         name, summary, families, Config = "later", "a training-free scheme added later", (archs.ROTARY,), None

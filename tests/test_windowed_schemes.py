@@ -1,8 +1,9 @@
-"""rerope (ReRoPE and leaky ReRoPE, Su 2023), dual-chunk (Dual Chunk Attention, An et al. 2024) and string (STRING,
-An et al. 2024): their distances
+"""rerope (ReRoPE and leaky ReRoPE, Su 2023), dual-chunk (Dual Chunk Attention, An et al. 2024), string (STRING,
+An et al. 2024) and dpe (DPE, Lu et al. 2025): their distances
 against the papers' rules written out by hand, the patched attention against an independent float64 computation,
 and the life cycle every scheme must survive (KV caches, left padding, backends, bad input, save and load)."""
 
+import functools
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import pos_swap
 from pos_swap.errors import InvalidParameterError
-from pos_swap.functional import dual_chunk, rerope, string
+from pos_swap.functional import dpe, dual_chunk, rerope, string
 from conftest import eager_weights_and_float64_reference, tiny
 
 IDS = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
@@ -22,8 +23,11 @@ SETTINGS = [
     ("dual-chunk", dict(chunk_size=10, local_window=4)),
     ("string", dict(shift=10, local_window=3)),
     ("string", dict(shift=25, local_window=1)),
+    ("dpe", dict(window=8, groups=[1, 2, 4, 8])),
+    ("dpe", dict(window=6, groups=[3, 2])),
 ]
-SHORT = [SETTINGS[1], SETTINGS[3], SETTINGS[5]]  # most pairs of IDS fall beyond the window, or chunks apart
+SHORT = [SETTINGS[1], SETTINGS[3], SETTINGS[5], SETTINGS[7]]  # most pairs of IDS fall beyond the window, or chunks apart
+PLANES = 8  # rotary planes of the tiny LLaMA (head dim 16)
 
 
 def logits(model, ids, **kwargs):
@@ -56,10 +60,19 @@ def string_distance(i: int, j: int, shift: int, local_window: int) -> int:
     return i - j if i - j < shift else i - j - shift + local_window
 
 
+def lu_distance(i: int, j: int, window: int, groups: list[int]) -> list[int]:
+    """The relative position DPE gives query i and key j in each of the PLANES rotary planes (split into equal
+    groups, highest frequency first): i - j inside the window; beyond it Self-Extend's grouped distance with the
+    plane's own group size g, (i // g + W - W // g) - j // g."""
+    sizes = [g for g in groups for _ in range(PLANES // len(groups))]
+    return [i - j if i - j < window else i // g + window - window // g - j // g for g in sizes]
+
+
 RULES = {
     "rerope": (su_distance, rerope.relative_positions),
     "dual-chunk": (an_distance, dual_chunk.relative_positions),
     "string": (string_distance, string.relative_positions),
+    "dpe": (lu_distance, functools.partial(dpe.relative_positions, planes=PLANES)),
 }
 
 
@@ -118,6 +131,19 @@ def test_string_with_a_shift_beyond_the_input_and_no_factor_changes_nothing():
         yarn = logits(model, ids)
     with pos_swap.patched(model, "string", shift=31, local_window=4, attention_factor=1.0, rope_factor=2.0):
         torch.testing.assert_close(logits(model, ids), yarn, rtol=0, atol=1e-5)
+
+
+def test_dpe_with_one_group_size_is_self_extend_and_with_ones_is_the_model():
+    model = tiny("llama")
+    expected = logits(model, IDS)
+    with pos_swap.patched(model, "dpe", window=8, groups=[1, 1]):
+        torch.testing.assert_close(logits(model, IDS), expected, rtol=0, atol=1e-5)
+    with pos_swap.patched(model, "self-extend", window=8, group=4):
+        grouped = logits(model, IDS)
+    with pos_swap.patched(model, "dpe", window=8, groups=[4, 4, 4, 4]):
+        torch.testing.assert_close(logits(model, IDS), grouped, rtol=0, atol=1e-6)
+    with pos_swap.patched(model, "dpe", window=8, groups=[2, 4, 4, 4]):  # one group apart: a different model
+        assert not torch.allclose(logits(model, IDS), grouped, atol=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +223,13 @@ def test_every_backend_gives_the_same_logits(scheme, params):
         ("string", dict(shift=12), "local_window < shift"),  # the default W = 128 on a 32-token model
         ("string", dict(shift=12, local_window=0), "must be > 0"),
         ("string", dict(shift=12, local_window=3, attention_factor=0.0), "must be > 0"),
+        ("dpe", dict(window=8, groups=[1, 2, 4]), "3 does not divide 8"),
+        ("dpe", dict(window=6, groups=[4, 2]), "window=6 is not divisible by 4"),
+        ("dpe", dict(groups=[3, 3]), "multiple of 3, e.g. 3"),  # the default window, 32 // 8 = 4
+        ("dpe", dict(window=8, groups=[0, 2]), "group sizes from 1"),
+        ("dpe", dict(window=8, groups=[]), "at least one group size"),
+        ("dpe", dict(window=8, groups=[2.0, 2.0]), "must be list"),
+        ("dpe", dict(window=8), "needs parameter 'groups'"),
     ],
 )
 def test_bad_parameters_raise_and_leave_the_model_alone(scheme, params, message):
@@ -225,6 +258,7 @@ def test_save_and_load_round_trip(tmp_path, scheme, params):
         ("self-extend", dict(window=40, group=4)),
         ("rerope", dict(window=40)),
         ("dual-chunk", dict(chunk_size=48, local_window=4)),
+        ("dpe", dict(window=40, groups=[4, 8])),
     ],
 )
 def test_rope_factor_rotates_with_yarn_frequencies(scheme, params):

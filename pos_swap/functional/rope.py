@@ -147,11 +147,13 @@ def p_rope(inv_freq: torch.Tensor, p: float) -> torch.Tensor:
 def cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, scaling: torch.Tensor | float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables ``(B, L, 2 * len(inv_freq))`` for ``positions (B, L)`` and ``inv_freq`` of shape
-    ``(F,)`` or one row per sequence ``(B, F)``; ``scaling`` is a number or one per sequence ``(B,)``."""
+    """cos and sin tables ``(B, L, 2 * len(inv_freq))`` for ``positions (B, L)``, or one position per rotary plane
+    ``(B, L, F)`` (DPE), and ``inv_freq`` of shape ``(F,)`` or one row per sequence ``(B, F)``; ``scaling`` is a
+    number or one per sequence ``(B,)``."""
     if inv_freq.dim() == 1:
         inv_freq = inv_freq[None]
-    freqs = positions[..., None].float() * inv_freq[:, None, :].float()  # (B, L, F)
+    per_plane = positions if positions.dim() == 3 else positions[..., None]  # (B, L, F) or (B, L, 1)
+    freqs = per_plane.float() * inv_freq[:, None, :].float()  # (B, L, F)
     emb = torch.cat((freqs, freqs), dim=-1)
     if isinstance(scaling, torch.Tensor):
         scaling = scaling.view(-1, 1, 1)
@@ -188,7 +190,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling) -> torch.Tensor:
-    """Rotate ``x (B, H, L, D)`` to ``positions (B, L)``: :func:`rotate` with the tables of :func:`cos_sin`."""
+    """Rotate ``x (B, H, L, D)`` to ``positions (B, L)`` (or ``(B, L, F)``, one per rotary plane): :func:`rotate`
+    with the tables of :func:`cos_sin`."""
     return rotate(x, *cos_sin(positions, inv_freq, scaling, x.dtype))
 
 

@@ -9,4 +9,4 @@ from . import linear, ntk, dynamic, yarn, longrope, llama3  # noqa: F401, I001
 
 # retrofits that change the kind of positional mechanism
 from . import alibi, sinusoidal, learned_interpolate, rope, nope, p_rope, cope, self_extend, rerope, dual_chunk, sinks  # noqa: F401, I001
-from . import string  # noqa: F401, I001
+from . import string, dpe  # noqa: F401, I001

@@ -363,7 +363,7 @@ def _add_probe_command(sub) -> None:
 
 def _add_demo_command(sub) -> None:
     p = sub.add_parser(
-        "demo", help="SmolLM2 native vs leaky ReRoPE beyond its 8k context, offline (about 11 CPU-minutes)",
+        "demo", help="SmolLM2 native vs leaky ReRoPE beyond its 8k context, offline (about 3 minutes on 2 idle cores)",
         description=evaluate.demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--full", action="store_true", help="the longer version: a 16k window with five pass keys")

@@ -106,7 +106,6 @@ def assert_figure(path, size=None, dpi: int = 120):
     """``path`` is a PNG of ``size`` inches (width, height) at pos_swap's ``dpi`` (any size when None) with data
     drawn on it: coloured pixels (lines, bands, heatmap cells), not only the grey frame, ticks and labels."""
     import matplotlib.image
-    import numpy as np
 
     image = matplotlib.image.imread(path)  # (H, W, RGBA) in 0..1; raises on a file that is not a PNG
     if size is not None:
@@ -136,6 +135,32 @@ def outputs(model, ids, **kwargs):
     with torch.no_grad():
         out = model(ids, **kwargs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def assert_cached_generation_equals_recomputation(model, cache: str, prompt: int = 20, new: int = 24) -> None:
+    """Greedy generation with a ``cache`` ("dynamic" or "static") gives, at every new token, the logits of a fresh
+    forward over the whole sequence so far (the defaults cross a 32-token trained context)."""
+    ids = torch.randint(3, 100, (1, prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=0, cache_implementation=cache,
+        )  # fmt: skip
+    cached = torch.stack(out.logits, 1)  # (1, new, vocab)
+    recomputed = torch.stack([outputs(model, out.sequences[:, :t])[:, -1] for t in range(prompt, prompt + new)], 1)
+    torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-4)
+
+
+def assert_left_padded_batch_equals_each_sequence_alone(model, ids, lengths=(40, 27)) -> None:
+    """Rows of ``ids`` cut to ``lengths`` and left-padded into one batch give each row's logits alone."""
+    pad = max(lengths)
+    sequences = [ids[b, :n] for b, n in enumerate(lengths)]
+    batch = torch.stack([torch.cat([torch.zeros(pad - len(s), dtype=torch.long), s]) for s in sequences])
+    mask = torch.stack([torch.arange(pad) >= pad - len(s) for s in sequences]).long()
+    padded = outputs(model, batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    for b, sequence in enumerate(sequences):
+        alone = outputs(model, sequence[None])[0]
+        torch.testing.assert_close(padded[b, pad - len(sequence) :], alone, rtol=0, atol=1e-5)
 
 
 def scheme_params(scheme: str, model) -> dict:

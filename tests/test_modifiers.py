@@ -3,17 +3,21 @@ Scalable-Softmax) and Resonance RoPE's integer wavelengths. Their math against t
 by hand, composed models against float64 computations, caches, padding, backends, save/load and bad input."""
 
 import math
-import warnings
 
 import pytest
 import torch
 
 import pos_swap
-from pos_swap import archs, registry
+from pos_swap import registry
 from pos_swap.errors import IncompatibleSchemeError, InvalidParameterError
 from pos_swap.evaluate import specs
 from pos_swap.functional import rope, string, temperature
-from conftest import eager_weights_and_float64_reference, tiny
+from conftest import (
+    assert_cached_generation_equals_recomputation,
+    assert_left_padded_batch_equals_each_sequence_alone,
+    eager_weights_and_float64_reference,
+    tiny,
+)
 
 IDS = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
 TEMPERATURES = [  # short lengths, so that most rows of IDS are scaled
@@ -115,18 +119,9 @@ COMPOSED = [
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("scheme, params", COMPOSED)
 def test_generate_with_cache_equals_recomputation(scheme, params, cache):
-    prompt, new = 20, 24  # crosses the 32 trained positions
     model = tiny("llama")
     pos_swap.patch(model, scheme, **params)
-    ids = torch.randint(3, 100, (1, prompt), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=0, cache_implementation=cache,
-        )  # fmt: skip
-    cached = torch.stack(out.logits, 1)  # (1, new, vocab)
-    recomputed = torch.stack([logits(model, out.sequences[:, :t])[:, -1] for t in range(prompt, prompt + new)], 1)
-    torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-4)
+    assert_cached_generation_equals_recomputation(model, cache)
 
 
 @pytest.mark.parametrize("scheme, params", COMPOSED[:3])
@@ -134,13 +129,7 @@ def test_generate_with_cache_equals_recomputation(scheme, params, cache):
 def test_left_padded_batch_equals_each_sequence_alone(attn_implementation, scheme, params):
     model = tiny("llama", attn_implementation=attn_implementation)
     pos_swap.patch(model, scheme, **params)
-    lengths, pad = [40, 27], 40
-    sequences = [IDS[b, :n] for b, n in enumerate(lengths)]
-    batch = torch.stack([torch.cat([torch.zeros(pad - len(s), dtype=torch.long), s]) for s in sequences])
-    mask = torch.stack([torch.arange(pad) >= pad - len(s) for s in sequences]).long()
-    padded = logits(model, batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    for b, sequence in enumerate(sequences):
-        torch.testing.assert_close(padded[b, pad - len(sequence) :], logits(model, sequence[None])[0], rtol=0, atol=1e-5)
+    assert_left_padded_batch_equals_each_sequence_alone(model, IDS)
 
 
 @pytest.mark.parametrize("scheme, params", COMPOSED[:3])

@@ -12,7 +12,12 @@ import torch
 import pos_swap
 from pos_swap.errors import InvalidParameterError
 from pos_swap.functional import dpe, dual_chunk, rerope, string
-from conftest import eager_weights_and_float64_reference, tiny
+from conftest import (
+    assert_cached_generation_equals_recomputation,
+    assert_left_padded_batch_equals_each_sequence_alone,
+    eager_weights_and_float64_reference,
+    tiny,
+)
 
 IDS = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))  # past the 32 trained positions
 SETTINGS = [
@@ -162,18 +167,9 @@ def test_a_window_covering_the_input_changes_nothing(scheme, covering, short):
 @pytest.mark.parametrize("scheme, params", SHORT)
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gemma3_text"])
 def test_generate_with_cache_equals_recomputation(arch, scheme, params, cache):
-    prompt, new = 20, 24  # crosses the 32 trained positions
     model = tiny(arch)
     pos_swap.patch(model, scheme, **params)
-    ids = torch.randint(3, 100, (1, prompt), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=0, cache_implementation=cache,
-        )  # fmt: skip
-    cached = torch.stack(out.logits, 1)  # (1, new, vocab)
-    recomputed = torch.stack([logits(model, out.sequences[:, :t])[:, -1] for t in range(prompt, prompt + new)], 1)
-    torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-4)
+    assert_cached_generation_equals_recomputation(model, cache)
 
 
 @pytest.mark.parametrize("scheme, params", SHORT)
@@ -181,13 +177,7 @@ def test_generate_with_cache_equals_recomputation(arch, scheme, params, cache):
 def test_left_padded_batch_equals_each_sequence_alone(attn_implementation, scheme, params):
     model = tiny("llama", attn_implementation=attn_implementation)
     pos_swap.patch(model, scheme, **params)
-    lengths, pad = [40, 27], 40
-    sequences = [IDS[b, :n] for b, n in enumerate(lengths)]
-    batch = torch.stack([torch.cat([torch.zeros(pad - len(s), dtype=torch.long), s]) for s in sequences])
-    mask = torch.stack([torch.arange(pad) >= pad - len(s) for s in sequences]).long()
-    padded = logits(model, batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    for b, sequence in enumerate(sequences):
-        torch.testing.assert_close(padded[b, pad - len(sequence) :], logits(model, sequence[None])[0], rtol=0, atol=1e-5)
+    assert_left_padded_batch_equals_each_sequence_alone(model, IDS)
 
 
 @pytest.mark.parametrize("scheme, params", SHORT)

@@ -236,6 +236,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(tokenizer, tmp_path, monkey
     assert {c["key"]: c["ppl"] for c in resumed.cells} == pytest.approx({c["key"]: c["ppl"] for c in fresh.cells})
     with pytest.raises(PosSwapError, match="other settings \\(lengths"):
         run.evaluate(model, tokenizer, small_plan(tasks=("ppl",), lengths=[64]), out=tmp_path, resume=True)
+    # a resumed sweep may add a scheme: only its cells are measured, the others are kept
+    calls.clear()
+    wider = small_plan(tasks=("ppl",), schemes=specs.parse_schemes("native,dynamic-yarn,yarn:factor=4,linear:factor=2"))
+    extended = run.evaluate(model, tokenizer, wider, out=tmp_path, resume=True, progress=False)
+    assert len(calls) == 3 and len(extended.cells) == 16
+    assert extended.meta["schemes"] == ["native", "dynamic-yarn", "yarn:factor=4", "linear:factor=2"]
+    narrower = run.evaluate(model, tokenizer, small_plan(tasks=("ppl",), schemes=specs.parse_schemes("native")),
+                            out=tmp_path, resume=True, progress=False)  # fmt: skip
+    assert len(narrower.cells) == 16 and narrower.meta["schemes"][-1] == "linear:factor=2"
 
 
 def test_output_folder_is_never_overwritten_by_accident(tmp_path):

@@ -134,7 +134,9 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
             "text_tokens": tokens.numel(), "trained_context": archs.trained_context(model.config),
             **{k: v for k, v in dataclasses.asdict(plan).items() if k != "schemes"},
             "schemes": [spec.label for spec in plan.schemes]}  # fmt: skip
-    run = report.RunFolder(out, kind="eval", meta=meta, resume=resume, overwrite=overwrite)
+    # cells are keyed by scheme, so a resumed sweep may add schemes; it keeps those it measured before
+    run = report.RunFolder(out, kind="eval", meta=meta, resume=resume, overwrite=overwrite, may_change=("schemes",))
+    run.meta["schemes"] = list(dict.fromkeys([cell["scheme"] for cell in run.cells] + meta["schemes"]))
     todo = [cell for cell in plan.cells() if not run.done(cell_key(*cell))]
     bar = tqdm(total=len(todo), desc="evaluation", disable=not progress)
     for spec in plan.schemes:

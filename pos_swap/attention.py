@@ -244,20 +244,27 @@ class DeferredRotation(torch.nn.Module):
             return "whole window"
         return f"per position, block={self.block}, trained_length={self.trained_length}"
 
-    def _tables(self, source, positions: torch.Tensor):
+    def _tables(self, source, lengths: torch.Tensor):
         """Frequencies for this forward: all layers receive the same ``position_ids`` object, so compute once. The
-        memo holds that object and its version counter, so a tensor changed in place between forwards is seen anew."""
+        memo holds that object and its version counter, so a tensor changed in place between forwards is seen anew.
+        A traced forward computes them in tensor operations instead (dynamo would guard on the memo)."""
+        if torch.compiler.is_compiling():
+            return self.frequencies(lengths)
         fresh = source is not None and self._memo[0] is source and self._memo[1] == source._version
         if not fresh:
             version = None if source is None else source._version
-            self._memo = (source, version, self.frequencies(positions.max(dim=-1).values + 1))
+            self._memo = (source, version, self.frequencies(lengths))
         return self._memo[2]
 
     def forward(self, inner, module, query, key, value, attention_mask, **kwargs):
         q_pos, k_pos = positions(kwargs, query, key, attention_mask)
-        if self.block is not None:
+        if self.block is None:
+            lengths = q_pos.max(dim=-1).values + 1  # whole window: each sequence's current length
+        elif torch.compiler.is_compiling() and query.shape[2] == 1:  # a traced decode step: one length per
+            lengths = rope.block_lengths(q_pos[:, 0], self.block, self.trained_length)  # sequence, no span loop
+        else:
             return self._per_position(inner, module, query, key, value, attention_mask, q_pos, k_pos, **kwargs)
-        inv_freq, scaling = self._tables(kwargs.get("position_ids"), q_pos)
+        inv_freq, scaling = self._tables(kwargs.get("position_ids"), lengths)
         query = rope.rotate_at(query, q_pos, inv_freq, scaling)
         key = rope.rotate_at(key, k_pos, inv_freq, scaling)
         return inner(module, query, key, value, attention_mask, **kwargs)

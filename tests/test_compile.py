@@ -12,7 +12,7 @@ differ per caller, so that one code object reaches the recompile limit (8) and r
 Fix: while dynamo traces, :func:`pos_swap.fused.kernel_for` gives no kernel (the chunked path reads no values and is exact
 for any positions), ``first_query_slot`` keeps a slot read from a tensor mask as a 0-dim tensor, and the chunked
 path counts its query blocks (``ceil(Lq / step)``, one block in a decode step for every cache length). Eager
-results are unchanged. Per-position length-following rules still break the graph (see the xfail below).
+results are unchanged. Length-following rules compute a decode step's frequencies in tensor operations.
 """
 
 import pytest
@@ -95,17 +95,21 @@ def test_hooked_schemes_decode_without_recompiling(scheme, params, with_mask):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"step {step}: {m}")
 
 
-RECOMPILED = (  # what dynamo raises at the recompile limit (from a frame or from inlined code) or on a recompile
-    torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported, torch._dynamo.exc.RecompileError
-)
+FOLLOWS_LENGTH = [("dynamic-yarn", dict(block=4)), ("dynamic", dict(factor=2.0, block=4)), ("longrope", dict(block=4)),
+                  ("dynamic-yarn", dict(per_position=False))]  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, raises=RECOMPILED, reason="per-position frequencies are computed in Python from "
-                   "each row's length value (RopeScaling.per_sequence reads seq_lens.tolist(), DeferredRotation._per_position iterates "
-                   "over lengths.unique().tolist()), a graph break; needs the length-following rules as tensor "
-                   "functions of the length. Strict: this test fails once fixed, to be turned into a plain test")
-@pytest.mark.parametrize("scheme, params", [("dynamic-yarn", dict(block=8)), ("dynamic", dict(factor=2.0, block=8))])
-def test_per_position_rules_recompile_across_decode_steps(scheme, params):
-    model = tiny("llama")
-    pos_swap.patch(model, scheme, **params)
-    compiled_decode(model)
+@pytest.mark.parametrize("scheme, params", FOLLOWS_LENGTH, ids=["dynamic-yarn", "dynamic", "longrope", "whole-window"])
+def test_length_following_rules_decode_without_recompiling(scheme, params):
+    """A trained context of 8 and blocks of 4: the decoded positions 12-20 cross three block lengths, each with
+    other frequencies (whole window: a new length at every step). A traced decode step computes them from the
+    length tensor (``per_sequence``), so dynamo reads no length value; the compiled logits must equal the eager
+    ones (span path, memo) at every step."""
+    model = tiny("llama", initializer_range=0.1)
+    extra = {"long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 4.0, 4.0, 4.0], "factor": 4.0} if scheme == "longrope" else {}
+    pos_swap.patch(model, scheme, original_max_position_embeddings=8, **params, **extra)
+    compiled = compiled_decode(model)
+    torch._dynamo.config.error_on_recompile = False
+    eager = decode(model, len(compiled), with_mask=False)
+    for step, (got, want) in enumerate(zip(compiled, eager)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"step {step}: {m}")

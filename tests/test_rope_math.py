@@ -202,3 +202,19 @@ def test_interleaved_pairs_match_transformers_cohere():
 def test_an_unknown_pairing_is_an_error():
     with pytest.raises(ValueError, match="unknown rotary pairing 'diagonal'"):
         rope.to_half_pairs(torch.zeros(1, 4), 4, "diagonal")
+
+
+def test_row_rules_match_transformers_row_by_row():
+    """The tensor forms behind per-position decoding (a length or a factor per sequence) against transformers'
+    scalar rules, one row per length."""
+    lengths = [100, L0, L0 + 1, 3 * L0, 10 * L0]
+    inv_freq, scaling = rope.dynamic_ntk_rows(DIM, BASE, 2.0, L0, torch.tensor(lengths))
+    assert scaling.tolist() == [1.0] * len(lengths)
+    for row, length in zip(inv_freq, lengths):
+        torch.testing.assert_close(row, hf("dynamic", seq_len=length, factor=2.0)[0], rtol=1e-6, atol=0)
+    factors = [1.5, 4.0, 16.0]
+    for row, factor in zip(rope.yarn_rows(DIM, BASE, torch.tensor(factors), L0), factors):
+        theirs = hf("yarn", factor=factor, original_max_position_embeddings=L0)[0]
+        torch.testing.assert_close(row, theirs, rtol=1e-6, atol=0)
+    temperatures = rope.yarn_mscale_rows(torch.tensor([0.5, 1.0, 4.0, 32.0], dtype=torch.float64), 0.707)
+    assert temperatures.tolist() == pytest.approx([1.0, 1.0, 0.1 * 0.707 * math.log(4) + 1, 0.1 * 0.707 * math.log(32) + 1])

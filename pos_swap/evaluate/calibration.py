@@ -19,7 +19,6 @@ and nothing else: perplexity is not measured.
 """
 
 import json
-import math
 import time
 from pathlib import Path
 

@@ -38,14 +38,29 @@ def dynamic_ntk(
 ) -> tuple[torch.Tensor, float]:
     """Dynamic NTK (emozilla): native frequencies up to ``original_length``; beyond it the base grows with the
     length as base * (factor * L / L0 - (factor - 1))^(dim / (dim - 2)), transformers' ``dynamic`` rule."""
-    seq_len = max(seq_len, original_length)
-    grown = base * ((factor * seq_len / original_length) - (factor - 1)) ** (dim / (dim - 2))
-    return default_inv_freq(dim, grown, device), 1.0
+    return dynamic_ntk_rows(dim, base, factor, original_length, torch.tensor([seq_len], device=device))[0][0], 1.0
+
+
+def dynamic_ntk_rows(
+    dim: int, base: float, factor: float, original_length: int, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dynamic_ntk` for a length per sequence ``(B,)``: ``(inv_freq (B, F), scaling (B,))``, in tensor
+    operations only (torch.compile traces it without reading the lengths)."""
+    lengths = lengths.double().clamp(min=original_length)
+    grown = base * ((factor * lengths / original_length) - (factor - 1)) ** (dim / (dim - 2))  # (B,), float64
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=lengths.device).float() / dim
+    inv_freq = 1.0 / (grown[:, None].float() ** exponents)
+    return inv_freq, torch.ones(len(lengths), device=lengths.device)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_mscale_rows(factors: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:
+    """:func:`yarn_mscale` of a factor per sequence ``(B,)``, in tensor operations only."""
+    return torch.where(factors > 1, 0.1 * mscale * factors.clamp(min=1).log() + 1.0, torch.ones_like(factors))
 
 
 def yarn_correction_range(
@@ -83,14 +98,23 @@ def yarn(
             attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
         else:
             attention_factor = yarn_mscale(factor)
+    factors = torch.tensor([factor], device=device)
+    return yarn_rows(dim, base, factors, original_length, beta_fast, beta_slow, truncate)[0], float(attention_factor)
+
+
+def yarn_rows(dim: int, base: float, factors: torch.Tensor, original_length: int, beta_fast: float = 32.0,
+              beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:  # fmt: skip
+    """:func:`yarn`'s frequencies ``(B, F)`` for a factor per sequence ``(B,)`` (the temperature is the caller's:
+    :func:`yarn_mscale_rows`), in tensor operations only."""
+    device = factors.device
     low, high = yarn_correction_range(beta_fast, beta_slow, dim, base, original_length, truncate)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
     extrapolation_weight = 1 - ramp
     pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
-    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
-    return inv_freq, float(attention_factor)
+    interpolated = 1.0 / (factors.float()[:, None] * pos_freqs)
+    return interpolated * ramp + (1.0 / pos_freqs) * extrapolation_weight
 
 
 def longrope_attention_factor(factor: float, original_length: int) -> float:

@@ -28,8 +28,8 @@ class Dynamic(RopeScaling):
         """Factor target / trained (at least 1.25)."""
         return [{"factor": round(max(target / trained, 1.25), 2)}]
 
-    def frequencies(self, dim, base, seq_len=None):
-        return rope.dynamic_ntk(dim, base, self.config.factor, self.original_length, seq_len or self.original_length)
+    def per_sequence(self, dim, base, seq_lens):
+        return rope.dynamic_ntk_rows(dim, base, self.config.factor, self.original_length, seq_lens)
 
     def hf_rope_parameters(self, config, slot):
         # transformers uses whole-window frequencies and measures growth from max_position_embeddings

@@ -7,6 +7,8 @@ position (the default), rows within the trained context keep the short factors a
 
 import dataclasses
 
+import torch
+
 from .. import archs
 from ..errors import InvalidParameterError
 from ..functional import rope
@@ -47,11 +49,13 @@ class LongRope(RopeScaling):
         short = [1.0] * (min(dims) // 2) if dims else None
         return {**super().defaults(model), "short_factor": short}
 
-    def frequencies(self, dim, base, seq_len=None):
+    def per_sequence(self, dim, base, seq_lens):
         c = self.config
-        long = seq_len is not None and seq_len > self.original_length
         attention = c.attention_factor or rope.longrope_attention_factor(c.factor, self.original_length)
-        return rope.longrope(dim, base, c.long_factor if long else c.short_factor, attention)
+        short, long = (rope.longrope(dim, base, factors, attention, seq_lens.device)[0] for factors in
+                       (c.short_factor, c.long_factor))  # fmt: skip
+        inv_freq = torch.where((seq_lens > self.original_length)[:, None], long, short)
+        return inv_freq, torch.full((len(seq_lens),), attention, device=seq_lens.device)
 
     def hf_rope_parameters(self, config, slot):
         if self.block is not None:

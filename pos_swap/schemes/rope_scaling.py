@@ -45,7 +45,8 @@ def factor_param(example: float = 4.0):
 
 
 class RopeScaling(Scheme):
-    """Base of the RoPE-scaling family. Subclasses define :meth:`frequencies`."""
+    """Base of the RoPE-scaling family. A static rule defines :meth:`frequencies`, a length-following one
+    (``follows_length``) :meth:`per_sequence`."""
 
     families = (archs.ROTARY,)
     follows_length = False  # True: the frequencies depend on the current sequence length
@@ -53,10 +54,6 @@ class RopeScaling(Scheme):
     @classmethod
     def defaults(cls, model) -> dict:
         return {"original_max_position_embeddings": archs.trained_context(model.config)}
-
-    def frequencies(self, dim: int, base: float, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-        """``(inv_freq, attention_scaling)`` for a rotary of ``dim`` features and ``base``, at ``seq_len``."""
-        raise NotImplementedError
 
     def apply(self, patch) -> None:
         model = patch.model
@@ -74,13 +71,17 @@ class RopeScaling(Scheme):
         per position with this config's block, rows inside the trained context native."""
         return DeferredRotation(frequencies, self.block, self.original_length)
 
-    def per_sequence(self, dim: int, base: float, seq_lens: torch.Tensor):
-        """One row of frequencies and one scaling per sequence, from each one's own length ``(B,)``."""
-        lengths = seq_lens.tolist()
-        tables = {length: self.frequencies(dim, base, length) for length in set(lengths)}
-        inv_freq = torch.stack([tables[length][0] for length in lengths]).to(seq_lens.device)
-        scaling = torch.tensor([tables[length][1] for length in lengths], device=seq_lens.device)
-        return inv_freq, scaling
+    def frequencies(self, dim: int, base: float) -> tuple[torch.Tensor, float]:
+        """A static rule's ``(inv_freq, attention_scaling)`` for a rotary of ``dim`` features and ``base``."""
+        raise NotImplementedError
+
+    def per_sequence(self, dim: int, base: float, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inv_freq (B, F), scaling (B,))`` from each sequence's own length ``(B,)``: a static rule's rows are
+        all equal; a length-following rule overrides this in tensor operations only, so torch.compile traces a
+        decode step without reading the lengths."""
+        inv_freq, scaling = self.frequencies(dim, base)
+        rows = len(seq_lens)
+        return inv_freq.to(seq_lens.device).expand(rows, -1), torch.full((rows,), scaling, device=seq_lens.device)
 
     def causal_consistent(self) -> bool:
         """Static rules and per-position rows depend on their prefix only; whole-window rotation by the current

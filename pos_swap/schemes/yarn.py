@@ -5,6 +5,8 @@
 
 import dataclasses
 
+import torch
+
 from ..errors import InvalidParameterError
 from ..functional import rope
 from ..registry import MAX_FACTOR, greater_than, param, positive, register
@@ -81,14 +83,10 @@ class DynamicYarn(RopeScaling):
         """Its defaults (per-position frequencies), then whole-window ones (``per_position=False``)."""
         return [{}, {"per_position": False}]
 
-    def frequencies(self, dim, base, seq_len=None):
+    def per_sequence(self, dim, base, seq_lens):
         c = self.config
-        factor = max(1.0, (seq_len or self.original_length) / self.original_length)
-        if c.max_factor is not None:
-            factor = min(factor, c.max_factor)
-        if factor == 1.0:
-            return rope.default_inv_freq(dim, base), 1.0
-        temperature = rope.yarn_mscale(factor, c.mscale)
-        return rope.yarn(
-            dim, base, factor, self.original_length, c.beta_fast, c.beta_slow, temperature, truncate=c.truncate
-        )
+        factors = (seq_lens.double() / self.original_length).clamp(min=1.0, max=c.max_factor)
+        scaled = rope.yarn_rows(dim, base, factors, self.original_length, c.beta_fast, c.beta_slow, c.truncate)
+        native = rope.default_inv_freq(dim, base, seq_lens.device).expand_as(scaled)
+        inv_freq = torch.where(factors[:, None] > 1, scaled, native)  # exactly native inside the trained context
+        return inv_freq, rope.yarn_mscale_rows(factors, c.mscale).float()

@@ -331,9 +331,9 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
         shared = all(c.get("shared", False) for c in run.cells if c["task"] == task)
         sections.append(report.Section(
             f"{task} retrieval accuracy", table=table, images=images,
-            text=f"Exact match of the first number of a greedy, cached reply: hits/trials over depths and trials, "
-                 f"with the Wilson 95% interval; the first heatmap shows each depth. The second shows the continuous "
-                 f"score, the log-probability of the answer's tokens by teacher forcing (closer to 0 is better). "
+            text="Exact match of the first number of a greedy, cached reply: hits/trials over depths and trials, "
+                 "with the Wilson 95% interval; the first heatmap shows each depth. The second shows the continuous "
+                 "score, the log-probability of the answer's tokens by teacher forcing (closer to 0 is better). "
                  + ("Trials shared their filler prefix through one cache." if shared else
                     "Some schemes prefilled every prompt afresh (not causal-consistent, or --separate).")))  # fmt: skip
         sections.append(report.Section(f"{task} answer log-probability (mean over depths and trials)",

@@ -314,6 +314,11 @@ def summarize(model: nn.Module) -> dict:
             }
             for slot in rotary_slots(model)
         ]
+    if spec.hook_refusals:  # the first reason; the modules share it in every model seen so far
+        summary["attention_time_schemes"] = (
+            f"refused on {len(spec.hook_refusals)} attention module(s): {spec.hook_refusals[0][1]} The static "
+            f"frequency schemes (linear, ntk, yarn, llama3) apply."
+        )
     if spec.table:
         rows = position_table(model).num_embeddings - spec.table_offset
         summary["table"] = {"path": spec.table, "positions": rows, "offset": spec.table_offset}

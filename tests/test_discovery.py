@@ -182,6 +182,7 @@ def test_attention_time_schemes_are_refused_where_they_cannot_act(model_type, sa
     and a static scheme still equals transformers' rope_parameters."""
     model = coverage.build(model_type)
     assert archs.coverage(model)[0] == "discovery"
+    assert re.search(f"refused on [0-9]+ attention module.*{says}.*static", archs.summarize(model)["attention_time_schemes"])
     ids = torch.arange(3, 13)[None]
     native = coverage.logits(model, ids)
     for scheme, params in [("rerope", dict(window=4)), ("dynamic-yarn", dict(block=4)), ("self-extend", dict(group=4))]:

@@ -38,6 +38,9 @@ class ArchSpec:
     # (attention path, why) of the attention modules pos_swap's attention-time hooks cannot serve (learned sink
     # logits, positions the cache cannot tell); static schemes still work on them
     hook_refusals: tuple[tuple[str, str], ...] = ()
+    # (attention path, parameter) of the attention modules that add a learned per-head sink logit to their softmax
+    # (GPT-OSS's ``sinks``, handed to attention as ``s_aux``): pos_swap's own attention adds it too
+    sink_logits: tuple[tuple[str, str], ...] = ()
     scaled_layer_types: tuple[str, ...] | None = None  # per-layer-type rotary tables (Gemma 3): the ones to rescale
     table: str | None = None  # the learned absolute position table
     table_offset: int = 0  # rows the table skips before position 0 (OPT: 2)
@@ -218,6 +221,12 @@ def hook_refusal(model: nn.Module, modules) -> str | None:
     return next((refusals[names[id(m)]] for m in modules if names.get(id(m)) in refusals), None)
 
 
+def sink_attention(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(attention module, parameter name)`` of each attention module whose softmax has a learned per-head sink
+    logit, that parameter of the module (GPT-OSS's ``sinks``); [] for models without."""
+    return [(find_modules(model, path)[0], name) for path, name in lookup(model).sink_logits]
+
+
 def attention_modules(model: nn.Module, layer_type: str | None = None) -> list[nn.Module]:
     """The attention modules, optionally only those of one layer type (Gemma 3's ``full_attention``)."""
     spec = lookup(model)
@@ -329,13 +338,17 @@ def summarize(model: nn.Module) -> dict:
 TRACE = "pos_swap_trace"  # the attention implementation discovery runs a model under
 TRACE_TOKENS = 8
 WINDOWED = ("sliding_window", "attention_chunk_size")  # attributes of attention modules that see a window only
+UNKNOWN_SINKS = "?"  # what discovery records for sink logits handed to attention that are no parameter of the module
 
 
 def _record_and_silence(module, query, key, value, attention_mask, **kwargs):
-    """Discovery's attention function: remember the queries and keys a module hands to attention (already rotated)
-    and whether it hands over ``position_ids``, and return zeros, so no layer's input depends on the rotation and
-    the queries of two runs compare exactly."""
-    traced = (query.detach().clone(), key.detach().clone(), "position_ids" in kwargs, kwargs.get("s_aux") is not None)
+    """Discovery's attention function: remember the queries and keys a module hands to attention (already rotated),
+    whether it hands over ``position_ids``, and which of its own parameters it hands over as sink logits (``s_aux``:
+    its name, :data:`UNKNOWN_SINKS` for another tensor, None without); return zeros, so no layer's input depends on
+    the rotation and the queries of two runs compare exactly."""
+    sinks = kwargs.get("s_aux")
+    own = next((name for name, p in module.named_parameters(recurse=False) if p is sinks), UNKNOWN_SINKS)
+    traced = (query.detach().clone(), key.detach().clone(), "position_ids" in kwargs, None if sinks is None else own)
     module.__dict__.setdefault("_pos_swap_traced", []).append(traced)
     batch, _, length, _ = query.shape
     return value.new_zeros(batch, length, query.shape[1], value.shape[-1]), None
@@ -389,7 +402,7 @@ def discover(model: nn.Module) -> ArchSpec:
     if any(bool((slot.inv_freq == 0).any()) for slot in slots):
         raise refuse(model, "some planes of its rotary have frequency 0 (rope_type 'proportional', p-RoPE), which "
                             "pos_swap's frequency rules do not keep.")  # fmt: skip
-    reached = _trace(model, rotary, slots)  # [(path, layer type, pairing, why not hooked)]
+    reached, sink_logits = _trace(model, rotary, slots)  # [(path, layer type, pairing, why not hooked)]
     pairings = sorted({pairing for _, _, pairing, _ in reached}, key=rope.PAIRINGS.index)
     if len(pairings) > 1:
         raise refuse(model, f"its attention modules pair rotary features in different ways ({', '.join(pairings)}); "
@@ -406,7 +419,7 @@ def discover(model: nn.Module) -> ArchSpec:
         )
     targets, conv1d = _lora_targets(model, modules, names)
     return ArchSpec(
-        family=ROTARY, rotary=rotary_path, pairing=pairings[0], hook_refusals=hook_refusals,
+        family=ROTARY, rotary=rotary_path, pairing=pairings[0], hook_refusals=hook_refusals, sink_logits=sink_logits,
         attention=tuple(path for path, _ in reached),
         attention_layer_types=tuple(kind for _, kind in reached), scaled_layer_types=scaled,
         lora_targets=targets, lora_fan_in_fan_out=conv1d,
@@ -443,13 +456,14 @@ def _refuse_by_config(model: nn.Module) -> None:
 Traced = tuple[str, str | None, str, str | None]  # (path, layer type, pairing, why hooks cannot serve it or None)
 
 
-def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list[Traced]:
+def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> tuple[list[Traced], tuple[tuple[str, str], ...]]:
     """Run ``model`` on a few tokens under :func:`_record_and_silence`: with the rotary's output, with the identity
     rotation in its place, and once per table with that table's frequencies set to 0 as a patch sets them (the
     modules it leaves unrotated are that table's, even where two tables are equal, as in OLMo 3). Return
     ``(path, layer type, pairing, why attention-time hooks cannot serve it or None)`` of each attention module whose
-    queries and keys the rotary's output turns, in model order. Modules that no table turns (NoPE layers,
-    SmolLM3's) are left out."""
+    queries and keys the rotary's output turns, in model order (modules that no table turns, NoPE layers such as
+    SmolLM3's, left out), and ``(path, parameter)`` of every attention module whose softmax adds that parameter's
+    learned sink logits (:attr:`ArchSpec.sink_logits`)."""
     device = next(model.parameters()).device
     ids = (torch.arange(TRACE_TOKENS, device=device) * 7 + 3)[None] % model.config.vocab_size  # (1, L)
     positions = torch.arange(TRACE_TOKENS, device=device)[None]
@@ -464,11 +478,13 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
     zeroed = [_traced_run(model, rotary, ids, changes=slot.settings(torch.zeros_like(slot.inv_freq), 1.0))
               for slot in slots]  # fmt: skip
     names = {id(m): name for name, m in model.base_model.named_modules()}
-    reached = []
+    reached, sink_logits = [], []
     for module, calls in native.items():
         name = names[id(module)]
         if len(calls) != 1:
             raise refuse(model, f"its module '{name}' calls attention {len(calls)} times a forward.")
+        if calls[0][3] not in (None, UNKNOWN_SINKS):  # NoPE layers' sinks too: pos_swap routes their attention
+            sink_logits.append((name, calls[0][3]))
         (query, key, with_positions, sinks), (query0, key0, *_) = calls[0], identity[module][0]
         if torch.equal(query, query0) and torch.equal(key, key0):
             continue  # a layer without positions (NoPE)
@@ -491,9 +507,9 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
                 f"part placed elsewhere in the head."
             ))  # fmt: skip
         why_not_hooked = None
-        if sinks:
-            why_not_hooked = (f"its attention '{name}' adds learned sink logits (s_aux) to its softmax, which the "
-                              f"attention pos_swap computes there does not carry.")  # fmt: skip
+        if sinks == UNKNOWN_SINKS:
+            why_not_hooked = (f"its attention '{name}' adds learned sink logits (s_aux) to its softmax that are no "
+                              f"parameter of the module, so pos_swap's own attention cannot read them.")  # fmt: skip
         elif any(getattr(model.config, window, None) for window in WINDOWED) and not with_positions:
             why_not_hooked = (f"its attention '{name}' is not handed position_ids and the model windows attention "
                               f"({' / '.join(WINDOWED)}), so its cache holds fewer keys than positions and pos_swap "
@@ -501,7 +517,7 @@ def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> list
         reached.append((name, slot.layer_type, pairing, why_not_hooked))
     if not reached:
         raise refuse(model, "its rotary's output turns the queries and keys of none of its attention modules.")
-    return reached
+    return reached, tuple(sink_logits)
 
 
 def _traced_run(model: nn.Module, rotary: nn.Module, ids: torch.Tensor, identity: bool = False,

@@ -18,7 +18,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import fused
-from .attention_base import BLOCK_MIB, PREFIX, additive_mask, backend_of, row_indices, rows_per_block, score_dtype
+from .attention_base import (
+    BLOCK_MIB, PREFIX, additive_mask, backend_of, row_indices, rows_per_block, score_dtype, sink_logits,
+    softmax_with_sinks, with_sinks,
+)  # fmt: skip
 from .errors import IncompatibleSchemeError
 from .functional import rope
 
@@ -30,10 +33,20 @@ BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_atten
 
 
 def backend_function(module: torch.nn.Module, backend: str):
-    """The attention function ``backend`` resolves to for ``module`` (eager is each model file's own)."""
+    """The attention function ``backend`` resolves to for ``module`` (eager is each model file's own). sdpa has no
+    learned sink logits (GPT-OSS, which pos_swap routes to sdpa for its fused passes): :func:`chunked_attention`,
+    which adds them, stands in for it there."""
     if backend == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
+    if backend == "sdpa" and sink_logits(module) is not None:
+        return _attention_with_sinks
     return ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def _attention_with_sinks(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa's attention with the module's learned sink logits, in blocks of query rows."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return chunked_attention(module, query, key, value, attention_mask, scaling, dropout=dropout, softcap=kwargs.get("softcap"))
 
 
 def observers_of(module: torch.nn.Module) -> tuple:
@@ -302,8 +315,8 @@ class DeferredRotation(torch.nn.Module):
                 else:
                     k_cols = rope.rotate(key[:, :, cols], *k_table)
                 v_cols = value[:, :, cols]
-                out, _ = fused.shifted_causal_attention(kernel, q_rows, k_cols, v_cols, scale, first + rows.start)
-                out, probs = out.transpose(1, 2), None
+                out, lse = fused.shifted_causal_attention(kernel, q_rows, k_cols, v_cols, scale, first + rows.start)
+                out, probs = with_sinks(out, lse, sink_logits(module)).transpose(1, 2), None
                 if sample is not None:  # what the observed backend of the generic path shows them
                     mask = mask_block(attention_mask, module, rows, cols, first, query.dtype, query.device)
                     notify_blocks(module, q_rows, k_cols.clone(), mask, scale, span=span)  # the next span rewrites k_cols
@@ -459,12 +472,13 @@ def chunked_attention(
     The scores are either ``logits(rows, cols, query_rows, key_cols, mask) -> (B, H, C, W)`` (float32, already
     scaled; ``mask`` is the block's additive mask or None)
     or the scaled dot product plus ``bias(rows, cols) -> (B|1, H, C, W)``; a bias alone runs fused in SDPA unless
-    eager attention weights or a softcap (Gemma 2) are needed. Keys and values are repeated for grouped-query heads.
-    The module's observers (:func:`pos_swap.observe`) see the probabilities of the rows they watch. Returns
+    eager attention weights, a softcap (Gemma 2) or learned sink logits (GPT-OSS, :func:`sink_logits`: one more column
+    of the softmax) are needed. Keys and values are repeated for grouped-query heads. The module's observers (:func:`pos_swap.observe`) see the probabilities of the rows they watch. Returns
     ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
     """
     keep_weights = module.config._attn_implementation == PREFIX + "eager"
-    fused = logits is None and not keep_weights and softcap is None
+    sinks = sink_logits(module)
+    fused = logits is None and not keep_weights and softcap is None and sinks is None
     watched = None if fused else observed_rows(module, query.shape[2])
     if watched is not None:
         notify_queries_keys(module, query, key)
@@ -482,7 +496,7 @@ def chunked_attention(
             outputs.append(F.scaled_dot_product_attention(q_rows, k_cols, v_cols, extra, dropout_p=p, scale=scaling))
             continue
         scores = block_scores(rows, cols, q_rows, k_cols, mask, scaling, logits=logits, bias=bias, softcap=softcap)
-        probs = torch.softmax(scores, dim=-1)  # (B, H, C, W) float32, or float64 for float64 inputs
+        probs = softmax_with_sinks(scores, sinks)  # (B, H, C, W) float32, or float64 for float64 inputs
         if watched is not None:
             shown = watched[(watched >= rows.start) & (watched < rows.stop)]
             notify_probabilities(module, probs[:, :, shown - rows.start], shown, cols, (query.shape[2], k_len))

@@ -6,7 +6,34 @@ a block. Neither of those modules is imported here, so both can import this one.
 import torch
 
 PREFIX = "pos_swap_"  # the attention implementation names pos_swap registers: PREFIX + a transformers backend
+SINKS = "_pos_swap_sinks"  # the attribute naming an attention module's learned sink logits (:func:`sink_logits`)
 BLOCK_MIB = 64  # memory for the float32 scores of one block of query rows on the blockwise paths
+
+
+def sink_logits(module) -> torch.Tensor | None:
+    """The learned per-head sink logits ``(H,)`` the module's softmax adds as one more column (GPT-OSS's ``sinks``),
+    or None: the parameter a patch recorded on the module under :data:`SINKS` (from ``archs.sink_attention``)."""
+    name = module.__dict__.get(SINKS)
+    return None if name is None else getattr(module, name)
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(scores (B, H, C, W))`` over the keys and, with ``sinks (H,)``, one more column of each head's sink
+    logit, which is dropped afterwards: the rows then sum to less than 1, as in GPT-OSS's eager attention."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    column = sinks.to(scores.dtype)[:, None, None].expand(*scores.shape[:-1], 1)  # (B, H, C, 1)
+    return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+
+
+def with_sinks(output: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention ``output (B, H, L, D)`` with the log-sum-exp ``lse (B, H, L)`` of its scores, as with learned sink
+    logits ``sinks (H,)`` in its softmax: ``output * exp(lse) / (exp(lse) + exp(sink)) = output * sigmoid(lse -
+    sink)``. Apply it once per row, after every merge of passes; ``sinks`` None: ``output`` itself."""
+    if sinks is None:
+        return output
+    share = torch.sigmoid(lse - sinks.to(lse.dtype)[:, None])  # (B, H, L)
+    return (output.to(share.dtype) * share[..., None]).to(output.dtype)
 
 
 def backend_of(module) -> str:

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from . import archs, modifiers  # noqa: F401 - registers the modifiers
 from .attention import HOOK, OBSERVERS, PAIRING, PREFIX, observers_of, routed_name
+from .attention_base import SINKS
 from .errors import AlreadyPatchedError, IncompatibleSchemeError, NotPatchedError, PosSwapError
 from .registry import Modifier, Scheme, get_scheme, split_modifiers
 
@@ -108,11 +109,14 @@ class Patch:
         """Send the model's attention through pos_swap's function, wrapping ``backend`` (default: the current
         one). The backend also decides which mask transformers builds for the model. Attention modules whose
         rotary pairs are not rotate-half (Cohere's interleaved pairs) get their pairing, by which the function
-        reorders their queries and keys into rotate-half pairs: the pairs pos_swap's rotation turns."""
+        reorders their queries and keys into rotate-half pairs: the pairs pos_swap's rotation turns. Modules with
+        learned sink logits (GPT-OSS) get the name of that parameter, which pos_swap's attention reads."""
         config = self.model.config
         self.set(config, "_attn_implementation", routed_name(config, backend))
         for module, rot_dim, pairing in archs.reordered_attention(self.model):
             self.set(module, PAIRING, (rot_dim, pairing))
+        for module, parameter in archs.sink_attention(self.model):  # pos_swap's own attention adds them too
+            self.set(module, SINKS, parameter)
         who = f"pos_swap scheme '{self.scheme.name}'" if self.scheme else "pos_swap.observe"
         pinned = PinnedBackend(who, config._attn_implementation)
         for module in self.model.modules():  # the model and its inner PreTrainedModels share the config

@@ -28,7 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .attention_base import additive_mask, backend_of, rows_per_block, score_dtype
+from .attention_base import additive_mask, backend_of, rows_per_block, score_dtype, softmax_with_sinks, with_sinks
 from .errors import InvalidParameterError
 
 # Query rows per pass. The CPU kernel splits queries finely below 768 rows (slower), and ALiBi's folded bias near
@@ -81,12 +81,12 @@ class Kernel:
     def __call__(self, query, key, value, scale: float, *, causal: bool = False, mask=None):
         raise NotImplementedError
 
-    def folded(self, query, key, value, scale: float, shift: int, mask=None) -> torch.Tensor:
-        """The output alone, rows seeing key slots up to their own plus ``shift`` (or as ``mask`` says): ALiBi's
+    def folded(self, query, key, value, scale: float, shift: int, mask=None):
+        """``(output, lse)``, rows seeing key slots up to their own plus ``shift`` (or as ``mask`` says): ALiBi's
         folded path (:func:`alibi_attention`) on this kernel."""
         if mask is None:
-            return shifted_causal_attention(self, query, key, value, scale, shift)[0]
-        return self(query, key, value, scale, mask=mask)[0]
+            return shifted_causal_attention(self, query, key, value, scale, shift)
+        return self(query, key, value, scale, mask=mask)
 
     def __repr__(self) -> str:
         return self.name
@@ -169,9 +169,9 @@ def _causal_block_mask(q_len: int, k_len: int, device: str):
     return FLEX[2](lambda b, h, q, k: k <= q, None, None, q_len, k_len, device=device)
 
 
-def sdpa_output(query, key, value, scale: float, shift: int, mask=None) -> torch.Tensor:
+def sdpa_output(query, key, value, scale: float, shift: int, mask=None) -> tuple[torch.Tensor, None]:
     """ALiBi's folded attention in plain ``scaled_dot_product_attention`` (flash or efficient kernel on CUDA,
-    gradients included): rows see key slots up to their own plus ``shift = Lk - Lq`` (bottom-right causal), or
+    gradients included), and no log-sum-exp: rows see key slots up to their own plus ``shift = Lk - Lq`` (bottom-right causal), or
     as the additive ``mask`` says. Head dims are padded with zeros to a multiple of 8, as the CUDA kernels want."""
     from torch.nn.attention.bias import causal_lower_right
 
@@ -181,7 +181,7 @@ def sdpa_output(query, key, value, scale: float, shift: int, mask=None) -> torch
         assert shift == key.shape[2] - query.shape[2], "the folded blocks end at their last query's key slot"
         mask = causal_lower_right(query.shape[2], key.shape[2])
     gqa = key.shape[1] != query.shape[1]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)[..., :dim]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)[..., :dim], None
 
 
 CPU_FLASH = CpuFlash()
@@ -289,12 +289,14 @@ def blocks_apply(module, query: torch.Tensor, softcap=None, *parameters: torch.T
     )  # fmt: skip
 
 
-def folded_attend_for(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor, dropout=0.0):
+def folded_attend_for(module, query: torch.Tensor, softcap=None, *parameters: torch.Tensor, dropout=0.0,
+                      sinks: bool = False):  # fmt: skip
     """What ALiBi's folded features attend with (:func:`alibi_attention`'s ``attend``), or None for the chunked
     path: :func:`sdpa_output` off the CPU (and for :data:`SETTING` ``sdpa``), which needs no log-sum-exp and
-    carries gradients; else the passes' kernel (:func:`kernel_for`)."""
+    carries gradients, except for a module with learned ``sinks``, whose correction needs the log-sum-exp; else
+    the passes' kernel (:func:`kernel_for`)."""
     choice = setting()
-    if choice == "sdpa" or (choice == "auto" and query.device.type != "cpu"):
+    if not sinks and (choice == "sdpa" or (choice == "auto" and query.device.type != "cpu")):
         return sdpa_output if _inference_or_no_dropout(module, softcap, dropout) else None
     kernel = kernel_for(module, query, softcap, *parameters, dropout=dropout)
     return None if kernel is None else kernel.folded
@@ -348,10 +350,11 @@ def _fold(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, features.expand(*x.shape[:-1], features.shape[-1])], dim=-1)
 
 
-def alibi_attention(attend, query, key, value, slopes, query_positions, key_positions, scale, *, first_query, mask):
+def alibi_attention(attend, query, key, value, slopes, query_positions, key_positions, scale, *, first_query, mask,
+                    sinks=None):  # fmt: skip
     """ALiBi, -slope·(i - j), causal, in one plain attention per block: ``(B, Lq, H, D)`` like the attention
-    functions. ``attend(query, key, value, scale, shift, mask)`` is :func:`sdpa_output` or a kernel's
-    :meth:`Kernel.folded`.
+    functions. ``attend(query, key, value, scale, shift, mask) -> (output, lse or None)`` is :func:`sdpa_output` or
+    a kernel's :meth:`Kernel.folded`; learned per-head ``sinks (H,)`` (:func:`with_sinks`) need the lse.
 
     Per block of query rows around position c, the bias is slope·(j - c) plus a row constant the softmax drops:
     q gets slope/scale and k gets j - c as extra features (each split in two terms, :func:`two_terms`), so the
@@ -376,7 +379,11 @@ def alibi_attention(attend, query, key, value, slopes, query_positions, key_posi
         if mask is not None:
             block_mask = additive_mask(mask, None, rows, cols, first_query, query.device)
             block_mask = block_mask.to(query.dtype).clamp(min=torch.finfo(query.dtype).min)
-        outputs.append(attend(block_query, block_key, block_value, scale, first_query + rows.start, block_mask))
+        out, lse = attend(block_query, block_key, block_value, scale, first_query + rows.start, block_mask)
+        if sinks is not None:  # the true scores' lse: the fold dropped the row constant -slope·(i - c)
+            dropped = (query_positions[:, rows] - query_positions[:, middle : middle + 1]).to(exact)  # (B, C)
+            out = with_sinks(out, lse - slopes.to(lse)[:, None] * dropped[:, None], sinks)
+        outputs.append(out)
     return torch.cat(outputs, dim=2)[..., :dim].transpose(1, 2).contiguous()
 
 
@@ -400,42 +407,43 @@ def band_attention(kernel: Kernel, query, key, value, scale: float, first_query:
     return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
 
 
-def windowed_attention(kernel: Kernel, near, far, value, scale: float, first_query: int, window: int):
+def windowed_attention(kernel: Kernel, near, far, value, scale: float, first_query: int, window: int, sinks=None):
     """Causal attention ``(B, Lq, H, D)`` in which keys closer than ``window`` slots score with ``near = (query,
     key)`` and farther keys with ``far = (query, key)`` (each rotated at its own positions), in fused passes
     merged by log-sum-exp; no padding mask. Self-Extend's far pair uses grouped positions; ReRoPE's would be the
-    query at position ``window`` and the unrotated key (leaky ReRoPE: positions i/k + W - W/k and j/k)."""
+    query at position ``window`` and the unrotated key (leaky ReRoPE: positions i/k + W - W/k and j/k). ``sinks``:
+    learned per-head sink logits ``(H,)`` (:func:`with_sinks`) or None."""
     neighbours = band_attention(kernel, *near, value, scale, first_query, window)
     distant = shifted_causal_attention(kernel, *far, value, scale, first_query - window)
-    output, _ = merge_by_lse([neighbours, distant])
-    return output.transpose(1, 2).contiguous()
+    return with_sinks(*merge_by_lse([neighbours, distant]), sinks).transpose(1, 2).contiguous()
 
 
 def sink_attention(kernel: Kernel, near_query, far_query, key, value, scale: float, first_query: int, sink_tokens: int,
-                   window: int):  # fmt: skip
+                   window: int, sinks=None):  # fmt: skip
     """Attention sinks ``(B, Lq, H, D)``, causal, no padding: query row r (key slot s = first_query + r) sees the
     ``window + 1`` slots up to its own with ``near_query`` and the first ``sink_tokens`` slots before those with
-    ``far_query`` (rotated at its place in the cache), in two fused passes merged by log-sum-exp."""
+    ``far_query`` (rotated at its place in the cache), in two fused passes merged by log-sum-exp. ``sinks``: learned
+    per-head sink logits ``(H,)`` (:func:`with_sinks`, not the sink tokens) or None."""
     neighbours = band_attention(kernel, near_query, key, value, scale, first_query, window + 1)
     sink_tokens = min(sink_tokens, key.shape[2])
     if sink_tokens == 0:
-        return neighbours[0].transpose(1, 2).contiguous()
+        return with_sinks(*neighbours, sinks).transpose(1, 2).contiguous()
     slots = torch.arange(first_query, first_query + near_query.shape[2], device=near_query.device)[:, None]  # (Lq, 1)
     seen = torch.arange(sink_tokens, device=key.device)[None] < slots - window  # (Lq, S): sinks beyond the band
     mask = torch.zeros(seen.shape, dtype=far_query.dtype, device=key.device)
     mask = mask.masked_fill(~seen, torch.finfo(far_query.dtype).min)[None, None]
     out, lse = kernel(far_query, key[:, :, :sink_tokens], value[:, :, :sink_tokens], scale, mask=mask)
-    output, _ = merge_by_lse([neighbours, (out, lse.masked_fill(~seen.any(-1), float("-inf")))])
-    return output.transpose(1, 2).contiguous()
+    merged = merge_by_lse([neighbours, (out, lse.masked_fill(~seen.any(-1), float("-inf")))])
+    return with_sinks(*merged, sinks).transpose(1, 2).contiguous()
 
 
 def dual_chunk_attention(kernel: Kernel, intra, successive, inter, key, value, scale: float, first_query: int,
-                         first_position: int, length: int):  # fmt: skip
+                         first_position: int, length: int, sinks=None):  # fmt: skip
     """Dual Chunk Attention ``(B, Lq, H, D)``, causal, no padding mask. Query row r (key slot first_query + r, at
     position first_position + r; every slot c at c + first_position - first_query) sees the keys of its own chunk of
     ``length`` positions with the ``intra`` query (causal), the chunk before with ``successive`` and older chunks
     with ``inter``: per chunk of queries at most three fused passes, merged by log-sum-exp. ``key`` is rotated at
-    each key's place in its chunk."""
+    each key's place in its chunk. ``sinks``: learned per-head sink logits ``(H,)`` (:func:`with_sinks`) or None."""
     q_len = intra.shape[2]
     offset = first_position - first_query
     outputs = []
@@ -449,18 +457,19 @@ def dual_chunk_attention(kernel: Kernel, intra, successive, inter, key, value, s
         for query, cols in ((successive, slice(previous, own)), (inter, slice(0, previous))):
             if cols.start < cols.stop:
                 parts.append(kernel(query[:, :, rows], key[:, :, cols], value[:, :, cols], scale))
-        outputs.append(merge_by_lse(parts)[0])
+        outputs.append(with_sinks(*merge_by_lse(parts), sinks))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
-def cope_attention(query, key, value, table, scale: float, first_query: int):
+def cope_attention(query, key, value, table, scale: float, first_query: int, sinks=None):
     """CoPE attention ``(B, Lq, H, D)``, causal, no padding mask, equal to
     :func:`pos_swap.functional.cope.logits` followed by a softmax. Query row r sits at key slot first_query + r;
     ``key``/``value`` may have fewer heads (grouped queries share consecutive heads), ``table`` is ``(npos, D)``.
 
     Keys are read newest first, so a row's contextual positions are a plain cumulative sum of its gates and grow
     along the columns; once every row of a block reaches npos - 1, the older keys all take the table's last logit
-    and their gates are never computed. Blocks of rows are sized to ``COPE_BLOCK_BYTES``."""
+    and their gates are never computed. Blocks of rows are sized to ``COPE_BLOCK_BYTES``. ``sinks``: learned per-head
+    sink logits ``(H,)`` (one more softmax column, :func:`softmax_with_sinks`) or None."""
     batch, heads, q_len, dim = query.shape
     kv_heads, last = key.shape[1], table.shape[0] - 1
     group = heads // kv_heads
@@ -480,7 +489,7 @@ def cope_attention(query, key, value, table, scale: float, first_query: int):
         later = newest - torch.arange(count, device=query.device) > slots  # (C, C): the keys a row may not see
         _add_positions(scores, later, per_integer[:, :, rows], step[:, :, rows], last)
         scores[..., :count].masked_fill_(later, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(value.dtype).view(batch, kv_heads, group * count, -1)
+        probs = softmax_with_sinks(scores, sinks).to(value.dtype).view(batch, kv_heads, group * count, -1)
         outputs.append((probs @ values).view(batch, heads, count, -1))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 

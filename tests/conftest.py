@@ -182,12 +182,14 @@ def plain_params(scheme: str, model) -> dict:
     return {**params, "per_position": False} if scheme in ("dynamic", "dynamic-yarn", "longrope") else params
 
 
-def eager_weights_and_float64_reference(model, layer_index: int, ids, distance, allowed=None, logit_scale=1.0, bias=None):
+def eager_weights_and_float64_reference(model, layer_index: int, ids, distance, allowed=None, logit_scale=1.0, bias=None,
+                                        sinks=None):  # fmt: skip
     """The eager attention weights ``(B, H, L, L)`` one layer of a patched LLaMA-like ``model`` returns for ``ids``,
     and their reference computed in float64 from that layer's own q and k: RoPE makes each score
     Re(sum_f q_f conj(k_f) e^{i r theta_f}) with r = ``distance (L, L)``, the relative position the scheme defines,
     over the keys ``allowed (L, L)`` (default: causal), times ``logit_scale`` (a number, or ``(L, 1)`` per query
-    row), plus ``bias (H, L, L)`` if given. ``distance`` may give each rotary plane its own: ``(L, L, D/2)`` (DPE)."""
+    row), plus ``bias (H, L, L)`` if given. ``distance`` may give each rotary plane its own: ``(L, L, D/2)`` (DPE).
+    ``sinks (H,)``: learned sink logits, one more softmax column per head, dropped afterwards (GPT-OSS)."""
     attention = model.model.layers[layer_index].self_attn
     captured = {}
     attention.register_forward_pre_hook(lambda m, args, kwargs: captured.update(kwargs), with_kwargs=True)
@@ -209,7 +211,12 @@ def eager_weights_and_float64_reference(model, layer_index: int, ids, distance, 
     scores = torch.einsum("bhif,bhjf,ijf->bhij", zq, zk.conj(), phase).real * dim**-0.5 * logit_scale  # (B, H, L, L)
     scores = scores if bias is None else scores + bias
     allowed = torch.ones(length, length, dtype=torch.bool).tril() if allowed is None else allowed
-    return weights, torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        return weights, torch.softmax(scores, dim=-1)
+    exp_sinks = sinks.double().exp()[:, None, None]  # (H, 1, 1)
+    exp_scores = scores.exp()
+    return weights, exp_scores / (exp_scores.sum(-1, keepdim=True) + exp_sinks)
 
 
 def transformers_reference(model, rope_parameters_by_slot: dict):

@@ -427,7 +427,7 @@ def test_alibi_folds_into_plain_sdpa_off_the_cpu_and_a_bad_setting_is_one_clear_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sdpa_output_equals_bottom_right_causal_float64_math(dtype):
     query, key, value = (x.to(dtype) for x in random_qkv(q_len=11, k_len=19, dim=13))  # 13: padded to 16 inside
-    out = fused.sdpa_output(query, key[:, :1], value[:, :1], 0.3, 8)  # grouped: one key head
+    out, _ = fused.sdpa_output(query, key[:, :1], value[:, :1], 0.3, 8)  # grouped: one key head
     allowed = torch.arange(19)[None, :] <= torch.arange(11)[:, None] + 8
     expected, _ = reference_attention(query, key[:, :1].expand_as(key), value[:, :1].expand_as(value), 0.3, allowed)
     torch.testing.assert_close(out.double(), expected, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)

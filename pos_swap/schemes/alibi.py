@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from .. import archs, fused
-from ..attention import backend_of, chunked_attention, first_query_slot, notify_blocks, observers_of, positions
+from ..attention import (
+    backend_of, chunked_attention, chunked_backend, first_query_slot, notify_blocks, observers_of, positions, sink_logits,
+)  # fmt: skip
 from ..attention_base import BLOCK_MIB, score_dtype
 from ..errors import InvalidParameterError
 from ..functional import alibi
@@ -57,6 +59,7 @@ class AlibiBias(nn.Module):
 
     def forward(self, inner, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        sinks = sink_logits(module)  # learned sink logits (GPT-OSS), which the folded and chunked paths add
         if backend_of(module) == "flex_attention" and not observers_of(module):  # observers need the chunked path
             shift = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             return self._flex(query, key, value, attention_mask, scaling, shift)
@@ -65,11 +68,14 @@ class AlibiBias(nn.Module):
         def bias(rows, cols):
             return alibi.bias(q_pos[:, rows], k_pos[:, cols], self.slopes, self.symmetric, score_dtype(query.dtype))
 
-        attend = fused.folded_attend_for(module, query, kwargs.get("softcap"), self.slopes, dropout=dropout)
+        attend = fused.folded_attend_for(
+            module, query, kwargs.get("softcap"), self.slopes, dropout=dropout, sinks=sinks is not None
+        )
         if attend is not None and getattr(module, "is_causal", True):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             output = fused.alibi_attention(
-                attend, query, key, value, self.slopes, q_pos, k_pos, scaling, first_query=first, mask=attention_mask
+                attend, query, key, value, self.slopes, q_pos, k_pos, scaling, first_query=first, mask=attention_mask,
+                sinks=sinks,
             )
             notify_blocks(module, query, key, attention_mask, scaling, bias=bias)  # observers, if any
             return output, None
@@ -114,4 +120,6 @@ class Alibi(Scheme):
             make = lambda module: AlibiBias(slopes, True, symmetric, c.chunk_mib)  # noqa: E731 - one set per layer
         else:
             make = AlibiBias(slopes, False, symmetric, c.chunk_mib)
-        patch.hook_attention(archs.attention_modules(model), make)
+        # flex's score_mod cannot add learned sink logits (GPT-OSS): such a model takes the folded passes on sdpa
+        backend = chunked_backend(model) if archs.sink_attention(model) else None
+        patch.hook_attention(archs.attention_modules(model), make, backend=backend)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import archs
 from .. import fused
-from ..attention import causal_only, chunked_attention, chunked_backend, first_query_slot, observers_of
+from ..attention import causal_only, chunked_attention, chunked_backend, first_query_slot, observers_of, sink_logits
 from ..errors import InvalidParameterError
 from ..functional import cope
 from ..registry import Scheme, SchemeConfig, greater_than, param, register
@@ -58,7 +58,7 @@ class CoPE(nn.Module):
             fused.blocks_apply(module, query, kwargs.get("softcap"), self.table) and causal_only(attention_mask, first)
             and not observers_of(module)  # they are shown the chunked path's probabilities
         ):  # fmt: skip
-            return fused.cope_attention(query, key, value, self.table, scaling, first), None
+            return fused.cope_attention(query, key, value, self.table, scaling, first, sink_logits(module)), None
 
         def logits(rows, cols, q_rows, keys, mask):
             return cope.logits(q_rows, keys, self.table, mask, scaling)  # (B, H, C, W); masked gates: 0

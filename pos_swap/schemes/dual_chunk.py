@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import archs, fused
-from ..attention import chunked_attention, first_query_slot, notify_blocks, positions, scaled_scores
+from ..attention import chunked_attention, first_query_slot, notify_blocks, positions, scaled_scores, sink_logits
 from ..errors import InvalidParameterError
 from ..functional import dual_chunk, rope
 from ..registry import MAX_POSITIONS, greater_than, param, register
@@ -84,7 +84,8 @@ class DualChunkAttention(nn.Module):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             length = self.chunk_size - self.local_window
             output = fused.dual_chunk_attention(
-                kernel, intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length
+                kernel, intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length,
+                sinks=sink_logits(module),
             )
             notify_blocks(module, intra, chunk_keys, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from .. import archs, fused
-from ..attention import chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions, scaled_scores
+from ..attention import (
+    chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions, scaled_scores, sink_logits,
+)  # fmt: skip
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
 from ..registry import MAX_FACTOR, MAX_POSITIONS, Scheme, SchemeConfig, greater_than, param, register
@@ -104,7 +106,7 @@ class GroupedAttention(nn.Module):
         if attention_mask is None and kernel is not None and _slots(q_pos):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             near, far = (near_query, near_key), (far_query, far_key)
-            output = fused.windowed_attention(kernel, near, far, value, scaling, first, self.window)
+            output = fused.windowed_attention(kernel, near, far, value, scaling, first, self.window, sink_logits(module))
             notify_blocks(module, near_query, near_key, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None
         return chunked_attention(

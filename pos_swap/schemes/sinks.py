@@ -21,7 +21,9 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import archs, fused
-from ..attention import HOOK, additive_mask, chunked_attention, chunked_backend, first_query_slot, notify_blocks, scaled_scores
+from ..attention import (
+    HOOK, additive_mask, chunked_attention, chunked_backend, first_query_slot, notify_blocks, scaled_scores, sink_logits,
+)  # fmt: skip
 from ..engine import current_patch, resolve
 from ..errors import IncompatibleSchemeError, NotPatchedError, PosSwapError
 from ..functional import rope, sinks
@@ -122,7 +124,9 @@ class SinkAttention(nn.Module):
 
         kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=dropout)
         if kernel is not None and _bands_apply(k_rank, first, *sizes):
-            output = fused.sink_attention(kernel, near_query, far_query, keys, value, scaling, first, *sizes)
+            output = fused.sink_attention(
+                kernel, near_query, far_query, keys, value, scaling, first, *sizes, sinks=sink_logits(module)
+            )
             notify_blocks(module, near_query, keys, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None
         if from_sink_cache:  # a mask for the few keys the cache holds: (B, 1, Lq, S + W + Lq) at most

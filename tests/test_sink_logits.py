@@ -8,6 +8,7 @@ from transformers import GptOssConfig, GptOssForCausalLM
 
 import pos_swap
 from pos_swap import archs, fused
+from pos_swap.errors import IncompatibleSchemeError
 from pos_swap.attention_base import softmax_with_sinks, with_sinks
 from pos_swap.functional import string
 from conftest import (
@@ -178,3 +179,17 @@ def test_flint_no_rope_layers_keep_their_sinks_on_the_sdpa_route():
     pos_swap.patch(native_model, "rerope", window=10)
     assert native_model.config._attn_implementation == "pos_swap_sdpa"
     torch.testing.assert_close(logits(native_model, ids), native, rtol=0, atol=2e-5)
+
+
+def test_sink_logits_that_are_no_parameter_of_the_module_are_refused_by_name():
+    """Sinks handed to attention from elsewhere (a plain tensor here) cannot be read by pos_swap's own attention:
+    the attention-time schemes are refused, naming why, and the model is left unchanged."""
+    model = tiny_gpt_oss()
+    attention = model.model.layers[1].self_attn
+    sinks = attention.sinks.detach().clone()
+    del attention.sinks
+    attention.sinks = sinks  # an attribute, not a parameter
+    native = logits(model, IDS)
+    with pytest.raises(IncompatibleSchemeError, match="layers.1.self_attn' adds learned sink logits"):
+        pos_swap.patch(model, "rerope", window=8)
+    assert pos_swap.describe(model) is None and torch.equal(logits(model, IDS), native)

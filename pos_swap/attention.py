@@ -105,7 +105,7 @@ def notify_blocks(module, query, key, attention_mask, scaling, *, budget_mib=BLO
         mask = additive_mask(attention_mask, module, rows, cols, first_query, query.device)
         scores_ = block_scores(rows, cols, query[:, :, rows], key[:, :, cols], mask, scaling, **scores)
         at, shape = (rows, (q_len, k_len)) if span is None else (rows + span.offset, span.shape)
-        notify_probabilities(module, torch.softmax(scores_, dim=-1), at, cols, shape)
+        notify_probabilities(module, softmax_with_sinks(scores_, sink_logits(module)), at, cols, shape)
 
 
 class Span(typing.NamedTuple):

@@ -193,3 +193,33 @@ def test_sink_logits_that_are_no_parameter_of_the_module_are_refused_by_name():
     with pytest.raises(IncompatibleSchemeError, match="layers.1.self_attn' adds learned sink logits"):
         pos_swap.patch(model, "rerope", window=8)
     assert pos_swap.describe(model) is None and torch.equal(logits(model, IDS), native)
+
+
+class RowSums:
+    """An observer that keeps, per attention module, the sum of each shown row's probabilities ``(B, H, C)``."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def queries_keys(self, module, query, key):
+        pass
+
+    def probabilities(self, module, probs, rows, cols, shape):
+        self.sums.setdefault(module, []).append(probs.sum(-1))
+
+
+def test_observers_see_the_weights_of_the_real_keys_on_the_fused_path():
+    """Observers of the fused passes (flex-loaded GPT-OSS under rerope) are shown rows that sum to what the eager
+    route returns as weights: less than 1, the sink taking the rest."""
+    eager = tiny_gpt_oss("eager")
+    pos_swap.patch(eager, "rerope", window=8)
+    with torch.no_grad():
+        weights = eager(IDS, output_attentions=True).attentions[1]  # (B, H, L, L)
+    model = tiny_gpt_oss("flex_attention")
+    pos_swap.patch(model, "rerope", window=8)
+    observer = RowSums()
+    with pos_swap.observe(model, observer):
+        logits(model, IDS)
+    shown = torch.cat(observer.sums[model.model.layers[1].self_attn], dim=-1)  # (B, H, L)
+    torch.testing.assert_close(shown, weights.sum(-1), rtol=0, atol=1e-5)
+    assert float(shown.min()) < 0.9

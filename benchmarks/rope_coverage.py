@@ -12,8 +12,8 @@ discovery, pos_swap/archs.py), and check:
                  trained context as long as the input rotate queries and keys at attention time (pos_swap's
                  rotation, in the pairs discovery found) with the native frequencies: their logits equal the
                  unpatched model's. (b) alone would not see a wrong pairing: cache and recomputation would share it.
-A type on which pos_swap refuses the attention-time schemes (Llama 4: positions its cache cannot tell) is ``refused``, with (a) and
-(c) checked.
+A type on which pos_swap refuses the attention-time schemes (Llama 4: positions its cache cannot tell) is
+``refused``, with (a) and (c) checked.
 Each type is ``pass``, ``refused`` (pos_swap says why), ``failing`` (which check) or ``cannot-build`` (why).
 
     python benchmarks/rope_coverage.py --out rope_coverage.json          # every type (tens of minutes)

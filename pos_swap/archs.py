@@ -456,7 +456,9 @@ def _refuse_by_config(model: nn.Module) -> None:
 Traced = tuple[str, str | None, str, str | None]  # (path, layer type, pairing, why hooks cannot serve it or None)
 
 
-def _trace(model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]) -> tuple[list[Traced], tuple[tuple[str, str], ...]]:
+def _trace(
+    model: nn.Module, rotary: nn.Module, slots: list[RotarySlot]
+) -> tuple[list[Traced], tuple[tuple[str, str], ...]]:
     """Run ``model`` on a few tokens under :func:`_record_and_silence`: with the rotary's output, with the identity
     rotation in its place, and once per table with that table's frequencies set to 0 as a patch sets them (the
     modules it leaves unrotated are that table's, even where two tables are equal, as in OLMo 3). Return

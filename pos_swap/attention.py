@@ -46,7 +46,8 @@ def backend_function(module: torch.nn.Module, backend: str):
 def _attention_with_sinks(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """sdpa's attention with the module's learned sink logits, in blocks of query rows."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return chunked_attention(module, query, key, value, attention_mask, scaling, dropout=dropout, softcap=kwargs.get("softcap"))
+    softcap = kwargs.get("softcap")
+    return chunked_attention(module, query, key, value, attention_mask, scaling, dropout=dropout, softcap=softcap)
 
 
 def observers_of(module: torch.nn.Module) -> tuple:
@@ -473,7 +474,8 @@ def chunked_attention(
     scaled; ``mask`` is the block's additive mask or None)
     or the scaled dot product plus ``bias(rows, cols) -> (B|1, H, C, W)``; a bias alone runs fused in SDPA unless
     eager attention weights, a softcap (Gemma 2) or learned sink logits (GPT-OSS, :func:`sink_logits`: one more column
-    of the softmax) are needed. Keys and values are repeated for grouped-query heads. The module's observers (:func:`pos_swap.observe`) see the probabilities of the rows they watch. Returns
+    of the softmax) are needed. Keys and values are repeated for grouped-query heads. The module's observers
+    (:func:`pos_swap.observe`) see the probabilities of the rows they watch. Returns
     ``(output (B, Lq, H, D), weights (B, H, Lq, Lk) or None)``; weights only when the model chose eager.
     """
     keep_weights = module.config._attn_implementation == PREFIX + "eager"

@@ -171,8 +171,9 @@ def _causal_block_mask(q_len: int, k_len: int, device: str):
 
 def sdpa_output(query, key, value, scale: float, shift: int, mask=None) -> tuple[torch.Tensor, None]:
     """ALiBi's folded attention in plain ``scaled_dot_product_attention`` (flash or efficient kernel on CUDA,
-    gradients included), and no log-sum-exp: rows see key slots up to their own plus ``shift = Lk - Lq`` (bottom-right causal), or
-    as the additive ``mask`` says. Head dims are padded with zeros to a multiple of 8, as the CUDA kernels want."""
+    gradients included), and no log-sum-exp: rows see key slots up to their own plus ``shift = Lk - Lq``
+    (bottom-right causal), or as the additive ``mask`` says. Head dims are padded with zeros to a multiple of 8, as
+    the CUDA kernels want."""
     from torch.nn.attention.bias import causal_lower_right
 
     dim = value.shape[-1]
@@ -181,7 +182,8 @@ def sdpa_output(query, key, value, scale: float, shift: int, mask=None) -> tuple
         assert shift == key.shape[2] - query.shape[2], "the folded blocks end at their last query's key slot"
         mask = causal_lower_right(query.shape[2], key.shape[2])
     gqa = key.shape[1] != query.shape[1]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)[..., :dim], None
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return output[..., :dim], None
 
 
 CPU_FLASH = CpuFlash()

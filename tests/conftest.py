@@ -182,8 +182,9 @@ def plain_params(scheme: str, model) -> dict:
     return {**params, "per_position": False} if scheme in ("dynamic", "dynamic-yarn", "longrope") else params
 
 
-def eager_weights_and_float64_reference(model, layer_index: int, ids, distance, allowed=None, logit_scale=1.0, bias=None,
-                                        sinks=None):  # fmt: skip
+def eager_weights_and_float64_reference(
+    model, layer_index: int, ids, distance, allowed=None, logit_scale=1.0, bias=None, sinks=None
+):
     """The eager attention weights ``(B, H, L, L)`` one layer of a patched LLaMA-like ``model`` returns for ``ids``,
     and their reference computed in float64 from that layer's own q and k: RoPE makes each score
     Re(sum_f q_f conj(k_f) e^{i r theta_f}) with r = ``distance (L, L)``, the relative position the scheme defines,

@@ -81,7 +81,8 @@ def hand_reference(scheme: str, params: dict, length: int):
         distance = [[self_extend_distance(i, j, **params) for j in range(length)] for i in range(length)]
         return torch.tensor(distance), None, None
     if scheme == "string":
-        return torch.tensor([[string_distance(i, j, **params) for j in range(length)] for i in range(length)]), None, None
+        distance = [[string_distance(i, j, **params) for j in range(length)] for i in range(length)]
+        return torch.tensor(distance), None, None
     if scheme == "sinks":
         seen, distance = streaming_by_hand(length, **params)
         return distance, seen, None
@@ -90,7 +91,10 @@ def hand_reference(scheme: str, params: dict, length: int):
     return torch.zeros(length, length), causal, bias
 
 
-@pytest.mark.parametrize("scheme, params", [s for s in SCHEMES if s[0] in ("rerope", "self-extend", "string", "alibi", "sinks")])
+BY_HAND = [s for s in SCHEMES if s[0] in ("rerope", "self-extend", "string", "alibi", "sinks")]
+
+
+@pytest.mark.parametrize("scheme, params", BY_HAND)
 def test_attention_weights_match_float64_with_the_sink_column(scheme, params):
     """One layer's eager weights (pos_swap's chunked path) against float64 math from the layer's own q and k, with
     each head's sink logit as one more softmax column: they sum to less than 1 where the sinks take their share."""

@@ -12,7 +12,8 @@ from torch import nn
 
 from .. import archs, fused
 from ..attention import (
-    backend_of, chunked_attention, chunked_backend, first_query_slot, notify_blocks, observers_of, positions, sink_logits,
+    backend_of, chunked_attention, chunked_backend, first_query_slot, notify_blocks, observers_of, positions,
+    sink_logits,
 )  # fmt: skip
 from ..attention_base import BLOCK_MIB, score_dtype
 from ..errors import InvalidParameterError

@@ -106,7 +106,8 @@ class GroupedAttention(nn.Module):
         if attention_mask is None and kernel is not None and _slots(q_pos):
             first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
             near, far = (near_query, near_key), (far_query, far_key)
-            output = fused.windowed_attention(kernel, near, far, value, scaling, first, self.window, sink_logits(module))
+            sinks = sink_logits(module)
+            output = fused.windowed_attention(kernel, near, far, value, scaling, first, self.window, sinks)
             notify_blocks(module, near_query, near_key, attention_mask, scaling, logits=logits)  # observers, if any
             return output, None
         return chunked_attention(

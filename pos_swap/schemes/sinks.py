@@ -22,7 +22,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import archs, fused
 from ..attention import (
-    HOOK, additive_mask, chunked_attention, chunked_backend, first_query_slot, notify_blocks, scaled_scores, sink_logits,
+    HOOK, additive_mask, chunked_attention, chunked_backend, first_query_slot, notify_blocks, scaled_scores,
+    sink_logits,
 )  # fmt: skip
 from ..engine import current_patch, resolve
 from ..errors import IncompatibleSchemeError, NotPatchedError, PosSwapError

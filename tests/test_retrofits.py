@@ -347,11 +347,18 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(arch, name, params, erro
     assert pos_swap.describe(model) is None and torch.equal(outputs(model, ids), native)
 
 
-def test_alibi_refuses_flash_attention_with_a_fix():
-    model = tiny("llama")
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(errors.InvalidParameterError, match="attn_implementation='sdpa'"):
-        pos_swap.patch(model, "alibi")
+@pytest.mark.parametrize("flash", ["flash_attention_2", "flash_attention_3"])
+def test_alibi_runs_a_flash_attention_model_through_sdpa(flash):
+    """flash-attn takes no additive bias through transformers: a model loaded with a flash backend runs ALiBi's
+    folded passes on sdpa (sdpa's masks), as an sdpa-loaded model does, and gets its backend back on unpatch. (The
+    flash backend is set on the config: flash-attn does not install on a CPU machine.)"""
+    model, reference = tiny("llama", initializer_range=0.1), tiny("llama", initializer_range=0.1)
+    model.config._attn_implementation = flash
+    ids = torch.arange(3, 40)[None]
+    with pos_swap.patched(model, "alibi"), pos_swap.patched(reference, "alibi"):
+        assert model.config._attn_implementation == "pos_swap_sdpa"
+        torch.testing.assert_close(outputs(model, ids), outputs(reference, ids), rtol=0, atol=0)
+    assert model.config._attn_implementation == flash
 
 
 @pytest.mark.slow

@@ -36,12 +36,6 @@ class AlibiConfig(SchemeConfig):
             raise InvalidParameterError(
                 f"alibi needs one slope per attention head: {heads} for this model, got {len(self.slopes)}."
             )
-        backend = backend_of(model.base_model)
-        if backend.startswith("flash"):
-            raise InvalidParameterError(
-                f"alibi does not run on '{backend}' yet; load the model with attn_implementation='sdpa' "
-                f"(chunked bias) or 'flex_attention' (bias inside the kernel)."
-            )
 
 
 class AlibiBias(nn.Module):
@@ -121,6 +115,8 @@ class Alibi(Scheme):
             make = lambda module: AlibiBias(slopes, True, symmetric, c.chunk_mib)  # noqa: E731 - one set per layer
         else:
             make = AlibiBias(slopes, False, symmetric, c.chunk_mib)
-        # flex's score_mod cannot add learned sink logits (GPT-OSS): such a model takes the folded passes on sdpa
-        backend = chunked_backend(model) if archs.sink_attention(model) else None
+        # flex's score_mod cannot add learned sink logits (GPT-OSS), and flash-attn kernels take no additive bias
+        # through transformers: such models run the folded passes on sdpa (its flash or efficient kernel on CUDA)
+        reroute = archs.sink_attention(model) or backend_of(model.base_model).startswith("flash")
+        backend = chunked_backend(model) if reroute else None
         patch.hook_attention(archs.attention_modules(model), make, backend=backend)

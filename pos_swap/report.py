@@ -223,6 +223,20 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
     return Path(path)
 
 
+def wrapped_label(label: str, width: int = 34) -> str:
+    """A scheme label (``name:param=value:...``) broken after its colons into lines of at most ``width``
+    characters where it can be, so a panel title fits above its heatmap."""
+    lines = [""]
+    for part in label.split(":"):
+        piece = part if not lines[-1] else ":" + part
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines[-1] += ":"
+            lines.append(part)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
+
+
 def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, yticks=None, vmin=None, vmax=None,
              cmap: str = "viridis", annotate: bool = False, colorbar: str = "", labels: dict | None = None) -> Path:  # fmt: skip
     """One heatmap per entry of ``panels`` (title -> 2-D array, rows drawn top to bottom), side by side;
@@ -235,7 +249,7 @@ def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, ytick
         for ax, (title, matrix) in zip(axes, panels.items()):
             matrix = np.asarray(matrix, dtype=float)
             image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+            ax.set(title=wrapped_label(title), xlabel=xlabel, ylabel=ylabel)
             if xticks is not None:
                 ax.set_xticks(range(len(xticks)), [str(t) for t in xticks], rotation=45, fontsize=7)
             if yticks is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pos_swap.errors import PosSwapError
-from pos_swap.report import RunFolder
+from pos_swap.report import RunFolder, wrapped_label
 
 DRAW = """
 import sys
@@ -55,3 +55,11 @@ def test_a_command_without_resume_is_not_told_to_pass_it(tmp_path):
     with pytest.raises(PosSwapError) as refused:
         RunFolder(tmp_path, kind="probe", meta={}, results="probe.json", resumable=False)
     assert "--overwrite to replace it" in str(refused.value) and "--resume" not in str(refused.value)
+
+
+def test_long_scheme_labels_wrap_after_their_colons():
+    label = "string:shift=2730:local_window=128:rope_factor=1.69"
+    assert wrapped_label(label) == "string:shift=2730:local_window=128:\nrope_factor=1.69"
+    assert wrapped_label(label).replace("\n", "") == label
+    assert wrapped_label("rerope:window=4096") == "rerope:window=4096"
+    assert wrapped_label("a_very_long_scheme_name_without_colons_at_all", width=10).count("\n") == 0

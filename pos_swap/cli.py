@@ -380,8 +380,12 @@ def _add_eval_command(sub) -> None:
     _add_model_options(p)
     p.add_argument("--schemes", default="native,dynamic-yarn", help="schemes to compare (default: native,dynamic-yarn)")
     p.add_argument("--lengths", default="2k,8k", help="window lengths, e.g. 2k,8k,16k (default: 2k,8k)")
-    p.add_argument("--tasks", default="ppl", help="any of ppl,passkey,multikey (default: ppl)")
-    p.add_argument("--retrieval-lengths", metavar="LENGTHS", help="lengths for passkey/multikey (default: --lengths)")
+    p.add_argument("--tasks", default="ppl",
+                   help="any of ppl,passkey,multikey, and lm-eval's RULER tasks as ruler:NAME, e.g. "
+                        "ruler:niah_single_1,niah_multikey_2 (--trials samples per length; the eval extra) "
+                        "(default: ppl)")  # fmt: skip
+    p.add_argument("--retrieval-lengths", metavar="LENGTHS",
+                   help="lengths for passkey, multikey and RULER (default: --lengths)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in 0..1 (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--trials", type=int, default=1,
                    help="retrieval prompts per length and depth; accuracy comes with a Wilson 95%% interval (default: 1)")

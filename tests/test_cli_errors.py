@@ -74,6 +74,8 @@ def one_line_error(argv, capsys) -> str:
         (["eval", "MODEL", "--dtype", "int8", "--lengths", "16"], "invalid choice: 'int8'"),
         (["info", "MODEL/config.json"], "is a file; give the model's folder"),
         (["info", "offline:smollm3"], "Unknown offline checkpoint 'offline:smollm3'"),
+        (["eval", "MODEL", "--tasks", "ruler:niah_singel_1", "--lengths", "16"], "Did you mean 'niah_single_1'?"),
+        (["eval", "MODEL", "--tasks", "ppl,needle", "--lengths", "16"], "or lm-eval's RULER tasks as ruler:NAME"),
     ],
 )  # fmt: skip
 def test_a_model_that_cannot_load_is_one_line(model_dir, no_tokenizer_dir, tmp_path, capsys, no_weights_load,

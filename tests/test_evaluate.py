@@ -272,6 +272,17 @@ def test_lengths_beyond_the_text_and_empty_texts_are_refused(tokenizer, tmp_path
         small_plan(tasks=("ppl", "needle"))
 
 
+def test_ruler_tasks_are_named_and_checked_before_any_model():
+    """After a ``ruler:`` item, bare RULER names belong to it; an unknown RULER name lists the known ones."""
+    plan = small_plan(tasks=("ppl", "ruler:niah_single_1", "niah_multikey_2", "ruler:niah_single_1"))
+    assert plan.tasks == ("ppl", "ruler:niah_single_1", "ruler:niah_multikey_2")
+    ruler_cells = [(spec.label, task, length, index) for spec, task, length, index in plan.cells() if task != "ppl"]
+    assert ruler_cells == [(scheme, task, 256, 0) for scheme in ("native", "dynamic-yarn", "yarn:factor=4")
+                           for task in ("ruler:niah_single_1", "ruler:niah_multikey_2")]  # one cell per length
+    with pytest.raises(PosSwapError, match="Unknown RULER task 'niah_singel_1'. Did you mean 'niah_single_1'.*ruler_vt"):
+        small_plan(tasks=("ruler:niah_singel_1",))
+
+
 # -- the command line ----------------------------------------------------------------------------------------------
 def test_cli_eval_resume_and_errors(tiny_dir, tmp_path, capsys):
     argv = ["eval", str(tiny_dir), "--schemes", "native,dynamic-yarn", "--lengths", "64,256", "--tasks", "ppl,passkey",

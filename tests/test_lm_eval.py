@@ -2,6 +2,7 @@
 the real SmolLM2 and no network. lm-eval, nltk and datasets are imported inside the tests: they take seconds to
 import, which every collection of the suite would pay otherwise."""
 
+import json
 import re
 import socket
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 import transformers as T
 
 import pos_swap
+from conftest import tiny
+from pos_swap.evaluate import wilson_interval
 
 pytestmark = pytest.mark.slow
 PAGE = (Path(__file__).resolve().parent.parent / "docs" / "lm-eval.md").read_text()  # the lm-eval page of the docs
@@ -31,13 +34,8 @@ def readme_ruler_code(length: int, limit: int) -> str:
 
 
 @pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    """Hub and datasets offline; every connection off this machine and every nltk download recorded and refused.
-
-    lm-eval's RULER module looks for nltk's punkt_tab on import and downloads it when missing. niah_single_1 never
-    splits sentences (its haystack is one repeated line), so an empty punkt_tab entry satisfies that look-up; a
-    task that did split sentences would raise LookupError on it instead of downloading anything.
-    """
+def network_cut(monkeypatch):
+    """Hub and datasets offline; every connection off this machine and every nltk download recorded and refused."""
     import datasets
     import huggingface_hub
     import nltk
@@ -63,9 +61,22 @@ def no_network(monkeypatch, tmp_path):
     for name in ("connect", "connect_ex"):
         monkeypatch.setattr(socket.socket, name, local_only(getattr(socket.socket, name)))
     monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: refuse(f"nltk.download{args}"))
+    return attempts
+
+
+@pytest.fixture
+def no_network(network_cut, monkeypatch, tmp_path):
+    """The network cut, and an empty punkt_tab entry for nltk.
+
+    lm-eval's RULER module looks for nltk's punkt_tab on import and downloads it when missing. niah_single_1 never
+    splits sentences (its haystack is one repeated line), so an empty punkt_tab entry satisfies that look-up; a
+    task that did split sentences would raise LookupError on it instead of downloading anything.
+    """
+    import nltk
+
     (tmp_path / "tokenizers" / "punkt_tab").mkdir(parents=True)
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path), *nltk.data.path])
-    return attempts
+    return network_cut
 
 
 def test_ruler_niah_runs_offline_on_a_patched_model(no_network, smollm2_dir):
@@ -114,3 +125,54 @@ def test_the_network_guard_refuses_and_records(no_network):
     assert nltk.data.find("tokenizers/punkt_tab")  # the look-up RULER makes on import succeeds...
     with pytest.raises(LookupError):
         nltk.sent_tokenize("One sentence. Another one.")  # ...yet nothing can split sentences with the empty entry
+
+
+def test_eval_runs_ruler_tasks_on_the_patched_model_offline(network_cut, monkeypatch, tmp_path, smollm2_tokenizer):
+    """`pos-swap eval --tasks ruler:...` answers RULER's prompts with the patched model, whole and longer than its
+    trained context, with no network even where nltk's punkt_tab is not installed, and records RULER's score."""
+    import nltk
+
+    from pos_swap import cli
+    from pos_swap.evaluate import ruler
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])  # punkt_tab missing, as on CI
+    model_dir = tmp_path / "tiny"
+    model = tiny("llama", vocab_size=len(smollm2_tokenizer), max_position_embeddings=64)
+    model.save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    calls = []
+    real_run = ruler.run
+
+    def recording_run(model, tokenizer, name, length, samples, seed=0):
+        lengths = []
+        hook = model.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        try:
+            result = real_run(model, tokenizer, name, length, samples, seed)
+        finally:
+            hook.remove()
+        calls.append((pos_swap.describe(model), lengths))
+        return result
+
+    monkeypatch.setattr(ruler, "run", recording_run)
+    out = tmp_path / "run"
+    cli.main(["eval", str(model_dir), "--schemes", "rerope:window=32", "--lengths", "256", "--tasks",
+              "ruler:niah_single_1", "--trials", "2", "--out", str(out)])  # fmt: skip
+
+    assert network_cut == []
+    ((described, lengths),) = calls
+    assert described["scheme"] == "rerope"
+    prompts = [n for n in lengths if n > 1]  # one prefill per sample, then one token per step
+    # whole prompts (RULER keeps 128 of the 256 tokens for the answer), past the trained 64 positions
+    assert len(prompts) == 2 and min(prompts) > 64
+    data = json.loads((out / "results.json").read_text())
+    (cell,) = [c for c in data["cells"] if c["task"] == "ruler:niah_single_1"]
+    # RULER's score recomputed from what the model answered: the share of each sample's needles in its answer
+    found = [sum(t.lower() in a.lower() for t in targets) / len(targets)
+             for targets, a in zip(cell["targets"], cell["answers"])]  # fmt: skip
+    assert cell["sample_scores"] == pytest.approx(found) and cell["score"] == pytest.approx(sum(found) / 2)
+    low, high = wilson_interval(sum(found), 2)
+    assert (cell["low"], cell["high"]) == pytest.approx((low, high))
+    assert data["summary"]["ruler:niah_single_1"][0]["score"] == cell["score"]
+    assert (out / "ruler.png").exists() and "ruler:niah_single_1" in (out / "report.html").read_text()

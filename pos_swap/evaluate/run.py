@@ -12,11 +12,13 @@ from tqdm.auto import tqdm
 from .. import archs, engine, report
 from ..errors import PosSwapError
 from ..loading import text_tokens
+from . import ruler
 from .ppl import bucket_losses, bucket_size, forwards, summarize, token_losses, window_perplexity
 from .retrieval import DEPTHS, needle_for, retrieval_cells, sweep, trial_row, wilson_interval
 from .specs import MIN_LENGTH, SAVED, SchemeSpec, format_length, parse_depths
 
-TASKS = ("ppl", "passkey", "multikey")
+TASKS = ("ppl", "passkey", "multikey")  # and lm-eval's RULER tasks, named ruler:NAME (:mod:`.ruler`)
+RETRIEVAL = ("passkey", "multikey")
 
 
 @dataclasses.dataclass
@@ -37,9 +39,11 @@ class Plan:
     shared: bool = True
 
     def __post_init__(self):
-        unknown = [task for task in self.tasks if task not in TASKS]
+        self.tasks = ruler.normalize(self.tasks)
+        unknown = [task for task in self.tasks if task not in TASKS and ruler.task_name(task) is None]
         if unknown or not self.tasks:
-            raise PosSwapError(f"Unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}.")
+            raise PosSwapError(f"Unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)} "
+                               f"or lm-eval's RULER tasks as ruler:NAME (e.g. ruler:niah_single_1).")  # fmt: skip
         for name, value in (("trials", self.trials), ("windows", self.windows)):
             if value < 1:
                 raise PosSwapError(f"--{name} must be at least 1; got {value}.")
@@ -55,6 +59,8 @@ class Plan:
             for task in self.tasks:
                 if task == "ppl":
                     yield from ((spec, task, length, w) for length in self.lengths for w in range(self.windows))
+                elif ruler.task_name(task):  # one cell of --trials samples per length
+                    yield from ((spec, task, length, 0) for length in self.retrieval_lengths)
                 else:
                     yield from ((spec, task, length, (d, t)) for length in self.retrieval_lengths
                                 for d in self.depths for t in range(self.trials))  # fmt: skip
@@ -64,7 +70,7 @@ class Plan:
 
 
 def cell_key(spec: SchemeSpec, task: str, length: int, index) -> str:
-    where = f"w{index}" if task == "ppl" else f"d{index[0]:g}/t{index[1]}"
+    where = f"w{index}" if task == "ppl" else "all" if ruler.task_name(task) else f"d{index[0]:g}/t{index[1]}"
     return f"{spec.label}|{task}|{length}|{where}"
 
 
@@ -99,7 +105,9 @@ def check_plan(plan: Plan, tokenizer, tokens: torch.Tensor, model) -> None:
                     f"The text holds {tokens.numel()} tokens, fewer than the length {length}. Pass a longer text "
                     f"(--text FILE) or shorter --lengths."
                 )  # fmt: skip
-    for task in set(plan.tasks) - {"ppl"}:
+    if any(ruler.task_name(task) for task in plan.tasks):
+        ruler.check_installed()
+    for task in set(plan.tasks) & set(RETRIEVAL):
         retrieval_cells(task, plan.retrieval_lengths, plan.depths, plan.trials)
         needle_for(tokenizer, task, min(plan.retrieval_lengths), 0.5, 0, plan.seed,
                    **({"keys": plan.keys} if task == "multikey" else {}))  # fmt: skip
@@ -156,7 +164,7 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
                                            f"{length} tokens"})  # fmt: skip
                     bar.update(1)
                 cells = [cell for cell in cells if limit is None or cell[0] <= limit]
-                measured = _perplexities if task == "ppl" else _retrievals
+                measured = _perplexities if task == "ppl" else _ruler if ruler.task_name(task) else _retrievals
                 for length, index, result in measured(model, tokenizer, tokens, plan, task, cells, common["shared"]):
                     run.add({"key": cell_key(spec, task, length, index), "task": task, "length": length, **common,
                              **result})  # fmt: skip
@@ -185,6 +193,12 @@ def _retrievals(model, tokenizer, tokens, plan: Plan, task: str, cells, shared: 
     for index, result in sweep(model, tokenizer, needles, reuse=shared, progress=False):
         length, depth, trial = cells[index]
         yield length, (depth, trial), trial_row(task, length, depth, trial, plan.seed, needles[index], result)
+
+
+def _ruler(model, tokenizer, tokens, plan: Plan, task: str, cells, shared: bool):
+    """``(length, 0, result)`` of each RULER cell: ``plan.trials`` samples of the task at that length."""
+    for length, index in cells:
+        yield length, index, ruler.run(model, tokenizer, ruler.task_name(task), length, plan.trials, plan.seed)
 
 
 # -- summaries, plots and the report ------------------------------------------------------------------------------
@@ -338,6 +352,7 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
                     "Some schemes prefilled every prompt afresh (not causal-consistent, or --separate).")))  # fmt: skip
         sections.append(report.Section(f"{task} answer log-probability (mean over depths and trials)",
                                        table=logprob_table))  # fmt: skip
+    sections += _ruler_sections(run, summary)
     run.summarize(summary)
     unmeasured = {(c["scheme"], c["length"]): c["unmeasured"] for c in run.cells if "unmeasured" in c}
     if unmeasured:
@@ -345,6 +360,45 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
         sections.append(report.Section("Not measured", table=(rows, ["scheme", "length", "why"])))
     if run.path is not None:
         report.write_html(run.path / "report.html", title, sections, meta=run.meta)
+    return sections
+
+
+def _ruler_sections(run: report.RunFolder, summary: dict) -> list[report.Section]:
+    """One table per RULER task (scheme x length: mean score, Wilson 95% interval, samples) and one heatmap of
+    them all, a panel per scheme; each task's rows also go into ``summary``."""
+    cells = [c for c in measured_cells(run.cells) if ruler.task_name(c["task"])]
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    if not tasks:
+        return []
+    keep = ("scheme", "length", "score", "low", "high", "samples")
+    for task in tasks:
+        summary[task] = [{key: c[key] for key in keep} for c in cells if c["task"] == task]
+    images = []
+    if run.path is not None:
+        lengths = sorted({c["length"] for c in cells})
+        panels, labels = {}, {}
+        for scheme in dict.fromkeys(c["scheme"] for c in cells):
+            panels[scheme] = [[math.nan] * len(lengths) for _ in tasks]
+            labels[scheme] = [[""] * len(lengths) for _ in tasks]
+            for c in cells:
+                if c["scheme"] == scheme:
+                    i, j = tasks.index(c["task"]), lengths.index(c["length"])
+                    panels[scheme][i][j] = c["score"]
+                    labels[scheme][i][j] = f"{c['score']:.0%}\n[{c['low']:.0%}-{c['high']:.0%}]"
+        report.heatmaps(run.path / "ruler.png", panels, xlabel="length", ylabel="RULER task", vmin=0, vmax=1,
+                        xticks=[format_length(n) for n in lengths], yticks=[ruler.task_name(t) for t in tasks],
+                        cmap="RdYlGn", annotate=True, labels=labels, colorbar="RULER score")  # fmt: skip
+        images = ["ruler.png"]
+    sections = []
+    for task in tasks:
+        rows = [{**r, "label": f"{r['score']:.0%} [{r['low']:.0%}-{r['high']:.0%}] of {r['samples']}"}
+                for r in summary[task]]  # fmt: skip
+        sections.append(report.Section(
+            f"{task} (lm-evaluation-harness)", table=pivot(rows, "label", fmt="{}"), images=images,
+            text="RULER's score (the share of each sample's needles found in the greedy answer, averaged over the "
+                 "samples) with its Wilson 95% interval, from lm-eval run on the patched model; every scheme "
+                 "answers the same seeded samples."))  # fmt: skip
+        images = []
     return sections
 
 

@@ -157,22 +157,41 @@ def test_eval_runs_ruler_tasks_on_the_patched_model_offline(network_cut, monkeyp
 
     monkeypatch.setattr(ruler, "run", recording_run)
     out = tmp_path / "run"
-    cli.main(["eval", str(model_dir), "--schemes", "rerope:window=32", "--lengths", "256", "--tasks",
+    cli.main(["eval", str(model_dir), "--schemes", "native,rerope:window=32", "--lengths", "256", "--tasks",
               "ruler:niah_single_1", "--trials", "2", "--out", str(out)])  # fmt: skip
 
     assert network_cut == []
-    ((described, lengths),) = calls
-    assert described["scheme"] == "rerope"
-    prompts = [n for n in lengths if n > 1]  # one prefill per sample, then one token per step
-    # whole prompts (RULER keeps 128 of the 256 tokens for the answer), past the trained 64 positions
-    assert len(prompts) == 2 and min(prompts) > 64
+    assert [described and described["scheme"] for described, _ in calls] == [None, "rerope"]
+    for _, lengths in calls:
+        prompts = [n for n in lengths if n > 1]  # one prefill per sample, then one token per step
+        # whole prompts (RULER keeps 128 of the 256 tokens for the answer), past the trained 64 positions
+        assert len(prompts) == 2 and min(prompts) > 64
     data = json.loads((out / "results.json").read_text())
-    (cell,) = [c for c in data["cells"] if c["task"] == "ruler:niah_single_1"]
-    # RULER's score recomputed from what the model answered: the share of each sample's needles in its answer
-    found = [sum(t.lower() in a.lower() for t in targets) / len(targets)
-             for targets, a in zip(cell["targets"], cell["answers"])]  # fmt: skip
-    assert cell["sample_scores"] == pytest.approx(found) and cell["score"] == pytest.approx(sum(found) / 2)
-    low, high = wilson_interval(sum(found), 2)
-    assert (cell["low"], cell["high"]) == pytest.approx((low, high))
-    assert data["summary"]["ruler:niah_single_1"][0]["score"] == cell["score"]
+    native, rerope = [c for c in data["cells"] if c["task"] == "ruler:niah_single_1"]
+    assert native["targets"] == rerope["targets"]  # both schemes answered the same seeded samples
+    for cell in (native, rerope):
+        # RULER's score recomputed from what the model answered: the share of each sample's needles in its answer
+        found = [sum(t.lower() in a.lower() for t in targets) / len(targets)
+                 for targets, a in zip(cell["targets"], cell["answers"])]  # fmt: skip
+        assert cell["sample_scores"] == pytest.approx(found) and cell["score"] == pytest.approx(sum(found) / 2)
+        assert (cell["low"], cell["high"]) == pytest.approx(wilson_interval(sum(found), 2))
+    assert [row["score"] for row in data["summary"]["ruler:niah_single_1"]] == [native["score"], rerope["score"]]
     assert (out / "ruler.png").exists() and "ruler:niah_single_1" in (out / "report.html").read_text()
+
+
+def test_a_ruler_cell_scores_the_answers_by_rulers_rule(no_network, monkeypatch, smollm2_tokenizer):
+    """With answers known in advance (every other sample answered with its needles), the cell's score, sample scores
+    and interval are RULER's: 1 for a sample whose needles all appear, 0 otherwise, averaged."""
+    from lm_eval.models.huggingface import HFLM
+
+    from pos_swap.evaluate import ruler
+
+    def known_answers(self, requests, disable_tqdm=False):
+        return [" ".join(r.doc["outputs"]) if i % 2 == 0 else "I do not know." for i, r in enumerate(requests)]
+
+    monkeypatch.setattr(HFLM, "generate_until", known_answers)
+    model = tiny("llama", vocab_size=len(smollm2_tokenizer), max_position_embeddings=64)
+    cell = ruler.run(model, smollm2_tokenizer, "niah_single_1", 256, samples=4)
+    assert cell["sample_scores"] == [1.0, 0.0, 1.0, 0.0] and cell["score"] == 0.5
+    assert cell["answers"][1] == "I do not know." and all(cell["targets"])
+    assert (cell["low"], cell["high"]) == pytest.approx(wilson_interval(2, 4))

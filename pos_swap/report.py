@@ -191,10 +191,10 @@ def figure(path, nrows: int = 1, ncols: int = 1, size=(6.4, 4.2), **kwargs):
 
 def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", marks: dict | None = None,
               logx: bool = False, logy: bool = False, bands: dict | None = None,
-              xticks: dict | None = None) -> Path:  # fmt: skip
+              xticks: dict | None = None, ylim: tuple | None = None) -> Path:  # fmt: skip
     """One line per entry of ``series`` (name -> (xs, ys)); ``bands`` (name -> (low, high)) shades a spread;
     ``marks`` (label -> x) draws dashed vertical lines, e.g. the trained context; ``xticks`` (x -> label) names
-    the ticks (e.g. 16384 -> "16k")."""
+    the ticks (e.g. 16384 -> "16k"); ``ylim`` (low, high) cuts the y axis (lines leave the plot above it)."""
     with figure(path) as (_, ax):
         for name, (xs, ys) in series.items():
             (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
@@ -218,6 +218,8 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
         if xticks:
             ax.set_xticks(list(xticks), list(xticks.values()))
             ax.set_xticks([], minor=True)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return Path(path)

@@ -197,12 +197,18 @@ def test_a_run_writes_every_cell_plots_and_report(tokenizer, tmp_path):
     native = next(c for c in saved["cells"] if c["key"] == "native|ppl|256|w1")
     assert native["ppl"] == pytest.approx(ppl.window_perplexity(ppl.token_losses(model, tokens[256:512][None]))["ppl"])
     sections = run.write_report(done)
-    for name in ("ppl_position.png", "passkey.png", "passkey_logprob.png", "multikey.png"):
+    for name in ("ppl_position.png", "ppl_position_relative.png", "passkey.png", "passkey_logprob.png", "multikey.png"):
         assert_figure(tmp_path / "run" / name)
     assert "<img" in (tmp_path / "run" / "report.html").read_text()
     html = (tmp_path / "run" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "dynamic-yarn" in html
+    assert html.count("data:image/png;base64,") == 6 and "dynamic-yarn" in html
     assert [s.heading for s in sections][:2] == ["Last-quarter perplexity", "Whole-window perplexity"]
+
+
+def test_relative_curves_divide_by_the_best_scheme_in_each_bucket():
+    curves = {"a": ([1, 2, 3], [10.0, 4.0, 9.0]), "b": ([1, 2, 3], [5.0, 8.0, 9.0])}
+    relative = run.relative_curves(curves)
+    assert relative["a"] == ([1, 2, 3], [2.0, 1.0, 1.0]) and relative["b"] == ([1, 2, 3], [1.0, 2.0, 1.0])
 
 
 class Interrupted(Exception):

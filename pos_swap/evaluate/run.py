@@ -252,6 +252,14 @@ def position_curves(cells: list[dict], bucket: int) -> dict:
     return curves
 
 
+def relative_curves(curves: dict) -> dict:
+    """Each curve of :func:`position_curves` divided, bucket by bucket, by the lowest perplexity any scheme has
+    there (1 = the best scheme at that position): differences of a few percent that the text's own ups and downs
+    hide on the absolute plot."""
+    best = torch.tensor([ys for _, ys in curves.values()], dtype=torch.float64).min(dim=0).values
+    return {scheme: (xs, (torch.tensor(ys, dtype=torch.float64) / best).tolist()) for scheme, (xs, ys) in curves.items()}
+
+
 def pivot(rows: list[dict], value: str, spread: str | None = None, fmt: str = "{:.2f}") -> tuple[list[dict], list[str]]:
     """Rows scheme x columns length (``16k``), each cell ``value`` (± ``spread`` when it is not zero)."""
     schemes = list(dict.fromkeys(row["scheme"] for row in rows))
@@ -299,18 +307,27 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
         images = []
         if run.path is not None and curves:
             step = max(longest // 8, 1)
-            report.line_plot(run.path / "ppl_position.png", curves, xlabel="position in the window (tokens)",
-                             ylabel="perplexity of the tokens there", logy=True,
+            axes = dict(xlabel="position in the window (tokens)",
+                        marks={"trained context": trained} if trained and trained < longest else None,
+                        xticks={x: format_length(x) if x else "0" for x in range(0, longest + 1, step)})  # fmt: skip
+            report.line_plot(run.path / "ppl_position.png", curves, ylabel="perplexity of the tokens there", logy=True,
                              title=f"perplexity by position ({bucket_size(longest)}-token buckets, "
-                                   f"{format_length(longest)} window)",
-                             marks={"trained context": trained} if trained and trained < longest else None,
-                             xticks={x: format_length(x) if x else "0" for x in range(0, longest + 1, step)})  # fmt: skip
+                                   f"{format_length(longest)} window)", **axes)  # fmt: skip
             images = ["ppl_position.png"]
+            if len(curves) > 1 and len({len(ys) for _, ys in curves.values()}) == 1:
+                relative = relative_curves(curves)
+                top = min(2.0, max(max(ys) for _, ys in relative.values()))
+                report.line_plot(run.path / "ppl_position_relative.png", relative, ylim=(0.99, top * 1.01),
+                                 ylabel="perplexity / the best scheme's there",
+                                 title="perplexity by position relative to the best scheme (1 = best; cut at 2x)",
+                                 **axes)  # fmt: skip
+                images.append("ppl_position_relative.png")
         note = _forward_note(run.cells)
         sections.append(report.Section("Last-quarter perplexity", table=pivot(ppl_rows, "ppl_tail", "ppl_tail_std"),
                                        images=images,
-                                       text=f"{note} The plot: perplexity of each bucket of positions of the "
-                                            f"longest window; the dashed line marks the trained context."))  # fmt: skip
+                                       text=f"{note} The plots: perplexity of each bucket of positions of the "
+                                            f"longest window, and the same divided by the lowest of any scheme "
+                                            f"in that bucket; the dashed line marks the trained context."))  # fmt: skip
         sections.append(report.Section("Whole-window perplexity", table=pivot(ppl_rows, "ppl", "ppl_std")))
     for task in ("passkey", "multikey"):
         rows = accuracy_table(run.cells, task)

@@ -22,6 +22,7 @@ from pathlib import Path
 from .errors import PosSwapError
 
 RESULTS = "results.json"
+LEGEND_INSIDE = 5  # entries a line plot's legend holds inside the axes; more go under the plot
 
 
 class RunFolder:
@@ -195,7 +196,9 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
     """One line per entry of ``series`` (name -> (xs, ys)); ``bands`` (name -> (low, high)) shades a spread;
     ``marks`` (label -> x) draws dashed vertical lines, e.g. the trained context; ``xticks`` (x -> label) names
     the ticks (e.g. 16384 -> "16k"); ``ylim`` (low, high) cuts the y axis (lines leave the plot above it)."""
-    with figure(path) as (_, ax):
+    below = len(series) + len(marks or {}) > LEGEND_INSIDE  # a long legend goes under the plot, not over the lines
+    rows = math.ceil((len(series) + len(marks or {})) / 2) if below else 0
+    with figure(path, size=(6.4, 4.2 + 0.22 * rows)) as (_, ax):
         for name, (xs, ys) in series.items():
             (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
             if bands and name in bands:
@@ -221,7 +224,10 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if below:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        else:
+            ax.legend(fontsize=8)
     return Path(path)
 
 

@@ -29,10 +29,11 @@ SETTINGS = [
     ("dual-chunk", dict(chunk_size=10, local_window=4)),
     ("string", dict(shift=10, local_window=3)),
     ("string", dict(shift=25, local_window=1)),
+    ("string", dict(shift=10, local_window=3, leaky_factor=4.0)),
     ("dpe", dict(window=8, groups=[1, 2, 4, 8])),
     ("dpe", dict(window=6, groups=[3, 2])),
 ]
-SHORT = [SETTINGS[1], SETTINGS[3], SETTINGS[5], SETTINGS[7]]  # most pairs of IDS fall beyond the window, or chunks apart
+SHORT = [SETTINGS[i] for i in (1, 3, 5, 7, 8)]  # most pairs of IDS fall beyond the window, or chunks apart
 PLANES = 8  # rotary planes of the tiny LLaMA (head dim 16)
 
 
@@ -60,10 +61,12 @@ def an_distance(i: int, j: int, chunk_size: int, local_window: int) -> int:
     return query - j % s
 
 
-def string_distance(i: int, j: int, shift: int, local_window: int) -> int:
+def string_distance(i: int, j: int, shift: int, local_window: int, leaky_factor: float | None = None) -> float:
     """The relative position STRING gives query i and key j: the true distance below the shift S, the distance
-    minus S plus the local window W from S on."""
-    return i - j if i - j < shift else i - j - shift + local_window
+    minus S plus the local window W from S on; with a leaky factor k, W plus the distance beyond S shrunk by k."""
+    if i - j < shift:
+        return i - j
+    return i - j - shift + local_window if leaky_factor is None else local_window + (i - j - shift) / leaky_factor
 
 
 def lu_distance(i: int, j: int, window: int, groups: list[int]) -> list[int]:
@@ -97,13 +100,17 @@ def test_distances_follow_the_paper(scheme, params):
     assert expected[causal].max() < params.get("chunk_size", 30)
 
 
-def test_rerope_far_positions_give_its_distances():
+@pytest.mark.parametrize(
+    "rule, window, params",
+    [(rerope, 8, (None,)), (rerope, 5, (1.5,)), (string, 10, (3, None)), (string, 10, (3, 4.0))],
+)  # fmt: skip
+def test_far_positions_give_the_distances_beyond_the_window(rule, window, params):
+    """The one rotation of the far pass (query and key at their far positions) gives each far pair its distance."""
     positions = torch.arange(30)
-    for window, leaky in ((8, None), (5, 1.5)):
-        far_query, far_key = rerope.far_positions(positions, positions, window, leaky)
-        beyond = positions[:, None] - positions[None, :] >= window
-        expected = rerope.relative_positions(positions, positions, window, leaky)[beyond]
-        torch.testing.assert_close((far_query[:, None] - far_key[None, :]).double()[beyond], expected, rtol=0, atol=1e-5)
+    far_query, far_key = rule.far_positions(positions, positions, window, *params)
+    beyond = positions[:, None] - positions[None, :] >= window
+    expected = rule.relative_positions(positions, positions, window, *params)[beyond].double()
+    torch.testing.assert_close((far_query[:, None] - far_key[None, :]).double()[beyond], expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme, params", SETTINGS)

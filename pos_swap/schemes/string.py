@@ -4,7 +4,9 @@ Pairs closer than ``shift`` keep their positions; farther pairs see their distan
 ``local_window`` (:mod:`pos_swap.functional.string`), so the rarely trained large distances are replaced by well
 trained ones. It runs on Self-Extend's windowed hook (near pass over a band of ``shift`` keys, far pass with the
 query re-rotated at its position - S + W), fused and merged by log-sum-exp (CPU, CUDA), two passes over the cache
-when decoding. The reference multiplies cos and sin by 0.1 ln 2 + 1 (``attention_factor``).
+when decoding. The reference multiplies cos and sin by 0.1 ln 2 + 1 (``attention_factor``). ``leaky_factor``
+(not in the paper) grows the shifted distances by 1/k per token, as leaky ReRoPE does, for use past the trained
+context.
 """
 
 import dataclasses
@@ -26,6 +28,11 @@ class StringConfig(WindowedConfig):
     local_window: int = param(
         128, "local window W: the smallest distance a shifted pair sees (the reference uses 128, 256 or 512)",
         greater_than(0, at_most=MAX_POSITIONS),
+    )  # fmt: skip
+    leaky_factor: float | None = param(
+        None, "k > 1: shifted distances grow by 1/k per token, W + (d - S) / k, as leaky ReRoPE's do, so they stay "
+        "inside the trained context past it (default: none, d - S + W)",
+        greater_than(1, " (1 is plain STRING's d - S + W)", at_most=MAX_FACTOR),
     )  # fmt: skip
     attention_factor: float = param(
         string.ATTENTION_FACTOR, "cos/sin multiplier (the reference's 0.1 ln 2 + 1; 1 leaves the logits' scale)",
@@ -50,15 +57,16 @@ class StringConfig(WindowedConfig):
 class ShiftedAttention(GroupedAttention):
     """Self-Extend's hook with STRING's far positions: the query moved back by S - W, the keys where they are."""
 
-    def __init__(self, inv_freq, attention_scaling: float, shift: int, local_window: int):
+    def __init__(self, inv_freq, attention_scaling: float, shift: int, local_window: int, leaky_factor=None):
         super().__init__(inv_freq, attention_scaling, shift, group=None)
-        self.local_window = local_window
+        self.local_window, self.leaky_factor = local_window, leaky_factor
 
     def extra_repr(self) -> str:
-        return f"shift={self.window}, local_window={self.local_window}, rotary_dim={2 * self.inv_freq.numel()}"
+        return (f"shift={self.window}, local_window={self.local_window}, leaky_factor={self.leaky_factor}, "
+                f"rotary_dim={2 * self.inv_freq.numel()}")  # fmt: skip
 
     def far_positions(self, q_pos, k_pos):
-        return string.far_positions(q_pos, k_pos, self.window, self.local_window)
+        return string.far_positions(q_pos, k_pos, self.window, self.local_window, self.leaky_factor)
 
 
 @register
@@ -85,4 +93,5 @@ class String(SelfExtend):
 
     def hook(self, inv_freq, attention_scaling):
         c = self.config
-        return ShiftedAttention(inv_freq, attention_scaling * c.attention_factor, c.shift, c.local_window)
+        return ShiftedAttention(inv_freq, attention_scaling * c.attention_factor, c.shift, c.local_window,
+                                c.leaky_factor)  # fmt: skip

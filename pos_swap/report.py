@@ -196,8 +196,9 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
     """One line per entry of ``series`` (name -> (xs, ys)); ``bands`` (name -> (low, high)) shades a spread;
     ``marks`` (label -> x) draws dashed vertical lines, e.g. the trained context; ``xticks`` (x -> label) names
     the ticks (e.g. 16384 -> "16k"); ``ylim`` (low, high) cuts the y axis (lines leave the plot above it)."""
-    below = len(series) + len(marks or {}) > LEGEND_INSIDE  # a long legend goes under the plot, not over the lines
-    rows = math.ceil((len(series) + len(marks or {})) / 2) if below else 0
+    entries = len(series) + len(marks or {})
+    below = entries > LEGEND_INSIDE  # a long legend goes under the plot, in two columns, not over the lines
+    rows = math.ceil(entries / 2) if below else 0
     with figure(path, size=(6.4, 4.2 + 0.22 * rows)) as (_, ax):
         for name, (xs, ys) in series.items():
             (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)

@@ -15,8 +15,17 @@ def far_positions(
     """The float positions ``(..., Lq)`` and ``(..., Lk)`` queries and keys rotate to for pairs beyond the window."""
     if leaky_factor is None:
         return torch.full_like(query_positions, window, dtype=torch.float32), torch.zeros_like(key_positions, dtype=torch.float32)
+    return leaky_far_positions(query_positions, key_positions, window, window, leaky_factor)
+
+
+def leaky_far_positions(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, start: int, offset: int, leaky_factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Far positions for pairs whose distance d >= ``start`` is seen as ``offset`` + (d - start) / k: the query at
+    i / k + offset - start / k, the key at j / k (float). Leaky ReRoPE has start = offset = W; leaky STRING has
+    start = S, offset = W."""
     grown = 1.0 / leaky_factor
-    return query_positions.float() * grown + window * (1 - grown), key_positions.float() * grown
+    return query_positions.float() * grown + (offset - start * grown), key_positions.float() * grown
 
 
 def relative_positions(

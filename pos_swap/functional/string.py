@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .rerope import leaky_far_positions
+
 ATTENTION_FACTOR = 0.1 * math.log(2) + 1  # the reference's cos/sin multiplier (YaRN's temperature at factor 2)
 
 
@@ -22,8 +24,7 @@ def far_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, sh
     key at j / k, so the shifted distance grows by 1/k per token."""
     if leaky_factor is None:
         return query_positions - shift + local_window, key_positions
-    grown = 1.0 / leaky_factor
-    return query_positions.float() * grown + local_window - shift * grown, key_positions.float() * grown
+    return leaky_far_positions(query_positions, key_positions, shift, local_window, leaky_factor)
 
 
 def relative_positions(query_positions: torch.Tensor, key_positions: torch.Tensor, shift: int, local_window: int,

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import math
 import textwrap
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -165,10 +166,12 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
                     bar.update(1)
                 cells = [cell for cell in cells if limit is None or cell[0] <= limit]
                 measured = _perplexities if task == "ppl" else _ruler if ruler.task_name(task) else _retrievals
+                clock = time.perf_counter()
                 for length, index, result in measured(model, tokenizer, tokens, plan, task, cells, common["shared"]):
                     run.add({"key": cell_key(spec, task, length, index), "task": task, "length": length, **common,
-                             **result})  # fmt: skip
+                             **result, "seconds": round(time.perf_counter() - clock, 3)})  # fmt: skip
                     bar.update(1)
+                    clock = time.perf_counter()
     bar.close()
     return run
 
@@ -258,6 +261,20 @@ def relative_curves(curves: dict) -> dict:
     hide on the absolute plot."""
     best = torch.tensor([ys for _, ys in curves.values()], dtype=torch.float64).min(dim=0).values
     return {scheme: (xs, (torch.tensor(ys, dtype=torch.float64) / best).tolist()) for scheme, (xs, ys) in curves.items()}
+
+
+def cost_table(cells: list[dict]) -> list[dict]:
+    """Minutes of measuring per scheme and task (``"total"`` beside them), from the cells that record ``seconds``."""
+    timed = [c for c in measured_cells(cells) if "seconds" in c]
+    tasks = list(dict.fromkeys(c["task"] for c in timed))
+    rows = []
+    for scheme in dict.fromkeys(c["scheme"] for c in timed):
+        row = {"scheme": scheme, **{task: 0.0 for task in tasks}}
+        for c in timed:
+            if c["scheme"] == scheme:
+                row[c["task"]] += c["seconds"] / 60
+        rows.append({**row, "total": sum(row[task] for task in tasks)})
+    return rows
 
 
 def pivot(rows: list[dict], value: str, spread: str | None = None, fmt: str = "{:.2f}") -> tuple[list[dict], list[str]]:
@@ -370,6 +387,16 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
         sections.append(report.Section(f"{task} answer log-probability (mean over depths and trials)",
                                        table=logprob_table))  # fmt: skip
     sections += _ruler_sections(run, summary)
+    costs = cost_table(run.cells)
+    if costs:
+        summary["minutes"] = costs
+        tasks = [key for key in costs[0] if key != "scheme"]
+        sections.append(report.Section(
+            "Wall time (minutes)", table=([{k: f"{v:.1f}" if k != "scheme" else v for k, v in r.items()} for r in costs],
+                                          ["scheme"] + tasks),
+            text="Measuring time of each scheme's cells, by task. A forward that several lengths share, or a filler "
+                 "cache that several trials share, counts for the first cell that used it; resumed cells keep the "
+                 "time of the run that measured them."))  # fmt: skip
     run.summarize(summary)
     unmeasured = {(c["scheme"], c["length"]): c["unmeasured"] for c in run.cells if "unmeasured" in c}
     if unmeasured:

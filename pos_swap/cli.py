@@ -220,8 +220,9 @@ def cmd_eval(args) -> None:
 
 def cmd_recommend(args) -> None:
     target = evaluate.specs.parse_length(args.length)
+    shortlist = tuple(name.strip() for name in args.schemes.split(",") if name.strip()) if args.schemes else ()
     options = evaluate.choose.Options(objective=args.objective, tolerance=args.tolerance, quick=args.quick,
-                                      windows=args.windows)  # fmt: skip
+                                      windows=args.windows, schemes=shortlist)  # fmt: skip
     if args.out:
         report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
     _check_text(args.text)
@@ -411,6 +412,10 @@ def _add_recommend_command(sub) -> None:
                    help="allowed change of whole-window perplexity at the trained length (default: 0.01 = 1%%)")
     p.add_argument("--quick", action="store_true",
                    help="one setting per scheme (its first), one retrieval trial per depth: about half the time")
+    p.add_argument("--schemes", metavar="NAMES",
+                   help="a shortlist, e.g. rerope,self-extend,dynamic-yarn: measure only these schemes' settings "
+                        "(and native); each costs a few minutes at 16k on a 2-core CPU (default: every scheme that "
+                        "applies)")  # fmt: skip
     _add_run_options(p, None)
     p.set_defaults(run=cmd_recommend, command_parser=p)
 

@@ -102,6 +102,8 @@ def test_every_scheme_is_validated_before_the_first_cell(tokenizer, tmp_path, mo
         (["--tolerance", "-0.1"], "--tolerance must be a finite number >= 0"),
         (["--objective", "retreival"], "Did you mean 'retrieval'?"),
         (["--length", "nan"], "Cannot read length"),
+        (["--schemes", "rerope,slef-extend"], "Did you mean 'self-extend'?"),
+        (["--schemes", "rerope,alibi"], "No training-free setting of alibi applies to a rotary model"),
     ],
 )  # fmt: skip
 def test_cli_recommend_refuses_bad_input_before_loading(tiny_dir, capsys, no_weights, extra, message):
@@ -217,6 +219,15 @@ def test_a_scheme_registered_later_joins_the_grid_through_its_candidates(monkeyp
     assert [s.label for s in choose.grid(100, 400) if s.name == "later"] == ["later:reach=400", "later:reach=800"]
     assert [s.label for s in choose.grid(100, 400, quick=True) if s.name == "later"] == ["later:reach=400"]
     assert not [s for s in choose.grid(100, 400, family=archs.LEARNED) if s.name == "later"]
+
+
+def test_a_shortlist_keeps_native_and_the_named_schemes_settings():
+    full = choose.grid(100, 400)
+    short = choose.grid(100, 400, only=("rerope", "self-extend"))
+    assert short == [spec for spec in full if spec.name in (None, "rerope", "self-extend")]
+    assert {spec.name for spec in short} == {None, "rerope", "self-extend"}
+    with pytest.raises(PosSwapError, match="drop it from --schemes. Schemes with one: learned-interpolate.$"):
+        choose.grid(100, 400, family=archs.LEARNED, only=("rerope",))
 
 
 def rows_for(values: dict, trained=128, target=512):

@@ -31,7 +31,8 @@ DEPTHS = (0.25, 0.5, 0.75)
 @dataclasses.dataclass
 class Options:
     """How :func:`recommend` measures and ranks. ``trials``: retrieval prompts per depth (default 1 with ``quick``,
-    2 without); ``quick`` also keeps only each scheme's first setting."""
+    2 without); ``quick`` also keeps only each scheme's first setting; ``schemes``: a shortlist of scheme names to
+    measure (native is always measured; empty: every scheme that applies)."""
 
     objective: str = "balanced"
     tolerance: float = 0.01
@@ -39,8 +40,13 @@ class Options:
     windows: int = 1
     depths: tuple[float, ...] = DEPTHS
     trials: int | None = None
+    schemes: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for name in self.schemes:
+            if name not in list_schemes():
+                raise PosSwapError(f"Unknown scheme '{name}' in --schemes.{did_you_mean(name, list_schemes())} "
+                                   f"Run `pos-swap schemes` for the list.")  # fmt: skip
         if self.objective not in OBJECTIVES:
             raise PosSwapError(
                 f"Unknown objective '{self.objective}'.{did_you_mean(self.objective, OBJECTIVES)} Choose one of "
@@ -62,20 +68,29 @@ def label(name: str, params: dict) -> str:
     return name + "".join(f":{key}={text(value)}" for key, value in params.items())
 
 
-def grid(trained: int, target: int, family: str = archs.ROTARY, quick: bool = False) -> list[SchemeSpec]:
-    """Native, then every setting the registered schemes of ``family`` offer for (``trained``, ``target``)."""
-    specs = [SchemeSpec(NATIVE, None, {})]
+def grid(trained: int, target: int, family: str = archs.ROTARY, quick: bool = False,
+         only: tuple[str, ...] = ()) -> list[SchemeSpec]:  # fmt: skip
+    """Native, then every setting the registered schemes of ``family`` (those named in ``only``, when given) offer
+    for (``trained``, ``target``); a name in ``only`` that offers none is an error that lists the ones that do."""
+    specs, offering = [SchemeSpec(NATIVE, None, {})], []
     for name in list_schemes():
         scheme = get_scheme(name)
-        if family in scheme.families:
-            settings = scheme.candidates(trained, target)
+        settings = scheme.candidates(trained, target) if family in scheme.families else []
+        offering += [name] if settings else []
+        if settings and (not only or name in only):
             specs += [SchemeSpec(label(name, p), name, p) for p in (settings[:1] if quick else settings)]
+    idle = [name for name in only if name not in offering]
+    if idle:
+        raise PosSwapError(
+            f"No training-free setting of {', '.join(idle)} applies to a {family} model trained on {trained} tokens "
+            f"at {format_length(target)}; drop it from --schemes. Schemes with one: {', '.join(offering)}."
+        )
     return specs
 
 
 def plan_for(trained: int, target: int, options: Options, family: str = archs.ROTARY) -> Plan:
     """What :func:`recommend` measures: perplexity at the trained length and the target, passkeys at the target."""
-    return Plan(schemes=grid(trained, target, family, options.quick), lengths=sorted({trained, target}),
+    return Plan(schemes=grid(trained, target, family, options.quick, options.schemes), lengths=sorted({trained, target}),
                 tasks=("ppl", "passkey"), retrieval_lengths=[target], depths=options.depths, trials=options.trials,
                 windows=options.windows)  # fmt: skip
 

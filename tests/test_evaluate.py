@@ -203,7 +203,7 @@ def test_a_run_writes_every_cell_plots_and_report(tokenizer, tmp_path):
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 6 and "dynamic-yarn" in html
     assert [s.heading for s in sections][:2] == ["Last-quarter perplexity", "Whole-window perplexity"]
-    assert all(c["seconds"] >= 0 for c in saved["cells"]) and "Wall time (minutes)" in [s.heading for s in sections]
+    assert all(c["seconds"] >= 0 for c in saved["cells"]) and "Wall time (minutes:seconds)" in [s.heading for s in sections]
     assert [row["scheme"] for row in json.loads((tmp_path / "run" / "results.json").read_text())["summary"]["minutes"]] \
         == ["native", "dynamic-yarn", "yarn:factor=4"]
 
@@ -214,6 +214,7 @@ def test_cost_table_sums_minutes_per_scheme_and_task():
              {"scheme": "b", "task": "ppl", "unmeasured": "too long"}, {"scheme": "c", "task": "ppl"}]
     assert run.cost_table(cells) == [{"scheme": "a", "ppl": 1.0, "passkey": 2.0, "total": 3.0},
                                      {"scheme": "b", "ppl": 0.1, "passkey": 0.0, "total": 0.1}]
+    assert [run.clock_time(m) for m in (0.1, 2.0, 12.0833, 59.999)] == ["0:06", "2:00", "12:05", "60:00"]
 
 
 def test_relative_curves_divide_by_the_best_scheme_in_each_bucket():

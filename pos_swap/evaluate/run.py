@@ -277,6 +277,12 @@ def cost_table(cells: list[dict]) -> list[dict]:
     return rows
 
 
+def clock_time(minutes: float) -> str:
+    """``"12:05"`` for 12.08 minutes."""
+    seconds = round(minutes * 60)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def pivot(rows: list[dict], value: str, spread: str | None = None, fmt: str = "{:.2f}") -> tuple[list[dict], list[str]]:
     """Rows scheme x columns length (``16k``), each cell ``value`` (± ``spread`` when it is not zero)."""
     schemes = list(dict.fromkeys(row["scheme"] for row in rows))
@@ -392,8 +398,8 @@ def write_report(run: report.RunFolder, title: str = "pos_swap evaluation", lead
         summary["minutes"] = costs
         tasks = [key for key in costs[0] if key != "scheme"]
         sections.append(report.Section(
-            "Wall time (minutes)", table=([{k: f"{v:.1f}" if k != "scheme" else v for k, v in r.items()} for r in costs],
-                                          ["scheme"] + tasks),
+            "Wall time (minutes:seconds)", table=([{k: v if k == "scheme" else clock_time(v) for k, v in r.items()}
+                                                   for r in costs], ["scheme"] + tasks),
             text="Measuring time of each scheme's cells, by task. A forward that several lengths share, or a filler "
                  "cache that several trials share, counts for the first cell that used it; resumed cells keep the "
                  "time of the run that measured them."))  # fmt: skip

@@ -22,6 +22,7 @@ from pathlib import Path
 from .errors import PosSwapError
 
 RESULTS = "results.json"
+MARKERS_UP_TO = 100  # points of a line that still get a dot each; longer lines are plain
 LEGEND_INSIDE = 5  # entries a line plot's legend holds inside the axes; more go under the plot
 
 
@@ -201,7 +202,7 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
     rows = math.ceil(entries / 2) if below else 0
     with figure(path, size=(6.4, 4.2 + 0.22 * rows)) as (_, ax):
         for name, (xs, ys) in series.items():
-            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
+            (line,) = ax.plot(xs, ys, marker="o" if len(xs) <= MARKERS_UP_TO else None, ms=3, label=name)
             if bands and name in bands:
                 ax.fill_between(xs, *bands[name], alpha=0.2, color=line.get_color())
         for label, x in (marks or {}).items():

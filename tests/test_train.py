@@ -16,6 +16,7 @@ from conftest import outputs, skip_missing, tiny
 from pos_swap import train
 from pos_swap.errors import PosSwapError
 from pos_swap.evaluate import token_losses
+from pos_swap.train import run as train_run
 from pos_swap.train.lora import scheme_parameters
 
 
@@ -109,6 +110,13 @@ def test_a_tiny_run_lowers_the_loss_and_writes_its_report(gpt2_run):
     assert saved["kind"] == "finetune" and saved["meta"]["scheme"] == "alibi"
     for name in ("perplexity.png", "loss.png", "report.html", "adapter/pos_swap.json", "merged/config.json"):
         assert (out / name).exists(), name
+
+
+def test_running_mean_is_the_mean_of_each_window():
+    values = [4.0, 2.0, 6.0, 0.0, 3.0]
+    assert train_run.running_mean(values, 2) == pytest.approx([3.0, 4.0, 3.0, 1.5])
+    assert train_run.running_mean(values, 5) == pytest.approx([3.0])
+    assert train_run.running_mean(values, 1) == pytest.approx(values)
 
 
 def test_scheme_parameters_train_under_lora(gpt2_run):

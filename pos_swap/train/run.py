@@ -364,6 +364,12 @@ def table(cells: list[dict]) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each ``window`` consecutive values (``len(values) - window + 1`` of them)."""
+    sums = torch.tensor([0.0, *values], dtype=torch.float64).cumsum(0)
+    return ((sums[window:] - sums[:-window]) / window).tolist()
+
+
 def write_report(run: report.RunFolder) -> list[report.Section]:
     """``perplexity.png``, ``loss.png`` and ``report.html`` in the run folder; returns the sections."""
     series = {}
@@ -377,8 +383,13 @@ def write_report(run: report.RunFolder) -> list[report.Section]:
                      title=f"{run.meta['scheme']} recovery", marks={"training length": seq_len},
                      xticks={n: format_length(n) for n in lengths})  # fmt: skip
     training = next((c for c in run.cells if c.get("key") == "training"), {"losses": []})
-    steps = list(range(1, len(training["losses"]) + 1))
-    report.line_plot(run.path / "loss.png", {"training loss": (steps, training["losses"])}, xlabel="step", ylabel="loss")
+    losses = training["losses"]
+    steps = list(range(1, len(losses) + 1))
+    curves = {"training loss": (steps, losses)}
+    window = len(losses) // 20
+    if window > 1:  # batch-1 losses are noisy: a running mean shows the trend
+        curves[f"mean of the last {window} steps"] = (steps[window - 1 :], running_mean(losses, window))
+    report.line_plot(run.path / "loss.png", curves, xlabel="step", ylabel="loss")
     sections = [
         report.Section("Perplexity before the swap, after it, and after recovery", table=table(run.cells),
                        images=["perplexity.png"]),

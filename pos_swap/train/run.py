@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 from accelerate import PartialState
 from accelerate.utils import str_to_bool
 
@@ -135,9 +136,9 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
             shutil.rmtree(run.path / stale, ignore_errors=True)
     run.cells = [c for c in run.cells if "stage" not in c or c["length"] in settings.lengths]  # lengths dropped on resume
 
-    measure(run, model, held_out, settings, "before")
+    measure(run, model, held_out, settings, "before", progress=progress)
     engine.patch(model, settings.scheme, **settings.params)
-    measure(run, model, held_out, settings, "swapped")
+    measure(run, model, held_out, settings, "swapped", progress=progress)
     transformers.set_seed(settings.seed)  # the adapter's initial weights
     wrapped = trainable(model, settings.lora_rank, settings.lora_alpha, embeddings=settings.train_embeddings,
                         norms=settings.train_norms, scheme=settings.train_scheme)  # fmt: skip
@@ -151,7 +152,7 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
         run.add({"key": "training", "steps": trainer.state.global_step, "losses": losses, "seconds": seconds,
                  "sequences": len(train), "processes": state.num_processes})  # fmt: skip
         merged = save(wrapped, run.path, meta["model"], tokenizer) if run.path is not None else _merge(wrapped)
-        measure(run, merged, held_out, settings, "recovered", redo=True)
+        measure(run, merged, held_out, settings, "recovered", redo=True, progress=progress)
         if run.path is not None:
             write_report(run)
     state.wait_for_everyone()
@@ -228,7 +229,8 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
 
 
-def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Settings, stage: str, redo=False) -> None:
+def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Settings, stage: str, redo=False,
+            progress: bool = True) -> None:  # fmt: skip
     """Perplexity of ``model`` at every evaluation length on the whole held-out tail, one cell per (stage, length);
     the main process only. Lengths a learned table cannot reach (the native model's) are recorded as None."""
     if not process_state().is_main_process:
@@ -236,10 +238,9 @@ def measure(run: report.RunFolder, model, held_out: torch.Tensor, settings: Sett
     model.eval()
     native_table = engine.describe(model) is None and archs.lookup(model).family == archs.LEARNED
     reach = archs.position_table(model).num_embeddings - archs.lookup(model).table_offset if native_table else None
-    for length in settings.lengths:
+    todo = [length for length in settings.lengths if redo or not run.done(f"{stage}|{length}")]
+    for length in tqdm(todo, desc=f"perplexity {stage}", unit="length", disable=not progress or not todo):
         key = f"{stage}|{length}"
-        if run.done(key) and not redo:
-            continue
         cell = {"key": key, "stage": stage, "length": length, "ppl": None}
         if reach is None or length <= reach:
             cell.update(pooled_perplexity(model, held_out, length))

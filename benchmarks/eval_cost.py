@@ -13,6 +13,7 @@ patch_overhead.py: the CUDA allocator's peak, or the growth of the process's pea
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def main(argv=None):
             row[f"{name}_mib"] = statistics.median(m for _, m in values)
         row["time_x_forward"] = row["evaluation_s"] / row["forward_s"]
         row["time_x_backbone"] = row["evaluation_s"] / row["backbone_s"]
-        row["mem_x_backbone"] = row["evaluation_mib"] / max(row["backbone_mib"], 1e-9)
-        row["mem_x_forward"] = row["evaluation_mib"] / max(row["forward_mib"], 1e-9)
+        # no growth measured (a CPU process whose peak RSS was set by an earlier call): no ratio
+        row["mem_x_backbone"] = row["evaluation_mib"] / row["backbone_mib"] if row["backbone_mib"] > 0 else math.nan
+        row["mem_x_forward"] = row["evaluation_mib"] / row["forward_mib"] if row["forward_mib"] > 0 else math.nan
         rows.append(row)
 
     print(f"\nmodel {args.model} on {args.device}, median of {args.repeats} alternating runs")

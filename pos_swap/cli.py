@@ -200,10 +200,15 @@ def _check_text(path) -> None:
         loading.read_text(path)
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def cmd_eval(args) -> None:
     plan = evaluate.Plan(
         schemes=evaluate.parse_schemes(args.schemes), lengths=evaluate.parse_lengths(args.lengths),
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        tasks=_comma_list(args.tasks),
         retrieval_lengths=evaluate.parse_lengths(args.retrieval_lengths) if args.retrieval_lengths else None,
         depths=evaluate.specs.parse_depths(args.depths), trials=args.trials, windows=args.windows, seed=args.seed,
         shared=not args.separate,
@@ -220,9 +225,8 @@ def cmd_eval(args) -> None:
 
 def cmd_recommend(args) -> None:
     target = evaluate.specs.parse_length(args.length)
-    shortlist = tuple(name.strip() for name in args.schemes.split(",") if name.strip()) if args.schemes else ()
     options = evaluate.choose.Options(objective=args.objective, tolerance=args.tolerance, quick=args.quick,
-                                      windows=args.windows, schemes=shortlist)  # fmt: skip
+                                      windows=args.windows, schemes=_comma_list(args.schemes or ""))  # fmt: skip
     if args.out:
         report.check_output(args.out, resume=args.resume, overwrite=args.overwrite)
     _check_text(args.text)
@@ -414,8 +418,8 @@ def _add_recommend_command(sub) -> None:
                    help="one setting per scheme (its first), one retrieval trial per depth: about half the time")
     p.add_argument("--schemes", metavar="NAMES",
                    help="a shortlist, e.g. rerope,self-extend,dynamic-yarn: measure only these schemes' settings "
-                        "(and native); each costs a few minutes at 16k on a 2-core CPU (default: every scheme that "
-                        "applies)")  # fmt: skip
+                        "(and native); each quick setting costs 6 to 20 minutes at 16k on a 2-core CPU (default: every "
+                        "scheme that applies)")  # fmt: skip
     _add_run_options(p, None)
     p.set_defaults(run=cmd_recommend, command_parser=p)
 

@@ -44,9 +44,7 @@ class Options:
 
     def __post_init__(self):
         for name in self.schemes:
-            if name not in list_schemes():
-                raise PosSwapError(f"Unknown scheme '{name}' in --schemes.{did_you_mean(name, list_schemes())} "
-                                   f"Run `pos-swap schemes` for the list.")  # fmt: skip
+            get_scheme(name)  # an unknown name is an error that suggests the closest one
         if self.objective not in OBJECTIVES:
             raise PosSwapError(
                 f"Unknown objective '{self.objective}'.{did_you_mean(self.objective, OBJECTIVES)} Choose one of "

@@ -8,6 +8,7 @@ tables, PNG plots and a self-contained ``report.html``. Evaluation, probing and 
     write_html(run.path / "report.html", "title", [Section("Perplexity", table=..., images=["ppl.png"])])
 """
 
+import atexit
 import base64
 import contextlib
 import datetime
@@ -89,6 +90,14 @@ class RunFolder:
 
 
 _HELD_LOCKS: dict[Path, object] = {}  # lock file -> its open stream, for the life of this process
+
+
+@atexit.register
+def _release_locks() -> None:
+    """Close the held lock files as the process ends (closing releases the lock)."""
+    for stream in _HELD_LOCKS.values():
+        stream.close()
+    _HELD_LOCKS.clear()
 
 
 def _lock(path: Path, results: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pos_swap.errors import PosSwapError
+from pos_swap import report
 from pos_swap.report import RunFolder, wrapped_label
 
 DRAW = """
@@ -63,3 +64,27 @@ def test_long_scheme_labels_wrap_after_their_colons():
     assert wrapped_label(label).replace("\n", "") == label
     assert wrapped_label("rerope:window=4096") == "rerope:window=4096"
     assert wrapped_label("a_very_long_scheme_name_without_colons_at_all", width=10).count("\n") == 0
+
+
+
+
+EXIT = """
+import atexit, sys
+from pos_swap import report
+report.RunFolder(sys.argv[1], kind="eval", meta={})
+streams = list(report._HELD_LOCKS.values())
+atexit._run_exitfuncs()  # what the interpreter runs as it exits
+print(len(streams), all(stream.closed for stream in streams))
+"""
+
+
+def test_the_locks_a_process_holds_are_closed_as_it_exits(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    RunFolder(tmp_path / "here", kind="eval", meta={})
+    with pytest.raises(BlockingIOError), open(tmp_path / "here" / ".results.json.lock", "a") as stream:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this process runs
+    report._release_locks()
+    with open(tmp_path / "here" / ".results.json.lock", "a") as stream:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+    ended = subprocess.run([sys.executable, "-c", EXIT, str(tmp_path / "there")], capture_output=True, text=True)
+    assert ended.stdout.split() == ["1", "True"], ended.stderr  # closed at exit, not left to the interpreter

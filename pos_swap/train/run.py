@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 from accelerate import PartialState
 from accelerate.utils import str_to_bool
+from tqdm.auto import tqdm
 
 from .. import archs, engine, loading, report
 from ..errors import PosSwapError

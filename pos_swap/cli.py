@@ -7,6 +7,7 @@ Every command names a scheme the same way, NAME[:PARAM=VALUE...]: ``yarn:factor=
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import typing
@@ -75,13 +76,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # -- naming a scheme ------------------------------------------------------------------------------------------------
-def _scheme_spec(text: str) -> evaluate.specs.SchemeSpec:
-    """An argparse ``type``: ``yarn:factor=4`` -> its SchemeSpec (names and parameters checked, as in ``eval``)."""
+def _scheme_spec(text: str, native: bool = False) -> evaluate.specs.SchemeSpec:
+    """An argparse ``type``: ``yarn:factor=4`` -> its SchemeSpec (names and parameters checked, as in ``eval``);
+    ``native`` (the model without a patch) only where the command takes it."""
     try:
         spec = evaluate.specs.parse_scheme(text)
     except PosSwapError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    if spec.name is None:
+    if spec.name is None and not native:
         raise argparse.ArgumentTypeError("'native' is the model without a patch; name a scheme such as yarn:factor=4")
     return spec
 
@@ -112,10 +114,13 @@ def _parse_value(annotation):
     return parse
 
 
-def _add_scheme_option(p, *, required: bool, help: str) -> None:
-    """``--scheme NAME[:PARAM=VALUE...]``. The older form, one flag per parameter (``--scheme yarn --factor 4``),
-    is still accepted but not listed: each command's help stays about that command."""
-    p.add_argument("--scheme", type=_scheme_spec, required=required, metavar="NAME[:PARAM=VALUE...]",
+def _add_scheme_option(p, *, required: bool, help: str, native: bool = False) -> None:
+    """``--scheme NAME[:PARAM=VALUE...]`` (``native`` too, where the command takes it). The older form, one flag per
+    parameter (``--scheme yarn --factor 4``), is still accepted but not listed: each command's help stays about
+    that command."""
+    spec = functools.partial(_scheme_spec, native=native)
+    spec.__name__ = "scheme"  # argparse names the type in its errors
+    p.add_argument("--scheme", type=spec, required=required, metavar="NAME[:PARAM=VALUE...]",
                    help=f"{help}, e.g. yarn:factor=4 (parameters: `pos-swap schemes -v`)")  # fmt: skip
     for name, annotation in _parameter_flags().items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=f"scheme_param_{name}", type=_parse_value(annotation),
@@ -126,9 +131,9 @@ def _scheme(args) -> tuple[str | None, dict]:
     """``(name, params)`` of ``--scheme`` with any older per-parameter flags folded in (None: no scheme)."""
     flags = {name: getattr(args, f"scheme_param_{name}") for name in _parameter_flags()}
     flags = {name: value for name, value in flags.items() if value is not None}
-    if args.scheme is None:
+    if args.scheme is None or args.scheme.name is None:  # no scheme, or 'native'
         if flags:
-            raise PosSwapError(f"Scheme parameters ({', '.join(flags)}) need --scheme NAME.")
+            raise PosSwapError(f"Scheme parameters ({', '.join(flags)}) need --scheme NAME (not native).")
         return None, {}
     name, params = args.scheme.name, args.scheme.params
     known = {**typing.get_type_hints(get_scheme(name).Config),
@@ -282,7 +287,7 @@ def cmd_finetune(args) -> None:
 
     name, params = _scheme(args)
     fields = [f.name for f in dataclasses.fields(train.Settings) if f.name not in ("scheme", "params")]
-    settings = train.Settings(scheme=name, params=params, **{f: getattr(args, f) for f in fields})
+    settings = train.Settings(scheme=name or train.run.NATIVE, params=params, **{f: getattr(args, f) for f in fields})
     run = train.finetune_from(args.model, args.text, settings, out=args.out, resume=args.resume,
                               overwrite=args.overwrite)  # fmt: skip
     if run.path is not None:  # the main process (under accelerate launch)
@@ -453,7 +458,9 @@ def _add_finetune_command(sub) -> None:
         description=FINETUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub name, folder or offline:smollm2")
-    _add_scheme_option(p, required=True, help="the scheme to swap in and recover from")
+    _add_scheme_option(p, required=True, native=True,
+                       help="the scheme to swap in and recover from ('native': the same training with no swap, the "
+                            "control that shows what the text alone teaches)")  # fmt: skip
     p.add_argument("--text", metavar="FILE_OR_DIR", help="text file, or folder of .txt/.md/.rst (default: pydoc topics)")
     p.add_argument("--seq-len", type=int, default=512, help="training sequence length (default: 512)")
     p.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default: 100)")

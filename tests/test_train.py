@@ -164,6 +164,28 @@ def test_an_adapter_without_a_recorded_base_asks_for_one(gpt2_run):
         train.load_adapter(out / "adapter")
 
 
+
+def test_the_native_control_trains_the_same_way_without_a_swap(tmp_path):
+    """``native``: LoRA on the unpatched model, measured before and after (there is no swapped stage); what it
+    gains is what the text alone teaches, the baseline a recovery is read against."""
+    out = tmp_path / "control"
+    model = tiny("llama")
+    untouched = outputs(tiny("llama"), bigram_tokens(40)[None])
+    run = train.finetune(model, bigram_tokens(), settings(scheme="native", params={}), out=out, progress=False)
+    found = cells(run)
+    assert {key.split("|")[0] for key in found} == {"before", "training", "recovered"}
+    for length in (16, 32, 64):
+        assert found[f"recovered|{length}"]["ppl"] < 0.8 * found[f"before|{length}"]["ppl"]
+    assert json.loads((out / "adapter" / "pos_swap.json").read_text())["patch"] is None
+    merged = pos_swap.from_pretrained(out / "merged").eval()
+    adapter = train.load_adapter(out / "adapter", base_model=tiny("llama"))
+    assert pos_swap.describe(merged) is None and pos_swap.describe(adapter) is None
+    ids = bigram_tokens(40)[None]
+    torch.testing.assert_close(outputs(merged, ids), outputs(adapter, ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs(merged, ids), untouched)  # trained
+    assert "native fine-tuning (no swap)" in (out / "report.html").read_text()
+
+
 def _saved(out):
     return type("SavedRun", (), json.loads((out / "results.json").read_text()))
 
@@ -286,7 +308,7 @@ def test_missing_and_empty_text(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [(dict(target_len=8), "below --seq-len"), (dict(pose=True), "give --target-len"), (dict(scheme="alibii"), "alibi"),
-     (dict(max_steps=0), "at least 1")],
+     (dict(max_steps=0), "at least 1"), (dict(scheme="native", params={"factor": 2.0}), "takes no parameters")],
 )  # fmt: skip
 def test_bad_settings(overrides, message):
     with pytest.raises(PosSwapError, match=message):
@@ -370,6 +392,12 @@ def test_cli_finetune_takes_the_scheme_with_its_parameters(tmp_path, capsys):
     assert main([str(a) for a in argv]) == 0
     assert "perplexity (alibi:trainable=true, trained at 16 tokens)" in capsys.readouterr().out
     assert pos_swap.describe(pos_swap.from_pretrained(tmp_path / "run" / "merged"))["params"]["trainable"] is True
+    control = [a if a != "alibi:trainable=true" else "native" for a in argv[:-1]] + [tmp_path / "control"]
+    assert main([str(a) for a in control]) == 0
+    assert "perplexity (native, trained at 16 tokens)" in capsys.readouterr().out
+    assert pos_swap.describe(pos_swap.from_pretrained(tmp_path / "control" / "merged")) is None
+    assert main([str(a) for a in control[:-1] + [tmp_path / "x", "--factor", "2"]]) == 2
+    assert "need --scheme NAME (not native)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ order), ``adapter/`` (the LoRA adapter with ``pos_swap.json``: the patch record 
 ``merged/`` (a full model). Under ``accelerate launch`` every process trains; the first one measures and writes.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ from .data import PackedSequences, split
 from .lora import check_trainable, extra_modules, trainable
 
 STAGES = ("before", "swapped", "recovered")
+NATIVE = "native"  # the control: the same training with no swap, which shows what the text alone teaches
 ADAPTER_RECORD = "pos_swap.json"
 
 
@@ -67,7 +69,10 @@ class Settings:
     seed: int = 0
 
     def __post_init__(self):
-        get_scheme(self.scheme)  # an unknown name fails first, with "did you mean"
+        if self.scheme != NATIVE:
+            get_scheme(self.scheme)  # an unknown name fails first, with "did you mean"
+        elif self.params:
+            raise PosSwapError(f"'native' (training with no swap) takes no parameters; got {sorted(self.params)}.")
         self.eval_factors = tuple(self.eval_factors)
         at_least = {"seq_len": 1, "max_steps": 1, "batch_size": 1, "grad_accum": 1, "eval_windows": 1, "pose_chunks": 1,
                     "lora_rank": 0, "save_steps": 1}  # fmt: skip
@@ -96,6 +101,11 @@ class Settings:
             raise PosSwapError(f"Unknown precision '{self.precision}'; use auto, fp32, bf16 or fp16.")
 
     @property
+    def swaps(self) -> bool:
+        """Whether the run swaps a scheme in (False: the native control)."""
+        return self.scheme != NATIVE
+
+    @property
     def lengths(self) -> list[int]:
         """The evaluation lengths: multiples of the training length, and the target length."""
         return sorted({self.seq_len * f for f in self.eval_factors} | ({self.target_len} if self.target_len else set()))
@@ -109,14 +119,15 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
              resume: bool = False, overwrite: bool = False, progress: bool = True, callbacks=(),
              tokenizer=None) -> report.RunFolder:  # fmt: skip
     """Recover ``model`` (unpatched) under ``settings.scheme`` on ``tokens (N,)``: the model is patched, wrapped and
-    trained in place. Returns the run (its cells). With ``out``, writes the run folder described in the module
+    trained in place (``native``: trained unpatched, the control). Returns the run (its cells). With ``out``, writes the run folder described in the module
     docstring; ``tokenizer`` is saved beside the merged model. Every setting is checked before anything is written."""
     check_launch()
     state = process_state()
     if engine.describe(model) is not None:
         raise PosSwapError("finetune patches the model itself: give it the unpatched model (pos_swap.unpatch(model)).")
     train, held_out = split(tokens, settings.seq_len, max(settings.lengths) * settings.eval_windows)
-    with engine.patched(model, settings.scheme, **settings.params):  # a patch's parameters exist only on the model
+    swap = engine.patched(model, settings.scheme, **settings.params) if settings.swaps else contextlib.nullcontext()
+    with swap:  # a patch's parameters exist only on the patched model
         extras = extra_modules(model, embeddings=settings.train_embeddings, norms=settings.train_norms,
                                scheme=settings.train_scheme)  # fmt: skip
     check_trainable(model, settings.lora_rank, extras)
@@ -137,8 +148,9 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
     run.cells = [c for c in run.cells if "stage" not in c or c["length"] in settings.lengths]  # lengths dropped on resume
 
     measure(run, model, held_out, settings, "before", progress=progress)
-    engine.patch(model, settings.scheme, **settings.params)
-    measure(run, model, held_out, settings, "swapped", progress=progress)
+    if settings.swaps:
+        engine.patch(model, settings.scheme, **settings.params)
+        measure(run, model, held_out, settings, "swapped", progress=progress)
     transformers.set_seed(settings.seed)  # the adapter's initial weights
     wrapped = trainable(model, settings.lora_rank, settings.lora_alpha, embeddings=settings.train_embeddings,
                         norms=settings.train_norms, scheme=settings.train_scheme)  # fmt: skip
@@ -223,7 +235,7 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
     device = str(process_state().device)
     longest = max(settings.lengths) if device == "cpu" else None
     model, tokenizer = load(model_name, device=device, dtype="float32", longest=longest,
-                            check=engine.scheme_check(settings.scheme, settings.params))  # fmt: skip
+                            check=engine.scheme_check(settings.scheme if settings.swaps else None, settings.params))  # fmt: skip
     tokens = tokenize(tokenizer, content, label)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
@@ -348,7 +360,8 @@ def load_adapter(adapter_dir, base_model=None, **kwargs):
         if not name:
             raise PosSwapError(f"'{adapter_dir}' does not name its base model; pass base_model=MODEL_OR_DIR.")
         base_model = engine.from_pretrained(loading.model_path(name), **kwargs)  # offline: aliases too
-    engine.reapply(base_model, record["patch"])
+    if record["patch"] is not None:  # None: a native control run
+        engine.reapply(base_model, record["patch"])
     return peft.PeftModel.from_pretrained(base_model, adapter_dir).eval()
 
 
@@ -380,8 +393,9 @@ def write_report(run: report.RunFolder) -> list[report.Section]:
             series[stage] = tuple(zip(*points))
     lengths = sorted({c["length"] for c in run.cells if "stage" in c})
     seq_len = run.meta["seq_len"]
+    title = f"{run.meta['scheme']} recovery" if run.meta["scheme"] != NATIVE else "native fine-tuning (no swap)"
     report.line_plot(run.path / "perplexity.png", series, xlabel="tokens", ylabel="perplexity", logx=True, logy=True,
-                     title=f"{run.meta['scheme']} recovery", marks={"training length": seq_len},
+                     title=title, marks={"training length": seq_len},
                      xticks={n: format_length(n) for n in lengths})  # fmt: skip
     training = next((c for c in run.cells if c.get("key") == "training"), {"losses": []})
     losses = training["losses"]
@@ -397,5 +411,5 @@ def write_report(run: report.RunFolder) -> list[report.Section]:
         report.Section("Training", text=f"{training.get('steps', 0)} steps in {training.get('seconds', 0):.1f} s",
                        images=["loss.png"]),
     ]  # fmt: skip
-    report.write_html(run.path / "report.html", f"pos_swap recovery: {run.meta['scheme']}", sections, run.meta)
+    report.write_html(run.path / "report.html", f"pos_swap {title}", sections, run.meta)
     return sections

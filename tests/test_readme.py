@@ -4,6 +4,7 @@ Each page runs in its own folder and namespace. Commands that take minutes (the 
 `long`: `python -m pytest -q` leaves them out, and CI runs them in a step of their own (`-m long`).
 """
 
+import json
 import re
 import shlex
 import textwrap
@@ -76,6 +77,8 @@ def test_benchmark_and_examples_run(tmp_path):
          "--out", tmp_path / "bench"],
         [ROOT / "benchmarks" / "retrofit_cost.py", "--lengths", "64", "--repeats", "1", "--schemes", "alibi", "rope",
          "--out", tmp_path / "retro"],
+        [ROOT / "benchmarks" / "retrofit_cost.py", "--model", "offline:smollm2", "--layers", "1", "--lengths", "64",
+         "--repeats", "1", "--schemes", "string", "dpe", "--out", tmp_path / "retro-rope"],
         [ROOT / "benchmarks" / "probe_cost.py", "--lengths", "64", "--repeats", "1", "--out", tmp_path / "probe"],
         [ROOT / "benchmarks" / "per_position_cost.py", "--lengths", "64", "--decode-at", "64", "--repeats", "1",
          "--decode-repeats", "1", "--layers", "2", "--out", tmp_path / "perpos"],
@@ -95,3 +98,5 @@ def test_benchmark_and_examples_run(tmp_path):
     for plot in ("bench/overhead.png", "retro/retrofit_cost.png", "probe/probe_cost.png", "ppl/perplexity.png",
                  "stream/stream.png", "stream/cache.png", "perpos/per_position_cost.png"):
         assert (tmp_path / plot).exists(), plot
+    rope_rows = json.loads((tmp_path / "retro-rope" / "results.json").read_text())
+    assert {row["scheme"] for row in rope_rows["rows"]} == {"string", "dpe"} and not rope_rows["skipped"]

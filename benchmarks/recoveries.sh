@@ -6,6 +6,16 @@
 set -e
 out=${1:-runs/recovery}
 mkdir -p "$out"
+# The control: the same LoRA + norms training with no swap (what the text alone teaches), and the two trained
+# retrofits at the same budget (300 steps of 256 tokens, about 12 minutes each on one thread).
+recover_256() {  # NAME SCHEME-FLAGS...
+    name=$1; shift
+    python -m pos_swap finetune offline:smollm2 "$@" --seq-len 256 --max-steps 300 --learning-rate 4e-4 --train-norms \
+        --eval-factors 1,2,4 --save-steps 100 --out "$out/$name" --resume
+}
+recover_256 native-control --scheme native
+recover_256 nope-every4 --scheme nope --every 4
+recover_256 p-rope25 --scheme p-rope --p 0.25
 # RoPE -> ALiBi: 1,000 steps of 256 tokens, evaluated at 1x, 2x and 4x the training length (about 45 minutes),
 # then passkey at 256 and 1k.
 python -m pos_swap finetune offline:smollm2 --scheme alibi --seq-len 256 --max-steps 1000 --learning-rate 4e-4 \

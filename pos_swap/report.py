@@ -200,6 +200,20 @@ def figure(path, nrows: int = 1, ncols: int = 1, size=(6.4, 4.2), **kwargs):
     fig.savefig(path, dpi=120)
 
 
+def log_axis_ticks(ax, ylim=None) -> None:
+    """Plain-number ticks on a log y axis: 1, 2 and 5 per decade (10, 20, 50 rather than 4 x 10^1); where the
+    values span less than a factor 3, which holds at most one such tick, evenly spaced round numbers (8, 10, 12)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    ax.set_yscale("log")
+    low, high = ylim or ax.get_ylim()
+    narrow = high < 3 * low
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]) if narrow
+                               else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # fmt: skip
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", marks: dict | None = None,
               logx: bool = False, logy: bool = False, bands: dict | None = None,
               xticks: dict | None = None, ylim: tuple | None = None) -> Path:  # fmt: skip
@@ -219,16 +233,8 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
         ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         if logx:
             ax.set_xscale("log", base=2)
-        if logy:  # plain numbers at 1, 2 and 5 per decade (10, 20, 50) rather than 4 x 10^1
-            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-            ax.set_yscale("log")
-            plain = FuncFormatter(lambda value, _: f"{value:g}")
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(plain)
-            low, high = ax.get_ylim()
-            # less than a factor 2.5 between the ends holds at most one major tick: the minor ticks carry labels
-            ax.yaxis.set_minor_formatter(plain if high < 2.5 * low else NullFormatter())
+        if logy:
+            log_axis_ticks(ax, ylim)
         if xticks:
             ax.set_xticks(list(xticks), list(xticks.values()))
             ax.set_xticks([], minor=True)

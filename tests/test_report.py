@@ -88,3 +88,21 @@ def test_the_locks_a_process_holds_are_closed_as_it_exits(tmp_path):
         fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
     ended = subprocess.run([sys.executable, "-c", EXIT, str(tmp_path / "there")], capture_output=True, text=True)
     assert ended.stdout.split() == ["1", "True"], ended.stderr  # closed at exit, not left to the interpreter
+
+
+@pytest.mark.parametrize("values, expected", [
+    ((7.64, 15.98), ["8", "10", "12", "14", "16"]),  # a factor 2: round numbers every 2, none hidden
+    ((9.2, 3937.0), ["10", "20", "50", "100", "200", "500", "1000", "2000", "5000"]),  # decades: 1, 2 and 5 in each
+])  # fmt: skip
+def test_log_axes_label_plain_numbers_across_the_values(values, expected):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    ax.plot([0, 1], values)
+    report.log_axis_ticks(ax)
+    low, high = ax.get_ylim()
+    shown = [t.get_text() for t in ax.get_yticklabels() if low <= t.get_position()[1] <= high]
+    assert shown == expected

@@ -54,16 +54,16 @@ def main(argv=None):
         for name, values in runs.items():
             row[f"{name}_s"] = statistics.median(t for t, _ in values)
             row[f"{name}_mib"] = statistics.median(m for _, m in values)
-        row["time_x_forward"] = row["evaluation_s"] / row["forward_s"]
-        row["time_x_backbone"] = row["evaluation_s"] / row["backbone_s"]
-        # no growth measured (a CPU process whose peak RSS was set by an earlier call): no ratio
-        row["mem_x_backbone"] = row["evaluation_mib"] / row["backbone_mib"] if row["backbone_mib"] > 0 else math.nan
-        row["mem_x_forward"] = row["evaluation_mib"] / row["forward_mib"] if row["forward_mib"] > 0 else math.nan
+        for reference in ("forward", "backbone"):
+            row[f"time_x_{reference}"] = row["evaluation_s"] / row[f"{reference}_s"]
+            # no growth measured (a CPU process whose peak RSS was set by an earlier call): no ratio
+            grown = row[f"{reference}_mib"]
+            row[f"mem_x_{reference}"] = row["evaluation_mib"] / grown if grown > 0 else math.nan
         rows.append(row)
 
     print(f"\nmodel {args.model} on {args.device}, median of {args.repeats} alternating runs")
     columns = ["length", "forward_s", "backbone_s", "evaluation_s", "time_x_forward", "time_x_backbone",
-               "forward_mib", "backbone_mib", "evaluation_mib", "mem_x_backbone", "mem_x_forward"]  # fmt: skip
+               "forward_mib", "backbone_mib", "evaluation_mib", "mem_x_forward", "mem_x_backbone"]  # fmt: skip
     print(report.format_table(rows, columns, floats="{:.3f}"))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

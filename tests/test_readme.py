@@ -86,6 +86,7 @@ def test_benchmark_and_examples_run(tmp_path):
          "--out", tmp_path / "stream"],
         [ROOT / "benchmarks" / "temperature_cost.py", "--lengths", "64", "--repeats", "1", "--layers", "1",
          "--schemes", "yarn", "rerope", "--out", tmp_path / "temperature"],
+        [ROOT / "benchmarks" / "eval_cost.py", "--lengths", "64", "--repeats", "1", "--out", tmp_path / "evalcost"],
         [ROOT / "benchmarks" / "retrieval_cost.py", "--length", "300", "--depths", "0,1", "--trials", "1",
          "--out", tmp_path / "sweep"],
         [ROOT / "examples" / "quickstart.py"],
@@ -96,7 +97,7 @@ def test_benchmark_and_examples_run(tmp_path):
         done = subprocess.run([sys.executable, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True)
         assert done.returncode == 0, (argv, done.stderr[-2000:])
     for plot in ("bench/overhead.png", "retro/retrofit_cost.png", "probe/probe_cost.png", "ppl/perplexity.png",
-                 "stream/stream.png", "stream/cache.png", "perpos/per_position_cost.png"):
+                 "stream/stream.png", "stream/cache.png", "perpos/per_position_cost.png", "evalcost/eval_cost.png"):
         assert (tmp_path / plot).exists(), plot
     rope_rows = json.loads((tmp_path / "retro-rope" / "results.json").read_text())
     assert {row["scheme"] for row in rope_rows["rows"]} == {"string", "dpe"} and not rope_rows["skipped"]

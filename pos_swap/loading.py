@@ -145,10 +145,13 @@ def read_text(path) -> str:
         raise PosSwapError(f"Cannot read '{path}': {error.strerror or _first_line(error)}.") from None
 
 
+PYDOC_LABEL = "pydoc_data.topics"  # the label of the default text in results files
+
+
 def text_content(text: str | Path | None = None) -> tuple[str, str]:
     """``(content, label)`` of a text file (default: Python's pydoc topics); the label names the text."""
     if text is None:
-        return offline.pydoc_text(), "pydoc_data.topics"
+        return offline.pydoc_text(), PYDOC_LABEL
     return read_text(text), str(text)
 
 

@@ -186,6 +186,16 @@ def test_the_native_control_trains_the_same_way_without_a_swap(tmp_path):
     assert "native fine-tuning (no swap)" in (out / "report.html").read_text()
 
 
+def _benchmark(name: str):
+    """A script of benchmarks/ imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _saved(out):
     return type("SavedRun", (), json.loads((out / "results.json").read_text()))
 
@@ -392,6 +402,12 @@ def test_cli_finetune_takes_the_scheme_with_its_parameters(tmp_path, capsys):
     assert main([str(a) for a in argv]) == 0
     assert "perplexity (alibi:trainable=true, trained at 16 tokens)" in capsys.readouterr().out
     assert pos_swap.describe(pos_swap.from_pretrained(tmp_path / "run" / "merged"))["params"]["trainable"] is True
+    heldout_ppl = _benchmark("heldout_ppl")
+    heldout_ppl.main([str(tmp_path / "run"), "--schemes", "native,alibi:trainable=true"])
+    rows = json.loads((tmp_path / "run" / "heldout_ppl.json").read_text())["rows"]
+    stages = {c["key"]: c.get("ppl") for c in json.loads((tmp_path / "run" / "results.json").read_text())["cells"]}
+    for row, stage in zip(rows, ("before", "swapped")):  # the same tokens by the same rule: the run's own values
+        assert [row[k] for k in ("16", "32", "64")] == pytest.approx([stages[f"{stage}|{n}"] for n in (16, 32, 64)])
     control = [a if a != "alibi:trainable=true" else "native" for a in argv[:-1]] + [tmp_path / "control"]
     assert main([str(a) for a in control]) == 0
     assert "perplexity (native, trained at 16 tokens)" in capsys.readouterr().out

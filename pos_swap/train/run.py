@@ -393,7 +393,9 @@ def write_report(run: report.RunFolder) -> list[report.Section]:
             series[stage] = tuple(zip(*points))
     lengths = sorted({c["length"] for c in run.cells if "stage" in c})
     seq_len = run.meta["seq_len"]
-    title = f"{run.meta['scheme']} recovery" if run.meta["scheme"] != NATIVE else "native fine-tuning (no swap)"
+    spec = ":".join([run.meta["scheme"]] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in run.meta.get("params", {}).items()])  # fmt: skip
+    title = f"{spec} recovery" if run.meta["scheme"] != NATIVE else "native fine-tuning (no swap)"
     report.line_plot(run.path / "perplexity.png", series, xlabel="tokens", ylabel="perplexity", logx=True, logy=True,
                      title=title, marks={"training length": seq_len},
                      xticks={n: format_length(n) for n in lengths})  # fmt: skip

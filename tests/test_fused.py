@@ -272,6 +272,28 @@ def test_cached_generation_equals_the_chunked_path(monkeypatch, scheme, params, 
     torch.testing.assert_close(fast_scores, slow_scores, atol=2e-5, rtol=1e-5)
 
 
+
+WINDOWED = [s for s in SCHEMES if s[0] in ("self-extend", "dual-chunk", "string", "dpe")] + [
+    ("rerope", dict(window=8, leaky_factor=4))]  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme, params", WINDOWED)
+def test_a_prefill_that_continues_a_cache_runs_the_fused_passes(monkeypatch, scheme, params):
+    """The second part of a prompt on a cache (as the retrieval sweeps reuse a shared prefix) gets transformers'
+    causal mask, not None: it must still take the fused passes, and give the whole forward's logits."""
+    import transformers
+
+    model = tiny("llama")
+    pos_swap.patch(model, scheme, **params)
+    with torch.no_grad():
+        whole = model(IDS).logits
+        cache = transformers.DynamicCache(config=model.config)
+        model(IDS[:, :40], past_key_values=cache, use_cache=True)
+        calls = count_kernel_calls(monkeypatch, "cpu-flash")
+        continued = model(IDS[:, 40:], past_key_values=cache, use_cache=True).logits
+    assert calls, "the continuation took the chunked path"
+    torch.testing.assert_close(continued, whole[:, 40:], atol=2e-5, rtol=1e-5)
+
 def test_alibi_left_padded_batch_equals_each_sequence_alone():
     model = tiny("llama")
     pos_swap.patch(model, "alibi")

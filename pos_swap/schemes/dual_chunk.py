@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .. import archs, fused
-from ..attention import chunked_attention, first_query_slot, notify_blocks, positions, scaled_scores, sink_logits
+from ..attention import (
+    causal_only, chunked_attention, first_query_slot, notify_blocks, positions, scaled_scores, sink_logits,
+)  # fmt: skip
 from ..errors import InvalidParameterError
 from ..functional import dual_chunk, rope
 from ..registry import MAX_POSITIONS, greater_than, param, register
@@ -80,8 +82,8 @@ class DualChunkAttention(nn.Module):
 
         chunk_keys = self._rotate(key, dual_chunk.chunk_key_positions(k_pos, *sizes))  # (B, Hkv, Lk, D)
         kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=dropout)
-        if attention_mask is None and kernel is not None and _chunks_on_slots(q_pos):
-            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+        first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+        if kernel is not None and _chunks_on_slots(q_pos) and causal_only(attention_mask, first):
             length = self.chunk_size - self.local_window
             output = fused.dual_chunk_attention(
                 kernel, intra, successive, inter, chunk_keys, value, scaling, first, int(q_pos[0, 0]), length,

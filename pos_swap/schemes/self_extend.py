@@ -14,7 +14,8 @@ from torch import nn
 
 from .. import archs, fused
 from ..attention import (
-    chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions, scaled_scores, sink_logits,
+    causal_only, chunked_attention, chunked_backend, first_query_slot, notify_blocks, positions, scaled_scores,
+    sink_logits,
 )  # fmt: skip
 from ..errors import InvalidParameterError
 from ..functional import rope, self_extend
@@ -103,8 +104,8 @@ class GroupedAttention(nn.Module):
             return scaled_scores(torch.where(neighbours, near, far), scaling)
 
         kernel = fused.kernel_for(module, query, kwargs.get("softcap"), dropout=dropout)
-        if attention_mask is None and kernel is not None and _slots(q_pos):
-            first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+        first = first_query_slot(attention_mask, query.shape[2], key.shape[2])
+        if kernel is not None and _slots(q_pos) and causal_only(attention_mask, first):  # also a prefill on a cache
             near, far = (near_query, near_key), (far_query, far_key)
             sinks = sink_logits(module)
             output = fused.windowed_attention(kernel, near, far, value, scaling, first, self.window, sinks)

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from pos_swap import report
 from pos_swap.errors import PosSwapError
 from pos_swap.evaluate.run import applied
-from pos_swap.evaluate.specs import format_length, parse_schemes
+from pos_swap.evaluate.specs import format_length, parse_lengths, parse_schemes
 from pos_swap.loading import PYDOC_LABEL, load, tokenize
-from pos_swap.train.data import read_source
+from pos_swap.train.data import read_source, split
 from pos_swap.train.run import pooled_perplexity
 
 
@@ -39,8 +39,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="a pos-swap finetune run folder")
     parser.add_argument("--schemes", type=parse_schemes, required=True, help="comma-separated, as in pos-swap eval")
-    parser.add_argument("--lengths", type=lambda text: [int(n) for n in text.split(",")],
-                        help="comma-separated token counts (default: the run's)")  # fmt: skip
+    parser.add_argument("--lengths", type=parse_lengths, help="comma-separated, e.g. 2k,32k (default: the run's)")
     parser.add_argument("--text", help="the run's text file or folder, if it has moved")
     args = parser.parse_args(argv)
     try:
@@ -54,7 +53,7 @@ def main(argv=None) -> None:
     try:
         content, label = read_source(text)
         model, tokenizer = load(meta["model"], dtype="float32", longest=max(lengths))
-        held_out = tokenize(tokenizer, content, label)[-meta["held_out_tokens"] :]
+        _, held_out = split(tokenize(tokenizer, content, label), meta["seq_len"], meta["held_out_tokens"])  # the run's
         rows = heldout_rows(model, held_out, lengths, args.schemes)
     except PosSwapError as error:
         sys.exit(str(error))

@@ -17,7 +17,7 @@ from .. import archs
 from ..errors import PosSwapError, did_you_mean
 from ..registry import get_scheme, list_schemes
 from .run import Plan, check_plan, evaluate, measured_cells, perplexity_table, text_tokens
-from .specs import NATIVE, SchemeSpec, format_length
+from .specs import NATIVE, SchemeSpec, format_length, label
 
 OBJECTIVES = {
     "balanced": "lowest sum of two losses in nats per token, the last-quarter loss at the target and the loss of "
@@ -56,14 +56,6 @@ class Options:
                 f"got {self.tolerance}."
             )
         self.trials = self.trials or (1 if self.quick else 2)
-
-
-def label(name: str, params: dict) -> str:
-    """The scheme-list entry for a setting, as ``pos-swap eval --schemes`` reads it: ``yarn:factor=4``."""
-    def text(value):
-        return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
-
-    return name + "".join(f":{key}={text(value)}" for key, value in params.items())
 
 
 def grid(trained: int, target: int, family: str = archs.ROTARY, quick: bool = False,

@@ -146,6 +146,14 @@ def parse_scheme(text: str) -> SchemeSpec:
     return SchemeSpec(label, name, params)
 
 
+def label(name: str, params: dict) -> str:
+    """The scheme-list entry for a setting, as :func:`parse_scheme` reads it: ``yarn:factor=4``."""
+    def text(value):
+        return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return name + "".join(f":{key}={text(value)}" for key, value in params.items())
+
+
 def parse_schemes(text) -> list[SchemeSpec]:
     """A comma-separated scheme list (or a list of entries) -> SchemeSpecs. A list-valued parameter takes ``;``
     between its values (``longrope:long_factor=1;1.5;2``) or brackets (``long_factor=[1,1.5,2]``)."""

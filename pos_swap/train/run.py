@@ -30,7 +30,7 @@ from .. import archs, engine, loading, report
 from ..errors import PosSwapError
 from ..evaluate.ppl import summarize
 from ..evaluate import perplexity
-from ..evaluate.specs import format_length
+from ..evaluate.specs import format_length, label
 from ..registry import get_scheme
 from .data import PackedSequences, split
 from .lora import check_trainable, extra_modules, trainable
@@ -119,8 +119,9 @@ def finetune(model, tokens: torch.Tensor, settings: Settings, *, out=None, model
              resume: bool = False, overwrite: bool = False, progress: bool = True, callbacks=(),
              tokenizer=None) -> report.RunFolder:  # fmt: skip
     """Recover ``model`` (unpatched) under ``settings.scheme`` on ``tokens (N,)``: the model is patched, wrapped and
-    trained in place (``native``: trained unpatched, the control). Returns the run (its cells). With ``out``, writes the run folder described in the module
-    docstring; ``tokenizer`` is saved beside the merged model. Every setting is checked before anything is written."""
+    trained in place (``native``: trained unpatched, the control). Returns the run (its cells). With ``out``, writes
+    the run folder described in the module docstring; ``tokenizer`` is saved beside the merged model. Every setting
+    is checked before anything is written."""
     check_launch()
     state = process_state()
     if engine.describe(model) is not None:
@@ -234,8 +235,8 @@ def finetune_from(model_name: str, text, settings: Settings, *, out=None, resume
     content, label = read_source(text)
     device = str(process_state().device)
     longest = max(settings.lengths) if device == "cpu" else None
-    model, tokenizer = load(model_name, device=device, dtype="float32", longest=longest,
-                            check=engine.scheme_check(settings.scheme if settings.swaps else None, settings.params))  # fmt: skip
+    check = engine.scheme_check(settings.scheme if settings.swaps else None, settings.params)
+    model, tokenizer = load(model_name, device=device, dtype="float32", longest=longest, check=check)
     tokens = tokenize(tokenizer, content, label)
     return finetune(model, tokens, settings, out=out, model_name=model_name, text_label=label, resume=resume,
                     overwrite=overwrite, progress=progress, tokenizer=tokenizer)  # fmt: skip
@@ -393,9 +394,8 @@ def write_report(run: report.RunFolder) -> list[report.Section]:
             series[stage] = tuple(zip(*points))
     lengths = sorted({c["length"] for c in run.cells if "stage" in c})
     seq_len = run.meta["seq_len"]
-    spec = ":".join([run.meta["scheme"]] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in run.meta.get("params", {}).items()])  # fmt: skip
-    title = f"{spec} recovery" if run.meta["scheme"] != NATIVE else "native fine-tuning (no swap)"
+    scheme = label(run.meta["scheme"], run.meta.get("params", {}))
+    title = f"{scheme} recovery" if run.meta["scheme"] != NATIVE else "native fine-tuning (no swap)"
     report.line_plot(run.path / "perplexity.png", series, xlabel="tokens", ylabel="perplexity", logx=True, logy=True,
                      title=title, marks={"training length": seq_len},
                      xticks={n: format_length(n) for n in lengths})  # fmt: skip

@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import pos_swap
 from pos_swap import fused, report
+from pos_swap.evaluate.specs import format_length
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_overhead import measure_call  # noqa: E402 - the sibling benchmark's timing and peak memory
@@ -234,7 +235,7 @@ def plot(path: Path, rows: list[dict]) -> None:
             ax.axhline(1.0, color="gray", lw=0.8, ls="--", label="native")
             ax.set_xscale("log", base=2)
             lengths = sorted({r["length"] for r in rows})
-            ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+            ax.set_xticks(lengths, [format_length(n) for n in lengths])
             ax.set_xticks([], minor=True)
             ax.set_xlim(lengths[0] / 1.2, lengths[-1] * 1.2)
             ax.set(xlabel="tokens", ylabel=label)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import pos_swap
 from pos_swap import offline
+from pos_swap.evaluate.specs import format_length
 
 SCHEMES = {"yarn": dict(factor=4.0), "linear": dict(factor=4.0), "dynamic": dict(factor=4.0), "dynamic-yarn": {}}
 
@@ -122,6 +123,9 @@ def main(argv=None):
         for ax, title in zip(axes, ["forward time, patched / native", "peak memory, patched / native"]):
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set(xscale="log", xlabel="sequence length", title=title)
+            lengths = sorted({r["length"] for r in rows})
+            ax.set_xticks(lengths, [format_length(n) for n in lengths], minor=False)  # 4k, 8k rather than 4 x 10^3
+            ax.set_xticks([], minor=True)
             ax.legend()
         fig.tight_layout()
         fig.savefig(args.out / "overhead.png", dpi=120)

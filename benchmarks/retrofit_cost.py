@@ -56,6 +56,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 import pos_swap
 from pos_swap import archs, offline
+from pos_swap.evaluate.specs import format_length
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_overhead import measure  # noqa: E402 - the sibling benchmark's measurement, shared
@@ -188,6 +189,9 @@ def plot(rows: list[dict], schemes: list[str], title: str, path: Path) -> None:
         ax.axhline(1.0, color="gray", lw=0.8)
         log_y = ratios and min(ratios) > 0 and max(ratios) / min(ratios) > 3
         ax.set(xscale="log", yscale="log" if log_y else "linear", xlabel="sequence length", title=name)
+        lengths = sorted({r["length"] for r in rows})
+        ax.set_xticks(lengths, [format_length(n) for n in lengths], minor=False)  # 4k, 8k rather than 4 x 10^3
+        ax.set_xticks([], minor=True)
         ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,6 +112,17 @@ def test_a_tiny_run_lowers_the_loss_and_writes_its_report(gpt2_run):
     for name in ("perplexity.png", "loss.png", "report.html", "adapter/pos_swap.json", "merged/config.json"):
         assert (out / name).exists(), name
     assert "pos_swap alibi:trainable=true recovery" in (out / "report.html").read_text()  # the scheme as set
+
+
+@pytest.mark.parametrize("pose", [False, True])
+def test_the_perplexity_plot_marks_the_pose_target_only_when_pose_trained(tmp_path, monkeypatch, pose):
+    drawn = {}
+    monkeypatch.setattr(train_run.report, "line_plot", lambda path, series, **kw: drawn.setdefault(path.name, kw))
+    meta = {"scheme": "yarn", "params": {"factor": 4.0}, "seq_len": 32, "pose": pose, "target_len": 128}
+    cells_ = [{"stage": "recovered", "length": n, "ppl": 2.0} for n in (32, 128)]
+    train_run.write_report(SimpleNamespace(path=tmp_path, meta=meta, cells=cells_))
+    expected = {"training length": 32} | ({"PoSE target (positions trained)": 128} if pose else {})
+    assert drawn["perplexity.png"]["marks"] == expected
 
 
 def test_running_mean_is_the_mean_of_each_window():

@@ -396,8 +396,11 @@ def write_report(run: report.RunFolder) -> list[report.Section]:
     seq_len = run.meta["seq_len"]
     scheme = label(run.meta["scheme"], run.meta.get("params", {}))
     title = f"{scheme} recovery" if run.meta["scheme"] != NATIVE else "native fine-tuning (no swap)"
+    marks = {"training length": seq_len}
+    if run.meta.get("pose"):  # PoSE trains positions up to the target inside seq_len windows
+        marks["PoSE target (positions trained)"] = run.meta["target_len"]
     report.line_plot(run.path / "perplexity.png", series, xlabel="tokens", ylabel="perplexity", logx=True, logy=True,
-                     title=title, marks={"training length": seq_len},
+                     title=title, marks=marks,
                      xticks={n: format_length(n) for n in lengths})  # fmt: skip
     training = next((c for c in run.cells if c.get("key") == "training"), {"losses": []})
     losses = training["losses"]

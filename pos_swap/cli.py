@@ -19,6 +19,7 @@ from .registry import MODIFIERS, get_scheme, list_schemes
 EPILOG = """examples:
   pos-swap demo                                         SmolLM2 beyond its 8k context, offline, a few minutes
   pos-swap eval offline:smollm2 --schemes native,dynamic-yarn,yarn:factor=4 --lengths 2k,8k,16k --tasks ppl,passkey
+  pos-swap merge runs/a runs/b --out runs/ab            one report from eval runs made in parallel
   pos-swap recommend offline:smollm2 --length 16k       rank training-free settings measured at 16k
   pos-swap calibrate offline:smollm2 --scheme dpe --length 16k --quick   dpe's group sizes for 16k
   pos-swap schemes -v                                   every scheme with its parameters
@@ -53,6 +54,11 @@ EVAL_EPILOG = """examples:
 
 SCHEMES: NAME[:PARAM=VALUE...] comma-separated; 'native' is the model without a patch. LENGTHS: tokens,
 k = 1024 (16k = 16384)."""
+
+MERGE_EPILOG = """examples:
+  pos-swap eval MODEL --schemes native,rerope --tasks passkey --trials 2 --out runs/a      (one process)
+  pos-swap eval MODEL --schemes self-extend,dpe --tasks passkey --trials 2 --out runs/b   (another, at once)
+  pos-swap merge runs/a runs/b --out runs/ab                                             one table and heatmap"""
 
 FINETUNE_DESCRIPTION = """Patch a model with a scheme, fine-tune it with LoRA (transformers' Trainer), and measure perplexity
 before the swap, after it and after recovery at 1x, 2x and 4x --seq-len. Writes results.json, PNG plots,
@@ -226,6 +232,12 @@ def cmd_eval(args) -> None:
                             resume=args.resume, overwrite=args.overwrite)  # fmt: skip
     evaluate.run.print_sections(evaluate.write_report(run))
     print(f"\nwrote {run.file}, the PNG plots and {run.path / 'report.html'}")
+
+
+def cmd_merge(args) -> None:
+    run = evaluate.merge_runs(args.runs, args.out, overwrite=args.overwrite)
+    evaluate.run.print_sections(evaluate.write_report(run, title=f"pos_swap evaluation: {len(args.runs)} runs merged"))
+    print(f"\nwrote {run.file} ({len(run.cells)} cells), the PNG plots and {run.path / 'report.html'}")
 
 
 def cmd_recommend(args) -> None:
@@ -407,6 +419,21 @@ def _add_eval_command(sub) -> None:
     p.set_defaults(run=cmd_eval, command_parser=p)
 
 
+def _add_merge_command(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="combine eval runs (a sweep split over processes or machines) into one report",
+        description="Combine the run folders of several `pos-swap eval` runs on the same model, text and --seed\n"
+                    "(other schemes, lengths, depths or trials) into one run folder: results.json with every cell,\n"
+                    "the tables, heatmaps and report.html as if one run had measured them all. A cell measured in\n"
+                    "two runs must agree.",
+        epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="the --out folders of pos-swap eval runs")
+    p.add_argument("--out", metavar="DIR", required=True, help="the merged run's folder (a new one)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(run=cmd_merge, command_parser=p)
+
+
 def _add_recommend_command(sub) -> None:
     p = sub.add_parser(
         "recommend", help="measure training-free settings at a target length and print the one to use",
@@ -490,7 +517,8 @@ def _add_finetune_command(sub) -> None:
 
 
 COMMANDS = (_add_schemes_command, _add_info_command, _add_patch_command, _add_probe_command, _add_demo_command,
-            _add_eval_command, _add_recommend_command, _add_calibrate_command, _add_finetune_command)  # fmt: skip
+            _add_eval_command, _add_merge_command, _add_recommend_command, _add_calibrate_command,
+            _add_finetune_command)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

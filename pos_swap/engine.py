@@ -380,8 +380,8 @@ def configure(model: torch.nn.Module, scheme: str, params: dict) -> tuple[Scheme
     scheme_class.check_family(model, archs.lookup(model).family)
     params, modifier_params = split_modifiers(params)
     configured = scheme_class.configure(model, params)
-    modifiers = (m.configure(model, own) for m, own in modifier_params.items())
-    return configured, tuple(m for m in modifiers if m is not None)
+    stacked = (m.configure(model, own) for m, own in modifier_params.items())
+    return configured, tuple(m for m in stacked if m is not None)
 
 
 def scheme_check(scheme: str | None, params: dict):

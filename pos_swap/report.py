@@ -63,9 +63,10 @@ class RunFolder:
     def done(self, key: str) -> bool:
         return any(cell.get("key") == key for cell in self.cells)
 
-    def add(self, cell: dict) -> None:
-        """Record one finished cell (a dict with a unique ``key``) and rewrite the results file."""
-        self.cells = [c for c in self.cells if c.get("key") != cell.get("key")] + [json.loads(json.dumps(cell))]
+    def add(self, *cells: dict) -> None:
+        """Record finished cells (dicts, each with a unique ``key``) and rewrite the results file."""
+        keys = {cell.get("key") for cell in cells}
+        self.cells = [c for c in self.cells if c.get("key") not in keys] + json.loads(json.dumps(list(cells)))
         self._write()
 
     def summarize(self, summary: dict) -> None:
@@ -135,15 +136,7 @@ def check_output(path, *, resume: bool = False, overwrite: bool = False, results
     file = path / results
     if not file.exists() or overwrite:
         return None
-    try:
-        saved = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        saved = error
-    if not isinstance(saved, dict):
-        raise PosSwapError(
-            f"'{file}' is not a pos_swap results file (not a JSON object: {str(saved)[:80]}). Move it away, choose "
-            f"another output folder, or pass --overwrite to replace it."
-        )
+    saved = _read_results(file, "Move it away, choose another output folder, or pass --overwrite to replace it.")
     if not saved.get("cells"):
         return None  # it stopped before its first cell: nothing to keep, so it does not block the corrected command
     if not resume:
@@ -152,6 +145,30 @@ def check_output(path, *, resume: bool = False, overwrite: bool = False, results
             f"'{path}' already holds a pos_swap {saved.get('kind', '')} run ({results}). {advice}, or choose another "
             f"output folder."
         )
+    return saved
+
+
+def _read_results(file: Path, advice: str) -> dict:
+    """The run saved in ``file``; a file that is not a JSON object is refused with ``advice``."""
+    try:
+        saved = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        saved = error
+    if not isinstance(saved, dict):
+        raise PosSwapError(f"'{file}' is not a pos_swap results file (not a JSON object: {str(saved)[:80]}). {advice}")
+    return saved
+
+
+def read_run(path, kind: str, results: str = RESULTS) -> dict:
+    """The run a folder holds (``kind``, ``meta``, ``cells``), for reading: a missing folder or results file, or
+    a run of another kind, is refused by name."""
+    file = Path(path) / results
+    if not file.is_file():
+        raise PosSwapError(f"'{path}' holds no pos_swap run ({results} not found); give the --out folder of a run.")
+    saved = _read_results(file, "Give the --out folder of a pos_swap run.")
+    if saved.get("kind") != kind:
+        raise PosSwapError(f"'{path}' holds a pos_swap {saved.get('kind', 'unknown')} run, not a{'n' * (kind[0] in 'aeiou')} "
+                           f"{kind} run.")  # fmt: skip
     return saved
 
 

@@ -2,6 +2,7 @@
 prompts, run folders (cell by cell, resume), reports, recommend, the CLI and its errors. Tiny models carry the
 real SmolLM2 tokenizer so prompts are real text; one short end-to-end run uses the real SmolLM2."""
 
+import dataclasses
 import json
 import math
 import random
@@ -11,9 +12,9 @@ import torch
 import transformers as T
 
 import pos_swap
-from pos_swap import cli, report
+from pos_swap import cli, evaluate, report
 from pos_swap.errors import PosSwapError
-from pos_swap.evaluate import ppl, retrieval, run, specs
+from pos_swap.evaluate import merge, ppl, retrieval, run, specs
 from tests.conftest import assert_figure, tiny
 
 
@@ -263,6 +264,81 @@ def test_an_interrupted_run_resumes_where_it_stopped(tokenizer, tmp_path, monkey
     narrower = run.evaluate(model, tokenizer, small_plan(tasks=("ppl",), schemes=specs.parse_schemes("native")),
                             out=tmp_path, resume=True, progress=False)  # fmt: skip
     assert len(narrower.cells) == 16 and narrower.meta["schemes"][-1] == "linear:factor=2"
+
+
+def test_merged_runs_equal_one_run_that_measured_everything(tokenizer, tmp_path):
+    """A sweep split by scheme and by depth, merged, gives the cells and tables of the whole sweep run at once."""
+    model = tiny_lm(tokenizer)
+    parts = {"b": small_plan(schemes=specs.parse_schemes("native,dynamic-yarn"), depths=(1.0,), tasks=("passkey", "multikey")),
+             "a": small_plan(schemes=specs.parse_schemes("native,dynamic-yarn"), depths=(0.0,)),
+             "c": small_plan(schemes=specs.parse_schemes("yarn:factor=4"), lengths=[256, 64])}  # fmt: skip
+    for name, plan in parts.items():
+        run.evaluate(model, tokenizer, plan, out=tmp_path / name, progress=False)
+    whole = run.evaluate(model, tokenizer, small_plan(lengths=[256]), progress=False)
+    merged = evaluate.merge_runs([tmp_path / name for name in parts], tmp_path / "all")
+    measured = [merge._measured(c) for c in merged.cells]
+    assert len(measured) == len(whole.cells) + 6  # and the 64-token windows (two each) of runs a and c
+    by_key = {c["key"]: c for c in measured}
+    assert all(merge.agree(by_key[c["key"]], merge._measured(c)) for c in whole.cells)
+    assert merged.meta["depths"] == [0.0, 1.0] and merged.meta["lengths"] == [64, 256]
+    assert merged.meta["schemes"] == ["native", "dynamic-yarn", "yarn:factor=4"]
+    sections = run.write_report(merged)
+    expected = run.accuracy_table(whole.cells, "passkey", by=("scheme", "length"))
+    saved = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert saved["summary"]["passkey"]["by_length"] == pytest.approx(expected)
+    assert len(saved["cells"]) == len(measured) and "passkey retrieval accuracy" in [s.heading for s in sections]
+    assert_figure(tmp_path / "all" / "passkey.png")
+
+
+def test_merge_refuses_runs_that_do_not_combine(tokenizer, tmp_path):
+    model = tiny_lm(tokenizer)
+    plan = small_plan(schemes=specs.parse_schemes("native"), tasks=("passkey",), depths=(0.0,))
+    for name, seed in (("a", 0), ("b", 0), ("seed1", 1)):
+        run.evaluate(model, tokenizer, dataclasses.replace(plan, seed=seed), out=tmp_path / name, progress=False)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(PosSwapError, match="another seed .*same model, text and --seed"):
+        evaluate.merge_runs([tmp_path / "a", tmp_path / "seed1"], tmp_path / "out")
+    with pytest.raises(PosSwapError, match="is one of the runs being merged"):
+        evaluate.merge_runs(folders, tmp_path / "a")
+    with pytest.raises(PosSwapError, match="at least two different run folders"):
+        evaluate.merge_runs([tmp_path / "a", tmp_path / "a"], tmp_path / "out")
+    with pytest.raises(PosSwapError, match="holds no pos_swap run"):
+        evaluate.merge_runs([tmp_path / "a", tmp_path / "missing"], tmp_path / "out")
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "results.json").write_text(json.dumps({"kind": "probe", "meta": {}, "cells": []}))
+    with pytest.raises(PosSwapError, match="holds a pos_swap probe run, not an eval run"):
+        evaluate.merge_runs([tmp_path / "a", tmp_path / "probe"], tmp_path / "out")
+    # the same cell measured twice: kept once when the two agree, refused when they differ
+    assert len(evaluate.merge_runs(folders, tmp_path / "same").cells) == 1
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    saved["cells"][0]["answer_logprob"] += 1.0
+    (tmp_path / "b" / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(PosSwapError, match="Cell 'native|passkey|256|d0/t0' was measured in .* different results"):
+        evaluate.merge_runs(folders, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    with pytest.raises(PosSwapError, match="already holds a pos_swap eval run.*--overwrite"):
+        evaluate.merge_runs([tmp_path / "a", tmp_path / "seed1"], tmp_path / "same")
+
+
+def test_merge_agreement_is_to_float32_rounding():
+    assert merge.agree({"ppl": 10.0, "buckets": [1.0, float("nan")]}, {"ppl": 10.0001, "buckets": [1.0, float("nan")]})
+    assert not merge.agree({"ppl": 10.0}, {"ppl": 10.01}) and not merge.agree([1.0], [1.0, 2.0])
+    assert not merge.agree({"answer": "123"}, {"answer": "124"}) and not merge.agree(1.0, "1.0")
+
+
+def test_cli_merge(tiny_dir, tmp_path, capsys):
+    common = ["eval", str(tiny_dir), "--lengths", "256", "--tasks", "passkey", "--depths", "0,1"]
+    assert cli.main(common + ["--schemes", "native", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(common + ["--schemes", "dynamic-yarn", "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert cli.main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    out = capsys.readouterr().out
+    assert "passkey retrieval accuracy" in out and "(4 cells)" in out and "dynamic-yarn" in out
+    assert "2 runs merged" in (tmp_path / "ab" / "report.html").read_text()
+    assert cli.main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 2
+    assert "Pass --overwrite to replace it" in capsys.readouterr().err
+    assert cli.main(["merge", str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
+    assert "at least two different run folders" in capsys.readouterr().err
 
 
 def test_output_folder_is_never_overwritten_by_accident(tmp_path):

@@ -43,7 +43,7 @@ def merged_cells(runs: dict) -> list[dict]:
     there (to :data:`TOLERANCE`), apart from how it was measured (:data:`HOW`)."""
     cells, source = {}, {}
     for folder, saved in runs.items():
-        for cell in saved["cells"]:
+        for cell in saved.get("cells", []):
             key = cell["key"]
             if key in cells and not agree(_measured(cells[key]), _measured(cell)):
                 raise PosSwapError(f"Cell '{key}' was measured in '{source[key]}' and in '{folder}' with different "

@@ -250,7 +250,7 @@ def cmd_recommend(args) -> None:
     model, tokenizer = loading.load(args.model, device=args.device, dtype=args.dtype, longest=target,
                                     check=evaluate.choose.plan_check(target, options, args.text))  # fmt: skip
     result = evaluate.recommend(model, tokenizer, target, text=args.text, options=options, out=args.out,
-                                resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+                                resume=args.resume, overwrite=args.overwrite, model_name=args.model)  # fmt: skip
     print()
     print(evaluate.choose.explain(result))
     if args.out:

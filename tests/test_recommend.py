@@ -306,6 +306,22 @@ def test_cli_recommend_prints_the_table_and_the_line(tiny_dir, tmp_path, capsys)
     assert cli.main(argv + ["--resume"]) == 0 and (out / "report.html").exists()
 
 
+
+def test_a_recommend_run_merges_with_an_eval_run_of_the_same_model(tiny_dir, tmp_path, monkeypatch):
+    """Both record the model as it was named (here an offline alias), so their shared cells can be merged."""
+    from pos_swap import offline
+
+    monkeypatch.setattr(offline, "smollm2", lambda: tiny_dir)
+    rec, ev = tmp_path / "rec", tmp_path / "ev"
+    assert cli.main(["recommend", "offline:smollm2", "--length", "0.5k", "--quick", "--schemes", "rerope",
+                     "--out", str(rec)]) == 0  # fmt: skip
+    assert cli.main(["eval", "offline:smollm2", "--schemes", "native", "--tasks", "passkey", "--retrieval-lengths",
+                     "0.5k", "--depths", "0.5", "--out", str(ev)]) == 0  # fmt: skip
+    assert json.loads((rec / "results.json").read_text())["meta"]["model"] == "offline:smollm2"
+    assert cli.main(["merge", str(rec), str(ev), "--out", str(tmp_path / "both")]) == 0
+    merged = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert "native|passkey|512|d0.5/t0" in {cell["key"] for cell in merged["cells"]}
+
 # -- the demo --------------------------------------------------------------------------------------------------------
 def test_demo_haystack_hides_each_key_at_its_depth_in_the_text(tokenizer):
     tokens, _ = run.text_tokens(tokenizer)

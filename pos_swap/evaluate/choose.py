@@ -138,16 +138,19 @@ def rank(cells: list[dict], specs: list[SchemeSpec], trained: int, target: int, 
 
 
 def recommend(model, tokenizer, target: int, *, text=None, options: Options | None = None, out=None,
-              resume: bool = False, overwrite: bool = False, progress: bool = True, specs=None) -> dict:  # fmt: skip
+              resume: bool = False, overwrite: bool = False, progress: bool = True, specs=None,
+              model_name: str = "") -> dict:  # fmt: skip
     """Measure the grid (or ``specs``) at ``target`` and at the trained length; return ``{"ranking": rows,
     "best": SchemeSpec, "line": python code, "run": RunFolder, "trained", "target", "options"}``. Rows are sorted
-    best first: the settings that keep native perplexity inside the trained context, then the others."""
+    best first: the settings that keep native perplexity inside the trained context, then the others.
+    ``model_name`` is recorded as the run's model, as :func:`~pos_swap.evaluate.run.evaluate` does."""
     options = options or Options()
     trained = archs.trained_context(model.config)
     plan = plan_for(trained, target, options, archs.lookup(model).family)
     if specs is not None:
         plan.schemes = list(specs)
-    run = evaluate(model, tokenizer, plan, out=out, text=text, resume=resume, overwrite=overwrite, progress=progress)
+    run = evaluate(model, tokenizer, plan, out=out, model_name=model_name, text=text, resume=resume,
+                   overwrite=overwrite, progress=progress)  # fmt: skip
     ranking = rank(run.cells, plan.schemes, trained, target, options)
     best = next(spec for spec in plan.schemes if spec.label == ranking[0]["scheme"])
     return {"ranking": ranking, "best": best, "line": python_line(best), "run": run, "trained": trained,

@@ -33,7 +33,8 @@ class RunFolder:
     A folder that holds another run is refused unless ``overwrite`` (start again) or ``resume`` (keep its cells,
     which ``done`` then reports, so an interrupted run skips them). Resuming with other settings is refused too,
     the cells would not be comparable, except the ``may_change`` keys of ``meta`` (settings that change nothing
-    already measured, such as a finetune's step count): those take their new values. A folder whose run stopped
+    already measured, such as a finetune's step count): those take their new values, or keep their saved ones where
+    the new settings do not name them (a merged run's ``merged_from``). A folder whose run stopped
     before its first cell holds nothing to keep and is reused. ``path=None`` keeps the cells in memory only.
     """
 
@@ -58,6 +59,7 @@ class RunFolder:
                     f"differ). Use the same settings, or --overwrite to start again."
                 )
             self.cells = saved.get("cells", [])
+            self.meta = {**{k: old[k] for k in may_change if k in old}, **self.meta}
         self._write()
 
     def done(self, key: str) -> bool:

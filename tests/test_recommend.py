@@ -287,6 +287,29 @@ def test_recommend_measures_the_grid_and_resumes(tokenizer, tmp_path, monkeypatc
     assert not measured and [r["scheme"] for r in again["ranking"]] == [r["scheme"] for r in result["ranking"]]
 
 
+
+def test_a_recommend_split_by_scheme_merges_and_resumes_to_the_whole_ranking(tokenizer, tmp_path, monkeypatch):
+    """Two shortlists measured apart (two processes or machines), merged, then resumed with the whole shortlist:
+    nothing is measured again and the ranking is the one a single run gives."""
+    from pos_swap.evaluate import merge_runs
+
+    model = tiny_lm(tokenizer)
+    whole = choose.recommend(model, tokenizer, 512, progress=False,
+                             options=choose.Options(quick=True, schemes=("rerope", "self-extend")))  # fmt: skip
+    for name in ("rerope", "self-extend"):
+        options = choose.Options(quick=True, schemes=(name,))
+        choose.recommend(model, tokenizer, 512, options=options, out=tmp_path / name, progress=False)
+    merge_runs([tmp_path / "self-extend", tmp_path / "rerope"], tmp_path / "both")
+    monkeypatch.setattr(run, "trial_row", lambda *args, **kwargs: pytest.fail("a merged cell was measured again"))
+    monkeypatch.setattr(run, "token_losses", lambda *args, **kwargs: pytest.fail("a merged cell was measured again"))
+    resumed = choose.recommend(model, tokenizer, 512, out=tmp_path / "both", resume=True, progress=False,
+                               options=choose.Options(quick=True, schemes=("rerope", "self-extend")))  # fmt: skip
+    assert [r["scheme"] for r in resumed["ranking"]] == [r["scheme"] for r in whole["ranking"]]
+    for mine, theirs in zip(resumed["ranking"], whole["ranking"]):
+        assert mine["score"] == pytest.approx(theirs["score"], rel=1e-4) and mine["passkey"] == theirs["passkey"]
+    saved = json.loads((tmp_path / "both" / "results.json").read_text())["meta"]
+    assert len(saved["merged_from"]) == 2 and saved["schemes"][0] == "native"
+
 def test_recommend_on_a_learned_table_ranks_native_beyond_it_last(tokenizer):
     model = tiny_lm(tokenizer, trained=256, arch="gpt2")
     result = choose.recommend(model, tokenizer, 512, options=choose.Options(quick=True), progress=False)

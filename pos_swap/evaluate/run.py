@@ -143,8 +143,10 @@ def evaluate(model, tokenizer, plan: Plan, *, out=None, model_name: str = "", te
             "text_tokens": tokens.numel(), "trained_context": archs.trained_context(model.config),
             **{k: v for k, v in dataclasses.asdict(plan).items() if k != "schemes"},
             "schemes": [spec.label for spec in plan.schemes]}  # fmt: skip
-    # cells are keyed by scheme, so a resumed sweep may add schemes; it keeps those it measured before
-    run = report.RunFolder(out, kind="eval", meta=meta, resume=resume, overwrite=overwrite, may_change=("schemes",))
+    # cells are keyed by scheme, so a resumed sweep may add schemes; it keeps those it measured before, and a
+    # merged run (pos-swap merge) resumes as the run it stands for
+    run = report.RunFolder(out, kind="eval", meta=meta, resume=resume, overwrite=overwrite,
+                           may_change=("schemes", "merged_from"))  # fmt: skip
     run.meta["schemes"] = list(dict.fromkeys([cell["scheme"] for cell in run.cells] + meta["schemes"]))
     todo = [cell for cell in plan.cells() if not run.done(cell_key(*cell))]
     bar = tqdm(total=len(todo), desc="evaluation", disable=not progress)

@@ -12,7 +12,7 @@ import torch
 import transformers as T
 
 import pos_swap
-from pos_swap import cli, evaluate, report
+from pos_swap import cli, evaluate, registry, report
 from pos_swap.errors import PosSwapError
 from pos_swap.evaluate import merge, ppl, retrieval, run, specs
 from tests.conftest import assert_figure, tiny
@@ -58,6 +58,16 @@ def test_scheme_lists_parse_with_typed_parameters():
     both = specs.parse_schemes("rope:scaling=yarn:scaling_params={'factor': 2, 'beta_fast': 16},longrope:long_factor=[1,2]")
     assert [s.params for s in both] == [{"scaling": "yarn", "scaling_params": {"factor": 2, "beta_fast": 16}},
                                         {"long_factor": [1.0, 2.0]}]
+
+
+def test_a_recommended_setting_is_labelled_as_a_user_types_it():
+    """recommend labels its candidates with specs.label: a list value reads as a user types it (no spaces, ``;``),
+    so a recommend run's DPE cells and an eval run's of the same typed setting share one label and merge."""
+    typed = "dpe:window=1024:groups=[4;8;8;8]"
+    (candidate,) = registry.get_scheme("dpe").candidates(8192, 32768)
+    assert specs.label("dpe", candidate) == typed and specs.parse_scheme(typed).params == candidate
+    longrope = specs.label("longrope", {"long_factor": [1.0, 1.5]})
+    assert longrope == "longrope:long_factor=[1;1.5]" and specs.parse_scheme(longrope).params == {"long_factor": [1.0, 1.5]}
 
 
 @pytest.mark.parametrize(

@@ -147,8 +147,11 @@ def parse_scheme(text: str) -> SchemeSpec:
 
 
 def label(name: str, params: dict) -> str:
-    """The scheme-list entry for a setting, as :func:`parse_scheme` reads it: ``yarn:factor=4``."""
+    """The scheme-list entry for a setting, as a user types it and :func:`parse_scheme` reads it: ``yarn:factor=4``,
+    ``dpe:window=1024:groups=[4;8;8;8]`` (list values with ``;``, no spaces, so a shell passes them unquoted)."""
     def text(value):
+        if isinstance(value, list):
+            return "[" + ";".join(text(item) for item in value) + "]"
         return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
     return name + "".join(f":{key}={text(value)}" for key, value in params.items())

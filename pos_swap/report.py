@@ -267,6 +267,9 @@ def line_plot(path, series: dict, *, xlabel: str, ylabel: str, title: str = "", 
     return Path(path)
 
 
+TITLE_CHARS_PER_INCH = 8.1  # title characters that fit above a heatmap panel (with its colour bar), per inch of panel
+
+
 def wrapped_label(label: str, width: int = 34) -> str:
     """A scheme label (``name:param=value:...``) broken after its colons into lines of at most ``width``
     characters where it can be, so a panel title fits above its heatmap."""
@@ -288,12 +291,14 @@ def heatmaps(path, panels: dict, *, xlabel: str, ylabel: str, xticks=None, ytick
     import numpy as np
 
     count = max(1, len(panels))
-    with figure(path, 1, count, size=(min(4.2 * count, 16), 3.8)) as (fig, axes):
+    width = min(4.2 * count, 16)
+    title_chars = int(TITLE_CHARS_PER_INCH * width / count)  # narrower panels (past 3 of them) wrap sooner
+    with figure(path, 1, count, size=(width, 3.8)) as (fig, axes):
         axes = np.atleast_1d(axes).ravel()
         for ax, (title, matrix) in zip(axes, panels.items()):
             matrix = np.asarray(matrix, dtype=float)
             image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.set(title=wrapped_label(title), xlabel=xlabel, ylabel=ylabel)
+            ax.set(title=wrapped_label(title, title_chars), xlabel=xlabel, ylabel=ylabel)
             if xticks is not None:
                 ax.set_xticks(range(len(xticks)), [str(t) for t in xticks], rotation=45, fontsize=7)
             if yticks is not None:

@@ -66,6 +66,34 @@ def test_long_scheme_labels_wrap_after_their_colons():
     assert wrapped_label("a_very_long_scheme_name_without_colons_at_all", width=10).count("\n") == 0
 
 
+@pytest.mark.parametrize("count", [1, 3, 5, 6])
+def test_heatmap_titles_do_not_run_into_each_other(tmp_path, monkeypatch, count):
+    """Five 32k passkey panels with the real scheme labels: each drawn title stays clear of its neighbours."""
+    import contextlib
+
+    labels = ["native", "rerope:window=4096:leaky_factor=16", "self-extend:window=1025:group=5",
+              "dpe:window=1024:groups=[4;8;8;8]", "string:shift=2730:local_window=128:leaky_factor=16",
+              "dual-chunk:chunk_size=6144:local_window=512"][:count]  # fmt: skip
+    drawn = []
+    original = report.figure
+
+    @contextlib.contextmanager
+    def keep(*args, **kwargs):
+        with original(*args, **kwargs) as (fig, axes):
+            yield fig, axes
+        drawn.append(fig)
+
+    monkeypatch.setattr(report, "figure", keep)
+    report.heatmaps(tmp_path / "heat.png", {label: [[0.0], [1.0]] for label in labels}, xlabel="length",
+                    ylabel="needle depth", annotate=True, colorbar="exact-match accuracy")  # fmt: skip
+    (fig,) = drawn
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(boxes) == count
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
+    assert all(box.x0 >= 0 and box.x1 <= fig.bbox.width for box in boxes)  # inside the figure
+
+
 
 
 EXIT = """
